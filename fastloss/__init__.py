@@ -1,0 +1,23 @@
+"""fastloss: fused, numerically careful loss functions for JAX, NumPy/Numba and PyTorch/Triton.
+
+Importing this package imports NumPy only; jax, numba, triton, torch and keras are imported by the
+first call that needs them, and no device is probed before then.
+"""
+from ._dispatch import available_backends
+from .losses import (
+    mean_squared_error,
+    sigmoid_cross_entropy,
+    softmax_cross_entropy,
+    sparse_softmax_cross_entropy,
+    value_and_grad,
+)
+
+__version__ = "0.1.0"
+__all__ = [
+    "available_backends",
+    "mean_squared_error",
+    "sigmoid_cross_entropy",
+    "softmax_cross_entropy",
+    "sparse_softmax_cross_entropy",
+    "value_and_grad",
+]

@@ -1,0 +1,137 @@
+"""Argument and input validation shared by every backend.
+
+Everything here works on shapes and dtype *names*, so it never imports a framework: a jax array,
+a torch tensor and a NumPy array are all described by ``describe(x)``.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+REDUCTIONS = ("mean", "sum", "none")
+BACKENDS = ("jax", "numba", "triton")
+
+
+def dtype_name(x) -> str:
+    """The dtype of ``x`` as a plain name ('float32', 'bfloat16', 'int64', 'bool', ...)."""
+    dt = getattr(x, "dtype", None)
+    if dt is None:
+        return np.asarray(x).dtype.name
+    name = getattr(dt, "name", None)
+    if isinstance(name, str):  # numpy / jax / ml_dtypes
+        return name
+    return str(dt).replace("torch.", "")  # torch.float32 -> float32
+
+
+def shape_of(x) -> tuple:
+    return tuple(int(d) for d in x.shape)
+
+
+def is_integer_dtype(name: str) -> bool:
+    return name.startswith("int") or name.startswith("uint")
+
+
+def check_float_input(x, arg: str) -> str:
+    name = dtype_name(x)
+    if name not in FLOAT_DTYPES:
+        raise TypeError(
+            f"`{arg}` must be a floating-point array of dtype {', '.join(FLOAT_DTYPES)}; "
+            f"received dtype {name}."
+        )
+    return name
+
+
+def check_labels(labels, logits_shape: tuple) -> None:
+    name = dtype_name(labels)
+    if not is_integer_dtype(name):
+        raise TypeError(
+            f"`labels` must have an integer dtype (int32, int64, ...) holding class indices; "
+            f"received dtype {name}. For probability targets use softmax_cross_entropy."
+        )
+    if shape_of(labels) != logits_shape[:-1]:
+        raise ValueError(
+            f"`labels` must have the shape of `logits` without its last (class) axis: `logits` has "
+            f"shape {logits_shape}, so `labels` should have shape {logits_shape[:-1]}; received "
+            f"`labels` of shape {shape_of(labels)}."
+        )
+
+
+def check_same_shape(a, b, name_a: str, name_b: str) -> None:
+    if shape_of(a) != shape_of(b):
+        raise ValueError(
+            f"`{name_a}` and `{name_b}` must have the same shape; received `{name_a}` of shape "
+            f"{shape_of(a)} and `{name_b}` of shape {shape_of(b)}."
+        )
+
+
+def check_class_axis(shape: tuple, arg: str = "logits") -> None:
+    if len(shape) == 0 or shape[-1] < 1:
+        raise ValueError(
+            f"`{arg}` must have shape (..., C) with at least one class on the last axis; "
+            f"received shape {shape}."
+        )
+
+
+def _finite_float(value, arg: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"`{arg}` must be a real number; received {value!r} of type {type(value).__name__}.")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"`{arg}` must be finite; received {value!r}.")
+    return value
+
+
+def check_temperature(value) -> float:
+    t = _finite_float(value, "temperature")
+    if t <= 0.0:
+        raise ValueError(f"`temperature` must be a finite number > 0; received {value!r}.")
+    return t
+
+
+def check_label_smoothing(value) -> float:
+    e = _finite_float(value, "label_smoothing")
+    if not 0.0 <= e <= 1.0:
+        raise ValueError(f"`label_smoothing` must be in [0, 1]; received {value!r}.")
+    return e
+
+
+def check_z_loss(value) -> float:
+    z = _finite_float(value, "z_loss")
+    if z < 0.0:
+        raise ValueError(f"`z_loss` must be a finite number >= 0; received {value!r}.")
+    return z
+
+
+def check_ignore_index(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"`ignore_index` must be an integer; received {value!r}.")
+    return int(value)
+
+
+def check_reduction(value) -> str:
+    if value not in REDUCTIONS:
+        raise ValueError(f"`reduction` must be one of {REDUCTIONS}; received {value!r}.")
+    return value
+
+
+def check_backend(value, arg: str = "backend"):
+    if value is None:
+        return None
+    if value not in BACKENDS:
+        raise ValueError(f"`{arg}` must be None or one of {BACKENDS}; received {value!r}.")
+    return value
+
+
+def loss_dtype_name(input_dtype: str) -> str:
+    """Losses are float32 for 16/32-bit inputs and float64 for float64 inputs."""
+    return "float64" if input_dtype == "float64" else "float32"
+
+
+def label_range_error(bad_label, num_classes: int, ignore_index: int) -> ValueError:
+    return ValueError(
+        f"`labels` must be class indices in [0, {num_classes}) or `ignore_index` ({ignore_index}); "
+        f"received label {bad_label}."
+    )

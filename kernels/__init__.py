@@ -1,0 +1,10 @@
+"""fastloss.kernels: the compute kernels, one family per module, no user-facing defaults.
+
+- ``jax_xla``: jax.custom_vjp functions (XLA), any device jax runs on.
+- ``numba_cpu``: Numba parallel CPU kernels with a vectorisable exp.
+- ``triton_gpu``: Triton kernels for torch tensors (CUDA, or the interpreter on CPU).
+
+Each kernel takes 2-D (rows, classes) or 1-D (elements) inputs and returns fp32 (fp64 for fp64
+input) per-row or per-element losses; reductions and ignore handling live in ``fastloss``.
+Submodules are imported explicitly, so importing this package imports no framework.
+"""

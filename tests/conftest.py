@@ -1,0 +1,37 @@
+import os
+
+# Triton runs on CPU through its interpreter unless the suite is pointed at a GPU. This must be set
+# before triton is first imported; it is an environment setting, not a device probe.
+if os.environ.get("FASTLOSS_TEST_DEVICE", "cpu") == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from fastloss import _dispatch  # noqa: E402
+
+from . import harness as H  # noqa: E402
+
+HARNESSES = ("jax", "numba", "numba-torch", "triton")
+
+
+def _backend_of(name):
+    return name.split("-")[0]
+
+
+@pytest.fixture(params=HARNESSES)
+def harness(request):
+    name = request.param
+    reason = _dispatch.unavailable_reason(_backend_of(name))
+    if reason is not None:
+        # CI sets FASTLOSS_REQUIRE_ALL_BACKENDS=1: a backend that silently went missing fails there.
+        if os.environ.get("FASTLOSS_REQUIRE_ALL_BACKENDS"):
+            pytest.fail(f"backend {name} unavailable: {reason}")
+        pytest.skip(f"backend {name} unavailable: {reason}")
+    return H.make(name)
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and callspec.params.get("harness") == "triton":
+            item.add_marker(pytest.mark.triton)

@@ -1,0 +1,113 @@
+"""Naive float64 NumPy reference for every fastloss loss: values and gradients, every option.
+
+Written for clarity, not speed: each formula is the contract's, term by term. ``cot`` is the
+cotangent of the per-row / per-element losses for reduction="none" (gradients are those of
+``sum(cot * loss)``); for "mean"/"sum" the gradient is that of the scalar.
+Shared by tests/ and bench/ (the benchmark report checks every provider against it).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def f64(a):
+    return np.asarray(a).astype(np.float64)
+
+
+def _row_scale(n, reduction, count, cot):
+    if reduction == "none":
+        return np.ones(n) if cot is None else f64(cot).reshape(n)
+    if reduction == "sum":
+        return np.ones(n)
+    return np.full(n, 1.0 / max(count, 1))
+
+
+def _reduce(values, reduction, count, lead_shape):
+    if reduction == "none":
+        return values.reshape(lead_shape)
+    total = float(np.sum(values))  # pairwise summation in float64
+    return total if reduction == "sum" else total / max(count, 1)
+
+
+def _shift(z):
+    m = np.max(z, axis=-1)
+    m = np.where(np.isfinite(m), m, 0.0)
+    zs = z - m[:, None]
+    return zs, m, np.log(np.sum(np.exp(zs), axis=-1))
+
+
+def sparse_softmax_cross_entropy(logits, labels, temperature=1.0, label_smoothing=0.0,
+                                 ignore_index=-100, z_loss=0.0, reduction="mean", cot=None):
+    """Returns (loss, d loss / d logits)."""
+    with np.errstate(all="ignore"):
+        x = f64(logits)
+        n_cls = x.shape[-1]
+        lead = x.shape[:-1]
+        z = x.reshape(-1, n_cls) / temperature
+        y = np.asarray(labels).reshape(-1).astype(np.int64)
+        n = z.shape[0]
+        zs, m, log_s = _shift(z)
+        lse = m + log_s
+        valid = (y >= 0) & (y < n_cls)
+        ignored = y == ignore_index
+        yc = np.clip(y, 0, n_cls - 1)
+        nll = log_s - zs[np.arange(n), yc]
+        smooth = log_s - zs.mean(axis=-1) if label_smoothing else 0.0
+        row = (1 - label_smoothing) * nll + label_smoothing * smooth + z_loss * lse ** 2
+        row = np.where(ignored, 0.0, np.where(valid, row, np.nan))
+        count = int(np.sum(~ignored))
+        scale = _row_scale(n, reduction, count, cot)
+        scale = np.where(ignored, 0.0, np.where(valid, scale, np.nan))
+        p = np.exp(zs - log_s[:, None])
+        q = np.full_like(z, label_smoothing / n_cls)
+        q[np.arange(n), yc] += 1 - label_smoothing
+        g = (p * (1 + 2 * z_loss * lse)[:, None] - q) * scale[:, None] / temperature
+        return _reduce(row, reduction, count, lead), g.reshape(x.shape)
+
+
+def softmax_cross_entropy(logits, targets, temperature=1.0, label_smoothing=0.0,
+                          reduction="mean", cot=None):
+    """Returns (loss, d loss / d logits, d loss / d targets)."""
+    with np.errstate(all="ignore"):
+        x = f64(logits)
+        n_cls = x.shape[-1]
+        z = x.reshape(-1, n_cls) / temperature
+        t = f64(targets).reshape(-1, n_cls)
+        n = z.shape[0]
+        zs, m, log_s = _shift(z)
+        q = (1 - label_smoothing) * t + label_smoothing / n_cls
+        terms = np.where(q == 0, 0.0, q * (log_s[:, None] - zs))
+        row = terms.sum(axis=-1)
+        scale = _row_scale(n, reduction, n, cot)[:, None]
+        p = np.exp(zs - log_s[:, None])
+        g_x = (p * q.sum(axis=-1, keepdims=True) - q) * scale / temperature
+        g_t = (1 - label_smoothing) * (log_s[:, None] - zs) * scale
+        return _reduce(row, reduction, n, x.shape[:-1]), g_x.reshape(x.shape), g_t.reshape(x.shape)
+
+
+def sigmoid_cross_entropy(logits, targets, label_smoothing=0.0, reduction="mean", cot=None):
+    """Returns (loss, d loss / d logits, d loss / d targets)."""
+    with np.errstate(all="ignore"):
+        x = f64(logits)
+        t = f64(targets) * (1 - label_smoothing) + 0.5 * label_smoothing
+        vals = np.maximum(x, 0) - x * t + np.log1p(np.exp(-np.abs(x)))
+        scale = _row_scale(x.size, reduction, x.size, cot).reshape(x.shape)
+        sig = np.where(x >= 0, 1 / (1 + np.exp(-x)), np.exp(x) / (1 + np.exp(x)))
+        return (_reduce(vals.reshape(-1), reduction, x.size, x.shape),
+                (sig - t) * scale, -(1 - label_smoothing) * x * scale)
+
+
+def mean_squared_error(predictions, targets, reduction="mean", cot=None):
+    """Returns (loss, d loss / d predictions, d loss / d targets)."""
+    p, t = f64(predictions), f64(targets)
+    d = p - t
+    scale = _row_scale(p.size, reduction, p.size, cot).reshape(p.shape)
+    return _reduce((d * d).reshape(-1), reduction, p.size, p.shape), 2 * d * scale, -2 * d * scale
+
+
+LOSSES = {
+    "sparse_softmax_cross_entropy": sparse_softmax_cross_entropy,
+    "softmax_cross_entropy": softmax_cross_entropy,
+    "sigmoid_cross_entropy": sigmoid_cross_entropy,
+    "mean_squared_error": mean_squared_error,
+}

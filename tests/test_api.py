@@ -1,0 +1,114 @@
+"""Validation, dispatch and import-time behaviour: backend-independent parts of the contract."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import fastloss
+
+X = np.zeros((3, 4), np.float32)
+Y = np.zeros(3, np.int64)
+
+
+def run_py(code, **env):
+    full = dict(os.environ, **env)
+    for k, v in env.items():
+        if v is None:
+            full.pop(k)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full, timeout=300)
+
+
+def test_import_loads_no_framework():
+    out = run_py("import sys, fastloss; print(sorted(m for m in ('jax','numba','triton','torch','keras','jaxlib') "
+                 "if m in sys.modules))")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(temperature=0.0), "temperature"), (dict(temperature=-1.0), "temperature"),
+    (dict(temperature=float("inf")), "temperature"), (dict(temperature=float("nan")), "temperature"),
+    (dict(temperature="1"), "temperature"),
+    (dict(label_smoothing=-0.1), "label_smoothing"), (dict(label_smoothing=1.5), "label_smoothing"),
+    (dict(z_loss=-1.0), "z_loss"), (dict(ignore_index=1.5), "ignore_index"),
+    (dict(reduction="avg"), "reduction"), (dict(reduction=None), "reduction"),
+    (dict(backend="cuda"), "backend"),
+])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match) as err:
+        fastloss.sparse_softmax_cross_entropy(X, Y, **kwargs)
+    assert "received" in str(err.value)
+
+
+def test_bad_argument_messages_name_allowed_values():
+    with pytest.raises(ValueError, match=r"one of \('mean', 'sum', 'none'\); received 'avg'"):
+        fastloss.mean_squared_error(X, X, reduction="avg")
+    with pytest.raises(ValueError, match=r"\[0, 1\]; received 2"):
+        fastloss.sigmoid_cross_entropy(X, X, label_smoothing=2)
+
+
+def test_shape_mismatch_names_both_shapes():
+    with pytest.raises(ValueError, match=r"\(3, 4\).*\(3, 5\)"):
+        fastloss.softmax_cross_entropy(X, np.zeros((3, 5), np.float32))
+    with pytest.raises(ValueError, match=r"\(3, 4\).*\(4,\)"):
+        fastloss.sparse_softmax_cross_entropy(X, np.zeros(4, np.int64))
+    with pytest.raises(ValueError, match="predictions"):
+        fastloss.mean_squared_error(X, np.zeros((4, 3), np.float32))
+    with pytest.raises(ValueError, match="at least one class"):
+        fastloss.sparse_softmax_cross_entropy(np.zeros((3, 0), np.float32), Y)
+
+
+@pytest.mark.parametrize("fn", [fastloss.sparse_softmax_cross_entropy, fastloss.softmax_cross_entropy,
+                                fastloss.sigmoid_cross_entropy, fastloss.mean_squared_error])
+@pytest.mark.parametrize("dtype", [np.int32, np.int64, np.bool_])
+def test_integer_logits_are_rejected(fn, dtype):
+    other = Y if fn is fastloss.sparse_softmax_cross_entropy else X
+    with pytest.raises(TypeError, match="floating-point"):
+        fn(X.astype(dtype), other)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.bool_])
+def test_non_integer_labels_are_rejected(dtype):
+    with pytest.raises(TypeError, match="labels.*integer"):
+        fastloss.sparse_softmax_cross_entropy(X, Y.astype(dtype))
+
+
+def test_value_and_grad_rejects_other_functions_and_none_reduction():
+    with pytest.raises(TypeError, match="loss_fn"):
+        fastloss.value_and_grad(np.sum)
+    with pytest.raises(ValueError, match="reduction"):
+        fastloss.value_and_grad(fastloss.mean_squared_error)(X, X, reduction="none")
+
+
+def test_available_backends_shape():
+    got = fastloss.available_backends()
+    assert set(got) == {"jax", "numba", "triton"}
+    assert all(v is None or isinstance(v, str) for v in got.values())
+
+
+def test_unknown_env_backend_is_an_error():
+    out = run_py("import numpy as np, fastloss\n"
+                 "fastloss.mean_squared_error(np.ones(3, np.float32), np.ones(3, np.float32))",
+                 FASTLOSS_BACKEND="tpu")
+    assert out.returncode != 0 and "FASTLOSS_BACKEND" in out.stderr
+
+
+def test_env_backend_selects_jax_for_numpy():
+    out = run_py("import numpy as np, sys, fastloss\n"
+                 "r = fastloss.mean_squared_error(np.ones(3, np.float32), np.zeros(3, np.float32))\n"
+                 "print(type(r).__name__, 'numba' in sys.modules)", FASTLOSS_BACKEND="jax")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["ndarray", "False"]
+
+
+def test_triton_without_gpu_or_interpreter_says_why():
+    out = run_py("import torch, fastloss\n"
+                 "print(fastloss.available_backends()['triton'])\n"
+                 "fastloss.mean_squared_error(torch.ones(3), torch.zeros(3), backend='triton')",
+                 TRITON_INTERPRET=None)
+    assert out.returncode != 0
+    assert "RuntimeError" in out.stderr and "TRITON_INTERPRET" in out.stderr

@@ -1,0 +1,242 @@
+"""Every clause of CONTRACT.md, run on every backend through tests/harness.py."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+import fastloss
+
+from . import reference as R
+from .harness import ACC_EPS, DTYPES, FLOAT_SECOND, GRAD_RTOL, GRAD_TINY, LOSS_RTOL, assert_close, rounded
+
+SPARSE = "sparse_softmax_cross_entropy"
+DENSE = "softmax_cross_entropy"
+SIGMOID = "sigmoid_cross_entropy"
+MSE = "mean_squared_error"
+
+
+def make_inputs(loss, shape, seed=0, scale=3.0, ignore_frac=0.0, ignore_index=-100):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape) * scale
+    if loss == SPARSE:
+        other = rng.integers(0, shape[-1], size=shape[:-1]).astype(np.int64)
+        if ignore_frac:
+            other[rng.random(shape[:-1]) < ignore_frac] = ignore_index
+    elif loss == DENSE:
+        a = rng.standard_normal(shape)
+        other = np.exp(a) / np.exp(a).sum(-1, keepdims=True)
+    elif loss == SIGMOID:
+        other = rng.random(shape)
+    else:
+        other = rng.standard_normal(shape)
+    return x, other
+
+
+def check(h, loss, x, other, dtype, opts, seed=1, grads=True):
+    """Run ``loss`` on harness ``h`` and compare value, dtypes and gradients with the reference."""
+    if h.max_elements is not None and np.size(x) > h.max_elements:
+        pytest.skip(f"{h.name}: {np.size(x)} elements is too slow for this harness")
+    ref_x = rounded(x, dtype)
+    ref_o = rounded(other, dtype) if loss in FLOAT_SECOND else other
+    lead = np.shape(x)[:-1] if loss in (SPARSE, DENSE) else np.shape(x)
+    cot = np.random.default_rng(seed).standard_normal(lead) if opts.get("reduction") == "none" else None
+    res = h.run(loss, x, other, dtype, opts, cot=cot, grads=grads)
+    ref = R.LOSSES[loss](ref_x, ref_o, **opts, cot=cot)
+
+    assert res.loss_dtype == ("float64" if dtype == "float64" else "float32")
+    finite = np.abs(ref_x[np.isfinite(ref_x)])
+    zmag = (finite.max() if finite.size else 0.0) / opts.get("temperature", 1.0)
+    # fp32 rounding of z = x / T costs ~|z| * eps32 absolute: it scales every tolerance below.
+    mag = 8 * ACC_EPS[dtype] * zmag
+    ref_loss = np.asarray(ref[0], dtype=np.float64)
+    scale = np.abs(ref_loss[np.isfinite(ref_loss)]).mean() if np.isfinite(ref_loss).any() else 1.0
+    assert_close(res.loss, ref_loss, LOSS_RTOL[dtype], LOSS_RTOL[dtype] * (1 + scale) + mag * (1 + scale),
+                 f"{h.name} {loss} loss")
+    if not grads:
+        return res
+    if res.grad_x is not None:
+        assert res.grad_x_dtype == dtype
+        g = ref[1]
+        gmax = np.abs(g[np.isfinite(g)]).max() if np.isfinite(g).any() else 1.0
+        assert_close(res.grad_x, g, GRAD_RTOL[dtype], (GRAD_RTOL[dtype] + mag) * gmax + GRAD_TINY[dtype],
+                     f"{h.name} {loss} grad_x")
+    elif opts.get("reduction") != "none" or h.grads_for_none:
+        raise AssertionError(f"{h.name} returned no gradient")
+    if loss in FLOAT_SECOND and h.grads_for_other:
+        assert res.grad_other_dtype == dtype
+        g = ref[2]
+        gmax = np.abs(g[np.isfinite(g)]).max() if np.isfinite(g).any() else 1.0
+        assert_close(res.grad_other, g, GRAD_RTOL[dtype], (GRAD_RTOL[dtype] + mag) * gmax + GRAD_TINY[dtype],
+                     f"{h.name} {loss} grad_other")
+    return res
+
+
+# ------------------------------------------------------------------------------ option matrix
+SPARSE_OPTS = [dict(temperature=t, label_smoothing=e, z_loss=zl, reduction=r)
+               for t, e, zl, r in itertools.product((1.0, 0.7), (0.0, 0.1), (0.0, 1e-3), ("mean", "sum", "none"))]
+DENSE_OPTS = [dict(temperature=t, label_smoothing=e, reduction=r)
+              for t, e, r in itertools.product((1.0, 2.5), (0.0, 0.2), ("mean", "sum", "none"))]
+SIGMOID_OPTS = [dict(label_smoothing=e, reduction=r) for e, r in itertools.product((0.0, 0.1), ("mean", "sum", "none"))]
+MSE_OPTS = [dict(reduction=r) for r in ("mean", "sum", "none")]
+ALL_OPTS = [(SPARSE, o) for o in SPARSE_OPTS] + [(DENSE, o) for o in DENSE_OPTS] + \
+    [(SIGMOID, o) for o in SIGMOID_OPTS] + [(MSE, o) for o in MSE_OPTS]
+
+
+def _id(v):
+    return "-".join(f"{k[:4]}={v}" for k, v in v.items()) if isinstance(v, dict) else str(v)
+
+
+@pytest.mark.parametrize("loss,opts", ALL_OPTS, ids=lambda v: _id(v))
+def test_every_option_combination(harness, loss, opts):
+    x, other = make_inputs(loss, (7, 13), ignore_frac=0.3 if loss == SPARSE else 0.0)
+    check(harness, loss, x, other, "float32", opts)
+
+
+SHAPES = [(7, 13), (3, 5, 17), (4, 32001), (5, 1), (11,)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("loss", [SPARSE, DENSE, SIGMOID, MSE])
+def test_shapes_and_dtypes(harness, loss, shape, dtype):
+    if len(shape) == 1 and loss in (SPARSE, DENSE):
+        shape = (1,) + shape  # a single row of 11 classes
+    opts = {SPARSE: dict(temperature=0.7, label_smoothing=0.1, z_loss=1e-4),
+            DENSE: dict(temperature=1.3, label_smoothing=0.1),
+            SIGMOID: dict(label_smoothing=0.1), MSE: {}}[loss]
+    x, other = make_inputs(loss, shape, seed=hash(shape) % 1000, ignore_frac=0.2 if loss == SPARSE else 0.0)
+    check(harness, loss, x, other, dtype, opts)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_float64_is_exact(harness, reduction):
+    x, y = make_inputs(SPARSE, (9, 31), seed=3, ignore_frac=0.2)
+    res = check(harness, SPARSE, x, y, "float64", dict(label_smoothing=0.05, z_loss=1e-3, reduction=reduction))
+    ref = R.sparse_softmax_cross_entropy(x, y, label_smoothing=0.05, z_loss=1e-3, reduction=reduction)[0]
+    np.testing.assert_allclose(res.loss, ref, rtol=1e-12, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- extreme inputs
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_huge_logits(harness, dtype, temperature):
+    rng = np.random.default_rng(5)
+    x = rng.choice([-3e4, 3e4], size=(6, 33)) * rng.random((6, 33))
+    x[:, 0] = 3e4
+    y = rng.integers(0, 33, size=6)
+    res = check(harness, SPARSE, x, y, dtype, dict(temperature=temperature, reduction="none"))
+    assert np.all(np.isfinite(res.loss)) and np.all(np.isfinite(res.grad_x if res.grad_x is not None else 0))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_common_offset_1e5(harness, dtype):
+    x, y = make_inputs(SPARSE, (8, 50), seed=7)
+    x = x + 1e5
+    res = check(harness, SPARSE, x, y, dtype, dict(reduction="none"))
+    ref = R.sparse_softmax_cross_entropy(rounded(x, dtype), y, reduction="none")[0]
+    # Shift invariance, kept to fp32 precision of the *shifted* logits (not of 1e5).
+    np.testing.assert_allclose(res.loss, ref, rtol=0, atol=2e-5)
+    for loss in (DENSE,):
+        xd, t = make_inputs(loss, (8, 50), seed=8)
+        check(harness, loss, xd + 1e5, t, dtype, dict(reduction="none"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_masked_classes(harness, dtype):
+    x, y = make_inputs(SPARSE, (6, 40), seed=9)
+    mask = np.zeros_like(x, dtype=bool)
+    mask[:, 20:] = True
+    y = y % 20
+    x[mask] = -np.inf
+    res = check(harness, SPARSE, x, y, dtype, dict(reduction="sum", temperature=0.9))
+    assert np.isfinite(res.loss).all()
+    if res.grad_x is not None:
+        assert np.all(res.grad_x[mask] == 0.0)
+    # Dense targets with zero mass on masked classes: finite too.
+    t = np.where(mask, 0.0, 1.0 / 20)
+    res = check(harness, DENSE, x, t, dtype, dict(reduction="mean"))
+    assert np.isfinite(res.loss).all()
+
+
+def test_nan_rows(harness):
+    x, y = make_inputs(SPARSE, (5, 12), seed=10)
+    x[2, 4] = np.nan
+    res = check(harness, SPARSE, x, y, "float32", dict(reduction="none"))
+    assert np.isnan(res.loss[2]) and np.isfinite(np.delete(res.loss, 2)).all()
+    if res.grad_x is not None:
+        assert np.isfinite(np.delete(res.grad_x, 2, axis=0)).all()
+    xd, t = make_inputs(DENSE, (5, 12), seed=11)
+    xd[1, 0] = np.nan
+    res = check(harness, DENSE, xd, t, "float32", dict(reduction="none"))
+    assert np.isnan(res.loss[1]) and np.isfinite(np.delete(res.loss, 1)).all()
+
+
+# ----------------------------------------------------------------------- ignore and reductions
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_rows_ignored(harness, reduction):
+    x, y = make_inputs(SPARSE, (4, 9), seed=12)
+    y[:] = -100
+    res = check(harness, SPARSE, x, y, "float32", dict(reduction=reduction))
+    assert np.all(res.loss == 0.0)
+    if res.grad_x is not None:
+        assert np.all(res.grad_x == 0.0)
+
+
+def test_ignore_index_that_is_a_valid_class(harness):
+    x, y = make_inputs(SPARSE, (10, 6), seed=13)
+    y[:5] = 0
+    res = check(harness, SPARSE, x, y, "float32", dict(ignore_index=0, reduction="mean"))
+    ref_kept = R.sparse_softmax_cross_entropy(x[y != 0], y[y != 0], reduction="mean")[0]
+    np.testing.assert_allclose(res.loss, ref_kept, rtol=1e-5)
+    if res.grad_x is not None:
+        assert np.all(res.grad_x[y == 0] == 0)
+
+
+@pytest.mark.parametrize("loss", [SPARSE, DENSE, SIGMOID, MSE])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_empty_batch(harness, loss, reduction):
+    shape = (0, 5)
+    x, other = make_inputs(loss, shape)
+    res = check(harness, loss, x, other, "float32", dict(reduction=reduction))
+    if reduction != "none":
+        assert res.loss == 0.0
+    else:
+        assert res.loss.shape == ((0,) if loss in (SPARSE, DENSE) else (0, 5))
+
+
+def test_sparse_matches_one_hot_dense(harness):
+    x, y = make_inputs(SPARSE, (3, 5, 17), seed=14)
+    onehot = np.eye(17)[y]
+    opts = dict(temperature=1.7, label_smoothing=0.15, reduction="mean")
+    a = check(harness, SPARSE, x, y, "float32", opts)
+    b = check(harness, DENSE, x, onehot, "float32", opts)
+    np.testing.assert_allclose(a.loss, b.loss, rtol=2e-6)
+    if a.grad_x is not None:
+        np.testing.assert_allclose(a.grad_x, b.grad_x, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.slow
+def test_long_mse_sum_is_accurate(harness):
+    n = 20_000_000 if harness.max_elements is None else harness.max_elements
+    rng = np.random.default_rng(15)
+    p = rng.random(n, dtype=np.float32) + 1.0
+    t = rng.random(n, dtype=np.float32)
+    res = harness.run(MSE, p, t, "float32", dict(reduction="mean"), grads=False)
+    ref = R.mean_squared_error(p, t)[0]
+    assert abs(float(res.loss) - ref) <= 1e-6 * abs(ref), (float(res.loss), ref)
+    x = (rng.standard_normal(n) * 4).astype(np.float32)
+    res = harness.run(SIGMOID, x, t, "float32", dict(reduction="sum"), grads=False)
+    ref = R.sigmoid_cross_entropy(x, t, reduction="sum")[0]
+    assert abs(float(res.loss) - ref) <= 1e-6 * abs(ref), (float(res.loss), ref)
+
+
+# ------------------------------------------------------------------------------ bad input
+def test_out_of_range_labels_raise(harness):
+    x, y = make_inputs(SPARSE, (4, 7), seed=16)
+    for bad in (7, -1, 1000):
+        y2 = y.copy()
+        y2[2] = bad
+        with pytest.raises(ValueError, match="labels"):
+            harness.run(SPARSE, x, y2, "float32", dict())

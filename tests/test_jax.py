@@ -1,0 +1,98 @@
+"""JAX-specific clauses: jit, vmap, grad to either float argument, NaN for bad labels under jit."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import fastloss
+
+from . import reference as R
+
+jax = pytest.importorskip("jax")
+jnp = jax.numpy
+
+
+def _data(n=6, c=11, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, c)).astype(np.float32), rng.integers(0, c, n)
+
+
+def test_jit_matches_eager():
+    x, y = _data()
+    f = lambda a, b: fastloss.sparse_softmax_cross_entropy(a, b, label_smoothing=0.1, z_loss=1e-3)  # noqa: E731
+    eager = f(jnp.asarray(x), jnp.asarray(y))
+    jitted = jax.jit(f)(jnp.asarray(x), jnp.asarray(y))
+    np.testing.assert_allclose(np.asarray(jitted), np.asarray(eager), rtol=1e-6)
+    g = jax.jit(jax.grad(f))(jnp.asarray(x), jnp.asarray(y))
+    np.testing.assert_allclose(np.asarray(g), R.sparse_softmax_cross_entropy(x, y, label_smoothing=0.1, z_loss=1e-3)[1],
+                               rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("loss", ["sparse_softmax_cross_entropy", "softmax_cross_entropy",
+                                  "sigmoid_cross_entropy", "mean_squared_error"])
+def test_vmap_matches_loop(loss):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((4, 5, 9)).astype(np.float32)
+    other = rng.integers(0, 9, (4, 5)) if loss.startswith("sparse") else rng.random((4, 5, 9)).astype(np.float32)
+    fn = getattr(fastloss, loss)
+    vg = jax.vmap(jax.value_and_grad(lambda a, b: fn(a, b, reduction="sum")))(jnp.asarray(x), jnp.asarray(other))
+    for i in range(4):
+        v, g = jax.value_and_grad(lambda a, b: fn(a, b, reduction="sum"))(jnp.asarray(x[i]), jnp.asarray(other[i]))
+        np.testing.assert_allclose(np.asarray(vg[0][i]), np.asarray(v), rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(vg[1][i]), np.asarray(g), rtol=1e-6, atol=1e-8)
+
+
+def test_out_of_range_label_is_nan_under_jit_never_clamped():
+    x, y = _data()
+    y[1], y[3] = 11, -5
+    rows = jax.jit(lambda a, b: fastloss.sparse_softmax_cross_entropy(a, b, reduction="none"))(x, y)
+    rows = np.asarray(rows)
+    assert np.isnan(rows[1]) and np.isnan(rows[3])
+    assert np.isfinite(np.delete(rows, [1, 3])).all()
+    g = jax.jit(jax.grad(lambda a, b: fastloss.sparse_softmax_cross_entropy(a, b)))(x, y)
+    assert np.isnan(np.asarray(g)).any()
+
+
+def test_eager_out_of_range_label_raises():
+    x, y = _data()
+    y[0] = 11
+    with pytest.raises(ValueError, match=r"\[0, 11\).*received label 11"):
+        fastloss.sparse_softmax_cross_entropy(jnp.asarray(x), jnp.asarray(y))
+
+
+def test_grad_to_targets_under_jit():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((3, 7)).astype(np.float32)
+    t = rng.random((3, 7)).astype(np.float32)
+    g = jax.jit(jax.grad(lambda a, b: fastloss.softmax_cross_entropy(a, b, label_smoothing=0.2), argnums=1))(x, t)
+    np.testing.assert_allclose(np.asarray(g), R.softmax_cross_entropy(x, t, label_smoothing=0.2)[2], rtol=1e-5)
+
+
+def test_numpy_input_on_jax_backend_returns_numpy_and_keeps_float64():
+    x, y = _data()
+    out = fastloss.sparse_softmax_cross_entropy(x.astype(np.float64), y, backend="jax")
+    assert isinstance(out, np.ndarray) and out.dtype == np.float64
+    np.testing.assert_allclose(out, R.sparse_softmax_cross_entropy(x, y)[0], rtol=1e-12)
+    loss, g = fastloss.value_and_grad(fastloss.sparse_softmax_cross_entropy)(x, y, backend="jax")
+    assert isinstance(g, np.ndarray) and g.dtype == np.float32
+
+
+def test_auto_backend_for_jax_input_is_jax():
+    x, y = _data()
+    out = fastloss.sparse_softmax_cross_entropy(jnp.asarray(x), jnp.asarray(y))
+    assert isinstance(out, jax.Array)
+
+
+def test_backward_saves_only_row_residuals():
+    """The VJP keeps O(rows) residuals: no (rows, C) float intermediate besides the logits."""
+    x, y = _data(8, 1000)
+    _, vjp = jax.vjp(lambda a: fastloss.sparse_softmax_cross_entropy(a, jnp.asarray(y)), jnp.asarray(x))
+    leaves = [leaf for leaf in jax.tree_util.tree_leaves(vjp) if hasattr(leaf, "shape")]
+    big = [leaf for leaf in leaves if leaf.size >= x.size]
+    assert len(big) == 1 and np.array_equal(np.asarray(big[0]), x)  # the logits themselves
+
+
+def test_torch_tensor_on_jax_backend_is_a_type_error():
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match="torch"):
+        fastloss.mean_squared_error(torch.ones(3), torch.ones(3), backend="jax")
