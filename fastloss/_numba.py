@@ -1,0 +1,224 @@
+"""The "numba" backend: NumPy arrays and torch CPU tensors on ``fastloss.kernels.numba_cpu``.
+
+Zero-copy: NumPy arrays are passed as they are when C-contiguous (a non-contiguous array is copied
+once, since the kernels stream rows); torch CPU tensors are viewed as NumPy arrays and gradients are
+written straight into torch-allocated memory. 16-bit data travel as raw bits (bfloat16 as uint16,
+float16 as int16; see the kernel module). One kernel call gives loss and gradient.
+"""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+from fastloss.kernels import numba_cpu as K
+
+from ._validation import dtype_name, label_range_error
+
+
+def unavailable_reason():
+    return None
+
+
+_BITS = {"float16": np.int16, "bfloat16": np.uint16}
+
+
+def _torch():
+    return sys.modules.get("torch")
+
+
+def _is_torch(a):
+    t = _torch()
+    return t is not None and isinstance(a, t.Tensor)
+
+
+def _kernel_view(a):
+    """A C-contiguous NumPy view of ``a`` with kernel element types (16-bit floats as bits)."""
+    name = dtype_name(a)
+    if _is_torch(a):
+        if a.device.type != "cpu":
+            raise TypeError(f"the 'numba' backend runs on CPU tensors; received a tensor on {a.device}. "
+                            f"Use backend='triton' for CUDA tensors.")
+        a = a.detach().contiguous()
+        if name in _BITS:
+            a = a.view(_torch().int16)  # torch has no NumPy bfloat16: reinterpret the bits
+        arr = a.numpy()
+    else:
+        arr = np.ascontiguousarray(a)
+    if name in _BITS:
+        arr = arr.view(_BITS[name])
+    return arr
+
+
+def _acc(name):
+    return np.float64 if name == "float64" else np.float32
+
+
+class _Out:
+    """Allocates outputs in the input's framework and hands the kernel NumPy views of them."""
+
+    def __init__(self, like):
+        self.torch = _is_torch(like)
+
+    def empty(self, shape, name):
+        if self.torch:
+            t = _torch()
+            tt = t.empty(shape, dtype=getattr(t, name))
+            return tt, _kernel_view(tt)
+        if name in _BITS:
+            arr = np.empty(shape, dtype=_BITS[name])
+            return arr, arr
+        arr = np.empty(shape, dtype=name)
+        return arr, arr
+
+    def finish(self, obj, name):
+        """The user-facing object: torch tensor as is; NumPy bits viewed back as float16/bfloat16."""
+        if self.torch or name not in _BITS:
+            return obj
+        if name == "bfloat16":
+            import ml_dtypes
+            return obj.view(ml_dtypes.bfloat16)
+        return obj.view(np.float16)
+
+    def scalar(self, value, acc):
+        if self.torch:
+            return _torch().tensor(value, dtype=_torch().float64 if acc == np.float64 else _torch().float32)
+        return np.asarray(value, dtype=acc)[()]
+
+    def array(self, values):
+        return _torch().from_numpy(values) if self.torch else values
+
+
+def _n_chunks(rows, cols):
+    # Split rows only when there are fewer rows than twice the threads and the rows are long.
+    import numba
+    threads = numba.get_num_threads()
+    if rows == 0 or rows >= 2 * threads or cols < 16384:
+        return 1
+    return min(-(-2 * threads // rows), cols // 4096)
+
+
+def _reduce(rows, reduction, count, acc, out, lead):
+    if reduction == "none":
+        return out.array(rows.reshape(lead))
+    total = np.sum(rows, dtype=np.float64)  # pairwise, in fp64: the long sum stays exact
+    if reduction == "mean":
+        total = total / max(count, 1)
+    return out.scalar(acc(total), acc)
+
+
+def _scale(reduction, count, acc):
+    return acc(1.0 / max(count, 1)) if reduction == "mean" else acc(1.0)
+
+
+# ---------------------------------------------------------------------------- loss runners
+def _sparse(x, labels, opts, want_x, want_other):
+    name = dtype_name(x)
+    acc = _acc(name)
+    n_cls = x.shape[-1]
+    lead = tuple(x.shape[:-1])
+    xv = _kernel_view(x).reshape(-1, n_cls)
+    y = _kernel_view(labels).reshape(-1)
+    if y.dtype != np.int64:
+        y = y.astype(np.int64)
+    n = xv.shape[0]
+    out = _Out(x)
+    count = int(np.count_nonzero(y != opts["ignore_index"]))
+    loss = np.empty(n, acc)
+    lse = np.empty(n, acc)
+    g_obj, g = out.empty(tuple(x.shape), name) if want_x else (None, _dummy_rows(xv))
+    bad = K.sparse_cross_entropy(xv, y, loss, lse, g.reshape(-1, n_cls), acc(1.0 / opts["temperature"]),
+                                 acc(opts["label_smoothing"]), opts["ignore_index"], acc(opts["z_loss"]),
+                                 _scale(opts["reduction"], count, acc), want_x, _n_chunks(n, n_cls))
+    if bad:
+        invalid = (y != opts["ignore_index"]) & ((y < 0) | (y >= n_cls))
+        raise label_range_error(y[invalid][0], n_cls, opts["ignore_index"])
+    value = _reduce(loss, opts["reduction"], count, acc, out, lead)
+    return value, (out.finish(g_obj, name) if want_x else None), None
+
+
+def _dummy_rows(xv):
+    # The gradient argument of a forward-only call: never written (want_grad=False), but typed.
+    return np.empty((1, xv.shape[1]), xv.dtype)
+
+
+def _dense(x, t, opts, want_x, want_other):
+    name, tname = dtype_name(x), dtype_name(t)
+    acc = _acc(name)
+    n_cls = x.shape[-1]
+    xv = _kernel_view(x).reshape(-1, n_cls)
+    tv = _kernel_view(t).reshape(-1, n_cls)
+    n = xv.shape[0]
+    out = _Out(x)
+    loss = np.empty(n, acc)
+    lse = np.empty(n, acc)
+    gx_obj, gx = out.empty(tuple(x.shape), name) if want_x else (None, _dummy_rows(xv))
+    gt_obj, gt = out.empty(tuple(t.shape), tname) if want_other else (None, _dummy_rows(tv))
+    K.dense_cross_entropy(xv, tv, loss, lse, gx.reshape(-1, n_cls), gt.reshape(-1, n_cls),
+                          acc(1.0 / opts["temperature"]), acc(opts["label_smoothing"]),
+                          _scale(opts["reduction"], n, acc), want_x, want_other)
+    value = _reduce(loss, opts["reduction"], n, acc, out, tuple(x.shape[:-1]))
+    return (value, out.finish(gx_obj, name) if want_x else None,
+            out.finish(gt_obj, tname) if want_other else None)
+
+
+def _elementwise(kernel, extra):
+    def run(x, t, opts, want_x, want_other):
+        name, tname = dtype_name(x), dtype_name(t)
+        acc = _acc(name)
+        xv = _kernel_view(x).reshape(-1)
+        tv = _kernel_view(t).reshape(-1)
+        n = xv.shape[0]
+        out = _Out(x)
+        want_vals = opts["reduction"] == "none"
+        vals = np.empty(n if want_vals else 1, acc)
+        partial = np.empty((n + K.BLOCK - 1) // K.BLOCK, acc)
+        gx_obj, gx = out.empty(tuple(x.shape), name) if want_x else (None, xv[:1])
+        gt_obj, gt = out.empty(tuple(t.shape), tname) if want_other else (None, tv[:1])
+        kernel(xv, tv, vals, partial, gx.reshape(-1), gt.reshape(-1), *extra(opts, acc),
+               _scale(opts["reduction"], n, acc), want_vals, want_x, want_other)
+        if want_vals:
+            value = out.array(vals.reshape(tuple(x.shape)))
+        else:
+            total = np.sum(partial, dtype=np.float64)
+            if opts["reduction"] == "mean":
+                total = total / max(n, 1)
+            value = out.scalar(acc(total), acc)
+        return (value, out.finish(gx_obj, name) if want_x else None,
+                out.finish(gt_obj, tname) if want_other else None)
+    return run
+
+
+_RUNNERS = {
+    "sparse_softmax_cross_entropy": (_sparse, 1),
+    "softmax_cross_entropy": (_dense, 1),
+    "sigmoid_cross_entropy": (_elementwise(K.sigmoid_cross_entropy,
+                                           lambda o, acc: (acc(o["label_smoothing"]),)), 0),
+    "mean_squared_error": (_elementwise(K.squared_error, lambda o, acc: ()), 0),
+}
+
+
+def _loss(name):
+    runner, row_ndim = _RUNNERS[name]
+
+    def call(x, other, opts):
+        if _is_torch(x):
+            from ._torch_autograd import FusedLoss
+            return FusedLoss.apply(x, other, lambda nx, no: runner(x, other, opts, nx, no),
+                                   opts["reduction"], row_ndim)
+        if _is_torch(other):
+            raise TypeError("the 'numba' backend takes NumPy arrays or CPU torch tensors, not a mix: the "
+                            "first argument is a NumPy array and the second a torch.Tensor.")
+        return runner(x, other, opts, False, False)[0]
+    call.__name__ = name
+    return call
+
+
+LOSSES = {name: _loss(name) for name in _RUNNERS}
+
+
+def value_and_grad(name, x, other, opts):
+    """(loss, d loss / d x) from one fused kernel call; torch tensors and NumPy arrays alike."""
+    runner, _ = _RUNNERS[name]
+    value, gx, _ = runner(x, other, opts, True, False)
+    return value, gx
