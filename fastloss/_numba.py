@@ -89,10 +89,14 @@ class _Out:
         return _torch().from_numpy(values) if self.torch else values
 
 
+def _workers():
+    import numba
+    return numba.get_num_threads()
+
+
 def _n_chunks(rows, cols):
     # Split rows only when there are fewer rows than twice the threads and the rows are long.
-    import numba
-    threads = numba.get_num_threads()
+    threads = _workers()
     if rows == 0 or rows >= 2 * threads or cols < 16384:
         return 1
     return min(-(-2 * threads // rows), cols // 4096)
@@ -129,7 +133,7 @@ def _sparse(x, labels, opts, want_x, want_other):
     g_obj, g = out.empty(tuple(x.shape), name) if want_x else (None, _dummy_rows(xv))
     bad = K.sparse_cross_entropy(xv, y, loss, lse, g.reshape(-1, n_cls), acc(1.0 / opts["temperature"]),
                                  acc(opts["label_smoothing"]), opts["ignore_index"], acc(opts["z_loss"]),
-                                 _scale(opts["reduction"], count, acc), want_x, _n_chunks(n, n_cls))
+                                 _scale(opts["reduction"], count, acc), want_x, _n_chunks(n, n_cls), _workers())
     if bad:
         invalid = (y != opts["ignore_index"]) & ((y < 0) | (y >= n_cls))
         raise label_range_error(y[invalid][0], n_cls, opts["ignore_index"])
@@ -156,7 +160,7 @@ def _dense(x, t, opts, want_x, want_other):
     gt_obj, gt = out.empty(tuple(t.shape), tname) if want_other else (None, _dummy_rows(tv))
     K.dense_cross_entropy(xv, tv, loss, lse, gx.reshape(-1, n_cls), gt.reshape(-1, n_cls),
                           acc(1.0 / opts["temperature"]), acc(opts["label_smoothing"]),
-                          _scale(opts["reduction"], n, acc), want_x, want_other)
+                          _scale(opts["reduction"], n, acc), want_x, want_other, _workers())
     value = _reduce(loss, opts["reduction"], n, acc, out, tuple(x.shape[:-1]))
     return (value, out.finish(gx_obj, name) if want_x else None,
             out.finish(gt_obj, tname) if want_other else None)

@@ -334,8 +334,34 @@ def _label_grad(x_y, m, log_s, inv_t, eps, z_loss, scale, cf, zero):
     return (np.expm1(log_p) + two * z_loss * lse * p_y + eps * (one - one / cf)) * scale * inv_t
 
 
+@njit(**_JIT)
+def _sparse_row(xr, yi, loss, lse, gr, i, sc, bm, inv_t, k2, eps, ignore_index, z_loss, scale, want_grad, cf, zero):
+    """One row of sparse_cross_entropy: stats in one streaming pass, gradient from the scratch row.
+    Returns 1 if the label is out of range (not ignore_index), else 0."""
+    c = xr.shape[0]
+    one = _as(1, zero)
+    if yi == ignore_index or yi < 0 or yi >= c:
+        ok = yi == ignore_index
+        loss[i] = zero if ok else _as(np.nan, zero)
+        lse[i] = _as(np.nan, zero)
+        if want_grad:
+            _fill(gr, 0, c, zero if ok else _as(np.nan, zero))
+        return 0 if ok else 1
+    m, s, sz = _online_stats(xr, 0, c, k2, sc, bm, eps != zero, zero)
+    row, lse_i, log_s = _sparse_loss(_load(xr[yi]), m, s, sz, inv_t, eps, z_loss, cf, zero)
+    loss[i] = row
+    lse[i] = lse_i
+    if want_grad:
+        a = scale * (one + (z_loss + z_loss) * lse_i) * inv_t / s
+        _scaled_grad(gr, sc, bm, 0, c, m, k2, a, scale * eps * inv_t / cf)
+        # The label's term is folded in fp32 before the (possibly 16-bit) store.
+        gr[yi] = _store(_label_grad(_load(xr[yi]), m, log_s, inv_t, eps, z_loss, scale, cf, zero), gr[yi])
+    return 0
+
+
 @njit(parallel=True, **_JIT)
-def sparse_cross_entropy(x, y, loss, lse, g, inv_t, eps, ignore_index, z_loss, scale, want_grad, n_chunks):
+def sparse_cross_entropy(x, y, loss, lse, g, inv_t, eps, ignore_index, z_loss, scale, want_grad, n_chunks,
+                         n_workers):
     """Fused sparse softmax cross-entropy over rows of ``x``.
 
     Args:
@@ -346,6 +372,8 @@ def sparse_cross_entropy(x, y, loss, lse, g, inv_t, eps, ignore_index, z_loss, s
         ignore_index: rows with this label get loss 0 and a zero gradient.
         n_chunks: 1 to process each row in one piece; > 1 splits every row into that many chunks
             processed in parallel (for fewer rows than threads).
+        n_workers: parallel work partitions (the thread count); each owns one scratch row. Static
+            partitions instead of ``numba.get_thread_id()``, which would stop Numba caching the kernel.
 
     Returns:
         The number of rows whose label is outside [0, C) and not ignore_index (their loss is NaN).
@@ -362,35 +390,13 @@ def sparse_cross_entropy(x, y, loss, lse, g, inv_t, eps, ignore_index, z_loss, s
     b_all = scale * eps * inv_t / cf
     bad = 0
     step = (c + n_chunks - 1) // n_chunks
-    n_thr = numba.get_num_threads()
-    scratch = np.empty((n_thr, step), dtype=loss.dtype)
-    bmaxs = np.empty((n_thr, (step + STAT_BLOCK - 1) // STAT_BLOCK), dtype=loss.dtype)
+    scratch = np.empty((n_workers, step), dtype=loss.dtype)
+    bmaxs = np.empty((n_workers, (step + STAT_BLOCK - 1) // STAT_BLOCK), dtype=loss.dtype)
     if n_chunks <= 1:
-        for i in prange(n):
-            yi = y[i]
-            if yi == ignore_index or yi < 0 or yi >= c:
-                ok = yi == ignore_index
-                bad += 0 if ok else 1
-                loss[i] = zero if ok else nan
-                lse[i] = nan
-                if want_grad:
-                    _fill(g[i], 0, c, zero if ok else nan)
-                continue
-            tid = numba.get_thread_id()
-            sc = scratch[tid]
-            bm = bmaxs[tid]
-            xr = x[i]
-            m, s, sz = _online_stats(xr, 0, c, k2, sc, bm, eps != zero, zero)
-            row, lse_i, log_s = _sparse_loss(_load(xr[yi]), m, s, sz, inv_t, eps, z_loss, cf, zero)
-            loss[i] = row
-            lse[i] = lse_i
-            if want_grad:
-                a = scale * (one + two * z_loss * lse_i) * inv_t / s
-                gr = g[i]
-                _scaled_grad(gr, sc, bm, 0, c, m, k2, a, b_all)
-                # The label's term is folded in fp32 before the (possibly 16-bit) store.
-                gy = _label_grad(_load(xr[yi]), m, log_s, inv_t, eps, z_loss, scale, cf, zero)
-                gr[yi] = _store(gy, gr[yi])
+        for w in prange(n_workers):
+            for i in range(w * n // n_workers, (w + 1) * n // n_workers):
+                bad += _sparse_row(x[i], y[i], loss, lse, g[i if want_grad else 0], i, scratch[w], bmaxs[w],
+                                   inv_t, k2, eps, ignore_index, z_loss, scale, want_grad, cf, zero)
         return bad
 
     # Few long rows: chunk statistics in parallel, combine per row, then gradients in parallel.
@@ -398,19 +404,21 @@ def sparse_cross_entropy(x, y, loss, lse, g, inv_t, eps, ignore_index, z_loss, s
     cm = np.empty((n, n_chunks), dtype=loss.dtype)
     cs = np.empty((n, n_chunks), dtype=loss.dtype)
     csz = np.empty((n, n_chunks), dtype=loss.dtype)
-    for w in prange(n * n_chunks):
-        i = w // n_chunks
-        k = w - i * n_chunks
-        lo = min(k * step, c)
-        hi = min(lo + step, c)
-        tid = numba.get_thread_id()
-        if hi > lo:
-            m_k, s_k, sz_k = _online_stats(x[i, lo:hi], 0, hi - lo, k2, scratch[tid], bmaxs[tid], eps != zero, zero)
-        else:
-            m_k, s_k, sz_k = zero, zero, zero
-        cm[i, k] = m_k
-        cs[i, k] = s_k
-        csz[i, k] = sz_k
+    n_items = n * n_chunks
+    for wk in prange(n_workers):
+        for item in range(wk * n_items // n_workers, (wk + 1) * n_items // n_workers):
+            i = item // n_chunks
+            k = item - i * n_chunks
+            lo = min(k * step, c)
+            hi = min(lo + step, c)
+            if hi > lo:
+                m_k, s_k, sz_k = _online_stats(x[i, lo:hi], 0, hi - lo, k2, scratch[wk], bmaxs[wk],
+                                               eps != zero, zero)
+            else:
+                m_k, s_k, sz_k = zero, zero, zero
+            cm[i, k] = m_k
+            cs[i, k] = s_k
+            csz[i, k] = sz_k
     ms = np.empty(n, dtype=loss.dtype)
     ss = np.empty(n, dtype=loss.dtype)
     for i in prange(n):
@@ -464,8 +472,37 @@ def sparse_cross_entropy(x, y, loss, lse, g, inv_t, eps, ignore_index, z_loss, s
 
 
 # ------------------------------------------------------------------------------- dense CE
+@njit(**_JIT)
+def _dense_row(xr, tr, loss, lse, gxr, gtr, i, sc, bm, inv_t, k2, eps, eps_c, scale, want_gx, want_gt, zero):
+    c = xr.shape[0]
+    one = _as(1, zero)
+    m, s, _ = _online_stats(xr, 0, c, k2, sc, bm, False, zero)
+    log_s = np.log(s)
+    q_sum = zero
+    qz = zero
+    for j in range(c):
+        q = (one - eps) * _load(tr[j]) + eps_c
+        q_sum += q
+        qz += zero if q == zero else q * ((_load(xr[j]) - m) * inv_t)
+    loss[i] = q_sum * log_s - qz
+    lse[i] = m * inv_t + log_s
+    if want_gx:
+        a = q_sum * scale * inv_t / s
+        for blk in range((c + STAT_BLOCK - 1) // STAT_BLOCK):
+            blo = blk * STAT_BLOCK
+            bhi = min(blo + STAT_BLOCK, c)
+            d = bm[blk] - m
+            f = a * fexp2((d if d < zero else zero) * k2)
+            for j in range(blo, bhi):
+                q = (one - eps) * _load(tr[j]) + eps_c
+                gxr[j] = _store(sc[j] * f - q * scale * inv_t, gxr[j])
+    if want_gt:
+        for j in range(c):
+            gtr[j] = _store((one - eps) * (log_s - (_load(xr[j]) - m) * inv_t) * scale, gtr[j])
+
+
 @njit(parallel=True, **_JIT)
-def dense_cross_entropy(x, t, loss, lse, gx, gt, inv_t, eps, scale, want_gx, want_gt):
+def dense_cross_entropy(x, t, loss, lse, gx, gt, inv_t, eps, scale, want_gx, want_gt, n_workers):
     """Fused softmax cross-entropy with dense targets, q = (1-ε) t + ε/C.
 
     row = Σ_c q_c (log s - zs_c)  (terms with q_c == 0 skipped, so masked -inf classes with zero
@@ -478,41 +515,12 @@ def dense_cross_entropy(x, t, loss, lse, gx, gt, inv_t, eps, scale, want_gx, wan
     one = _as(1, zero)
     eps_c = eps / _as(c, zero)
     k2 = inv_t * _as(LOG2E, zero)
-    n_thr = numba.get_num_threads()
-    scratch = np.empty((n_thr, c), dtype=loss.dtype)
-    bmaxs = np.empty((n_thr, (c + STAT_BLOCK - 1) // STAT_BLOCK), dtype=loss.dtype)
-    for i in prange(n):
-        tid = numba.get_thread_id()
-        sc = scratch[tid]
-        bm = bmaxs[tid]
-        xr = x[i]
-        tr = t[i]
-        m, s, _ = _online_stats(xr, 0, c, k2, sc, bm, False, zero)
-        log_s = np.log(s)
-        q_sum = zero
-        qz = zero
-        for j in range(c):
-            q = (one - eps) * _load(tr[j]) + eps_c
-            q_sum += q
-            qz += zero if q == zero else q * ((_load(xr[j]) - m) * inv_t)
-        loss[i] = q_sum * log_s - qz
-        lse[i] = m * inv_t + log_s
-        if want_gx:
-            gxr = gx[i]
-            a = q_sum * scale * inv_t / s
-            nb = (c + STAT_BLOCK - 1) // STAT_BLOCK
-            for blk in range(nb):
-                blo = blk * STAT_BLOCK
-                bhi = min(blo + STAT_BLOCK, c)
-                d = bm[blk] - m
-                f = a * fexp2((d if d < zero else zero) * k2)
-                for j in range(blo, bhi):
-                    q = (one - eps) * _load(tr[j]) + eps_c
-                    gxr[j] = _store(sc[j] * f - q * scale * inv_t, gxr[j])
-        if want_gt:
-            gtr = gt[i]
-            for j in range(c):
-                gtr[j] = _store((one - eps) * (log_s - (_load(xr[j]) - m) * inv_t) * scale, gtr[j])
+    scratch = np.empty((n_workers, c), dtype=loss.dtype)
+    bmaxs = np.empty((n_workers, (c + STAT_BLOCK - 1) // STAT_BLOCK), dtype=loss.dtype)
+    for w in prange(n_workers):
+        for i in range(w * n // n_workers, (w + 1) * n // n_workers):
+            _dense_row(x[i], t[i], loss, lse, gx[i if want_gx else 0], gt[i if want_gt else 0], i,
+                       scratch[w], bmaxs[w], inv_t, k2, eps, eps_c, scale, want_gx, want_gt, zero)
 
 
 # ------------------------------------------------------------------------ elementwise losses

@@ -1,0 +1,194 @@
+"""Numba kernel internals: exp2 accuracy in ulps, 16-bit conversions, the split-row path, caching."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import fastloss
+
+from . import reference as R
+
+numba = pytest.importorskip("numba")
+from fastloss.kernels import numba_cpu as K  # noqa: E402
+
+
+@numba.njit(fastmath=K.FASTMATH)
+def _apply_exp2(u, out):
+    # Called from a fast-math loop, as the kernels call it (that is where constant folding bites).
+    for i in range(u.size):
+        out[i] = K.exp2_32(u[i])
+
+
+@numba.njit
+def _roundtrip_load(bits, out):
+    for i in range(bits.size):
+        out[i] = K._load(bits[i])
+
+
+@numba.njit
+def _roundtrip_store(vals, out):
+    for i in range(vals.size):
+        out[i] = K._store(vals[i], out[i])
+
+
+def test_exp2_ulp_error_over_dense_sweep():
+    u = np.linspace(-125.0, 0.0, 4_000_001, dtype=np.float32)
+    out = np.empty_like(u)
+    _apply_exp2(u, out)
+    ref = np.exp2(u.astype(np.float64))
+    ulp = np.spacing(ref.astype(np.float32)).astype(np.float64)
+    err = np.abs(out - ref) / ulp
+    assert err.max() <= 1.0, f"max error {err.max():.3f} ulp"
+
+
+def test_exp2_special_values():
+    u = np.array([-np.inf, np.nan, -126.0, -1000.0, 0.0, -0.0, -1.0], np.float32)
+    out = np.empty_like(u)
+    _apply_exp2(u, out)
+    assert out[0] == 0.0 and np.isnan(out[1]) and out[2] == 0.0 and out[3] == 0.0
+    np.testing.assert_array_equal(out[4:], [1.0, 1.0, 0.5])
+
+
+def test_float16_load_every_bit_pattern():
+    bits = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.int16)
+    out = np.empty(bits.size, np.float32)
+    _roundtrip_load(bits, out)
+    expected = bits.view(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(expected))
+    ok = ~np.isnan(expected)
+    np.testing.assert_array_equal(out[ok], expected[ok])
+
+
+def test_bfloat16_load_every_bit_pattern():
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    bits = np.arange(65536, dtype=np.uint32).astype(np.uint16)
+    out = np.empty(bits.size, np.float32)
+    _roundtrip_load(bits, out)
+    expected = bits.view(ml_dtypes.bfloat16).astype(np.float32)
+    ok = ~np.isnan(expected)
+    np.testing.assert_array_equal(np.isnan(out), ~ok)
+    np.testing.assert_array_equal(out[ok], expected[ok])
+
+
+def _store_sweep():
+    rng = np.random.default_rng(0)
+    parts = [rng.standard_normal(200_000) * 10.0 ** rng.integers(-9, 6, 200_000),
+             np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 65504.0, 65520.0, 1e6, 6e-8, 3e-8, 2.98e-8,
+                       1.0 + 2.0 ** -11, 1.0 + 3 * 2.0 ** -11, 3.4e38])]
+    # exact ties between neighbouring 16-bit values (round half to even)
+    h = np.arange(0, 0x7C00, 7, dtype=np.uint16).view(np.float16).astype(np.float64)
+    parts.append((h[:-1] + h[1:]) / 2)
+    return np.concatenate(parts).astype(np.float32)
+
+
+def test_float16_store_rounds_to_nearest_even():
+    vals = _store_sweep()
+    out = np.empty(vals.size, np.int16)
+    _roundtrip_store(vals, out)
+    got = out.view(np.float16)
+    with np.errstate(over="ignore"):
+        expected = vals.astype(np.float16)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(expected))
+    ok = ~np.isnan(expected)
+    np.testing.assert_array_equal(got[ok].view(np.uint16), expected[ok].view(np.uint16))
+
+
+def test_bfloat16_store_rounds_to_nearest_even():
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    vals = _store_sweep()
+    out = np.empty(vals.size, np.uint16)
+    _roundtrip_store(vals, out)
+    expected = vals.astype(ml_dtypes.bfloat16)
+    got = out.view(ml_dtypes.bfloat16)
+    ok = ~np.isnan(expected.astype(np.float32))
+    np.testing.assert_array_equal(np.isnan(got.astype(np.float32)), ~ok)
+    np.testing.assert_array_equal(got[ok].view(np.uint16), expected[ok].view(np.uint16))
+
+
+@pytest.mark.parametrize("eps,z_loss", [(0.0, 0.0), (0.1, 1e-3)])
+def test_split_rows_match_whole_rows(eps, z_loss):
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((3, 20011)) * 4).astype(np.float32)
+    x[0, :5000] = -np.inf         # a fully masked leading chunk
+    x[1, 7000:] -= 300.0          # chunks far below the max
+    y = np.array([6000, 5, 19999])
+    outs = []
+    for chunks in (1, 4):
+        loss, lse = np.empty(3, np.float32), np.empty(3, np.float32)
+        g = np.empty_like(x)
+        f32 = np.float32
+        bad = K.sparse_cross_entropy(x, y, loss, lse, g, f32(1 / 1.3), f32(eps), -100, f32(z_loss), f32(1.0), True,
+                                     chunks, 2)
+        assert bad == 0
+        outs.append((loss, g))
+    ref_loss, ref_g = R.sparse_softmax_cross_entropy(x, y, temperature=1.3, label_smoothing=eps, z_loss=z_loss,
+                                                     reduction="none")
+    for loss, g in outs:
+        if eps == 0.0:
+            np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+        else:  # ε > 0 with -inf logits: the smoothing term is +inf, as in the reference
+            np.testing.assert_array_equal(np.isinf(loss), np.isinf(ref_loss))
+        fin = np.isfinite(ref_g)
+        np.testing.assert_allclose(g[fin], ref_g[fin], rtol=1e-4, atol=1e-9)
+
+
+def test_single_long_row_uses_all_threads_and_is_correct():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((1, 262144)).astype(np.float32)
+    y = np.array([12345])
+    loss, g = fastloss.value_and_grad(fastloss.sparse_softmax_cross_entropy)(x, y, label_smoothing=0.1)
+    ref = R.sparse_softmax_cross_entropy(x, y, label_smoothing=0.1)
+    np.testing.assert_allclose(loss, ref[0], rtol=1e-5)
+    np.testing.assert_allclose(g, ref[1], rtol=1e-4, atol=1e-10)
+
+
+def test_strided_inputs():
+    rng = np.random.default_rng(3)
+    base = rng.standard_normal((10, 40)).astype(np.float32)
+    x = base[::2, ::3]                      # neither rows nor columns contiguous
+    y = rng.integers(0, x.shape[1], 5)
+    loss, g = fastloss.value_and_grad(fastloss.sparse_softmax_cross_entropy)(x, y)
+    ref = R.sparse_softmax_cross_entropy(x, y)
+    np.testing.assert_allclose(loss, ref[0], rtol=1e-6)
+    np.testing.assert_allclose(g, ref[1], rtol=1e-5, atol=1e-9)
+    np.testing.assert_array_equal(base[::2, ::3], x)
+
+
+def test_torch_non_contiguous_and_bf16_autograd():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(4)
+    x64 = rng.standard_normal((6, 9))
+    xt = torch.tensor(x64).to(torch.bfloat16).t().contiguous().t().requires_grad_()  # column-major
+    y = torch.tensor(rng.integers(0, 9, 6))
+    loss = fastloss.sparse_softmax_cross_entropy(xt, y, temperature=2.0)
+    loss.backward()
+    ref = R.sparse_softmax_cross_entropy(xt.detach().double().numpy(), y.numpy(), temperature=2.0)
+    assert loss.dtype == torch.float32 and xt.grad.dtype == torch.bfloat16
+    np.testing.assert_allclose(loss.item(), ref[0], rtol=1e-5)
+    np.testing.assert_allclose(xt.grad.double().numpy(), ref[1], rtol=1.6e-2, atol=1e-4)
+
+
+def test_torch_upstream_gradient_scales_the_fused_gradient():
+    torch = pytest.importorskip("torch")
+    x = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 7, (4,))
+    (3.0 * fastloss.sparse_softmax_cross_entropy(x, y)).backward()
+    ref = R.sparse_softmax_cross_entropy(x.detach().numpy(), y.numpy())[1] * 3.0
+    np.testing.assert_allclose(x.grad.numpy(), ref, rtol=1e-12)
+
+
+def test_kernels_are_cached_on_disk(tmp_path):
+    code = ("import numpy as np, fastloss\n"
+            "from fastloss.kernels import numba_cpu as K\n"
+            "x = np.random.rand(3, 5).astype(np.float32); y = np.zeros(3, np.int64)\n"
+            "fastloss.value_and_grad(fastloss.sparse_softmax_cross_entropy)(x, y)\n"
+            "print(sum(K.sparse_cross_entropy.stats.cache_hits.values()))\n")
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    first = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    second = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    assert first.stdout.split()[-1] == "0" and int(second.stdout.split()[-1]) >= 1
