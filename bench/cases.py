@@ -1,0 +1,143 @@
+"""Benchmark cases and the data/bytes model shared by the suites and the report.
+
+Every measurement is loss + gradient to the logits (predictions). The floor for one case is the
+bytes it must move at least (one read of each input, one write of the gradient) divided by this
+machine's copy bandwidth, measured in the same run with ``np.copyto``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+import numpy as np
+
+SPARSE = "sparse_softmax_cross_entropy"
+DENSE = "softmax_cross_entropy"
+SIGMOID = "sigmoid_cross_entropy"
+MSE = "mean_squared_error"
+SHORT = {SPARSE: "sparse-ce", DENSE: "dense-ce", SIGMOID: "sigmoid-ce", MSE: "mse"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    loss: str
+    shape: tuple
+    dtype: str = "float32"
+    gpu_only: bool = False
+
+    @property
+    def id(self):
+        return f"{SHORT[self.loss]}-{'x'.join(map(str, self.shape))}-{self.dtype}"
+
+    @property
+    def itemsize(self):
+        return 8 if self.dtype == "float64" else 4 if self.dtype == "float32" else 2
+
+    @property
+    def bytes_moved(self):
+        """Floor traffic: read x (and dense/elementwise targets), write d loss / d x."""
+        n = int(np.prod(self.shape))
+        reads = 1 if self.loss == SPARSE else 2
+        return (reads + 1) * n * self.itemsize
+
+
+N24 = 1 << 24
+CPU_CASES = [
+    Case(SPARSE, (4096, 32000)),
+    Case(SPARSE, (8, 262144)),
+    Case(SPARSE, (65536, 10)),
+    Case(SPARSE, (65536, 1000)),
+    Case(SPARSE, (4096, 32000), "bfloat16"),
+    Case(DENSE, (65536, 1000)),
+    Case(MSE, (N24,)),
+    Case(SIGMOID, (N24,)),
+]
+GPU_CASES = [
+    Case(SPARSE, (16384, 131072), gpu_only=True),
+    Case(SPARSE, (8192, 128256), "bfloat16", gpu_only=True),
+    Case(SPARSE, (4096, 32000), gpu_only=True),
+]
+QUICK_CASES = [Case(SPARSE, (4096, 32000)), Case(SPARSE, (65536, 1000)), Case(MSE, (N24,)), Case(SIGMOID, (N24,))]
+TINY_CASES = [Case(SPARSE, (8, 1000)), Case(MSE, (4096,))]  # harness smoke runs (interpreter, CI)
+
+
+def selected_cases():
+    """Cases for this run: FASTLOSS_BENCH=quick|tiny|full (default full), plus GPU cases on CUDA."""
+    mode = os.environ.get("FASTLOSS_BENCH", "full")
+    if mode == "tiny":
+        return TINY_CASES
+    if mode == "quick":
+        return QUICK_CASES
+    return CPU_CASES + GPU_CASES
+
+
+_DATA = {}
+
+
+def data(case, seed=0):
+    """Float64-free NumPy inputs for a case (cached): logits/predictions and labels/targets."""
+    key = (case, seed)
+    if key not in _DATA:
+        rng = np.random.default_rng(seed)
+        x = rng.standard_normal(case.shape, dtype=np.float32) * 2
+        if case.loss == SPARSE:
+            other = rng.integers(0, case.shape[-1], size=case.shape[:-1])
+        elif case.loss == DENSE:
+            other = rng.random(case.shape, dtype=np.float32)
+            other /= other.sum(-1, keepdims=True)
+        else:
+            other = rng.random(case.shape, dtype=np.float32)
+        _DATA.clear()  # keep one case in memory at a time (4096x32000 alone is 0.5 GB)
+        _DATA[key] = (x, other)
+    return _DATA[key]
+
+
+def reference_loss(case):
+    """The float64 reference loss (mean reduction) on the case's data, rounded to its dtype."""
+    from tests import reference as R
+    from tests.harness import rounded
+    x, other = data(case)
+    xr = rounded(x, case.dtype)
+    o = rounded(other, case.dtype) if case.loss != SPARSE else other
+    if case.loss == SPARSE:  # chunked: the naive reference holds several (N, C) float64 arrays
+        total = 0.0
+        for lo in range(0, xr.shape[0], 512):
+            total += R.sparse_softmax_cross_entropy(xr[lo:lo + 512], o[lo:lo + 512], reduction="sum")[0]
+        return total / xr.shape[0]
+    return R.LOSSES[case.loss](xr, o)[0]
+
+
+def copy_bandwidth(nbytes=512 << 20, repeat=5):
+    """Bytes per second of np.copyto (read + write counted), best of ``repeat``."""
+    src = np.ones(nbytes // 4, np.float32)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)
+    best = min(_timed(lambda: np.copyto(dst, src)) for _ in range(repeat))
+    return 2 * nbytes / best
+
+
+def _timed(fn):
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def peak_extra_mib(fn):
+    """Peak resident memory added while ``fn`` runs (Linux: resets VmHWM through clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = _status_kib("VmRSS")
+        fn()
+        return max(0.0, (_status_kib("VmHWM") - before) / 1024)
+    except OSError:
+        return float("nan")
+
+
+def _status_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0

@@ -1,0 +1,205 @@
+"""Providers: one setup factory per (provider, case) returning ``step() -> loss`` that computes the
+loss and the gradient to the logits, and blocks until both are ready.
+
+fastloss-jax / fastloss-numba / fastloss-triton: this project. keras-stock-jax / keras-stock-torch:
+``keras.losses`` under that Keras backend (KERAS_BACKEND must name it: a process holds one Keras
+backend). jax-autodiff: ``logsumexp - take_along_axis`` through ``jax.value_and_grad``. optax:
+its integer-label / sigmoid / l2 losses. torch: ``torch.nn.functional`` with autograd.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from .cases import DENSE, MSE, SIGMOID, SPARSE, data
+
+PROVIDERS = ("fastloss-numba", "fastloss-jax", "fastloss-triton", "keras-stock-jax", "keras-stock-torch",
+             "jax-autodiff", "optax", "torch")
+
+
+class Skip(Exception):
+    """The provider cannot run this case here; the message says why."""
+
+
+def _need_keras(backend):
+    current = os.environ.get("KERAS_BACKEND")
+    if current != backend:
+        raise Skip(f"keras-stock-{backend} needs KERAS_BACKEND={backend} in this process (it is {current!r})")
+
+
+def _jax_inputs(case):
+    import jax.numpy as jnp
+    x, other = data(case)
+    dt = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[case.dtype]
+    xj = jnp.asarray(x).astype(dt)
+    oj = jnp.asarray(other) if case.loss == SPARSE else jnp.asarray(other).astype(dt)
+    return xj, oj
+
+
+def _jax_step(fn, xj, oj):
+    import jax
+    vg = jax.jit(jax.value_and_grad(fn))
+
+    def step():
+        loss, g = vg(xj, oj)
+        g.block_until_ready()
+        return float(loss)
+    return step
+
+
+def _fastloss_jax(case):
+    import fastloss
+    fn = getattr(fastloss, case.loss)
+    return _jax_step(lambda a, b: fn(a, b), *_jax_inputs(case))
+
+
+def _jax_autodiff(case):
+    import jax
+    import jax.numpy as jnp
+
+    def sparse(a, b):
+        z = a.astype(jnp.float32)
+        lse = jax.nn.logsumexp(z, axis=-1)
+        return jnp.mean(lse - jnp.take_along_axis(z, b[..., None], axis=-1)[..., 0])
+
+    def dense(a, b):
+        return jnp.mean(-jnp.sum(b * jax.nn.log_softmax(a.astype(jnp.float32), axis=-1), axis=-1))
+
+    def sigmoid(a, b):
+        z = a.astype(jnp.float32)
+        return jnp.mean(jnp.maximum(z, 0) - z * b + jnp.log1p(jnp.exp(-jnp.abs(z))))
+
+    def mse(a, b):
+        return jnp.mean(jnp.square(a.astype(jnp.float32) - b))
+
+    fn = {SPARSE: sparse, DENSE: dense, SIGMOID: sigmoid, MSE: mse}[case.loss]
+    return _jax_step(fn, *_jax_inputs(case))
+
+
+def _optax(case):
+    import jax.numpy as jnp
+    import optax
+    fns = {
+        SPARSE: lambda a, b: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(a.astype(jnp.float32), b)),
+        DENSE: lambda a, b: jnp.mean(optax.softmax_cross_entropy(a.astype(jnp.float32), b)),
+        SIGMOID: lambda a, b: jnp.mean(optax.sigmoid_binary_cross_entropy(a.astype(jnp.float32), b)),
+        MSE: lambda a, b: 2 * jnp.mean(optax.l2_loss(a.astype(jnp.float32), b)),  # l2_loss is half the square
+    }
+    return _jax_step(fns[case.loss], *_jax_inputs(case))
+
+
+def _keras_fn(case):
+    import keras
+    return {
+        SPARSE: keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        DENSE: keras.losses.CategoricalCrossentropy(from_logits=True),
+        SIGMOID: keras.losses.BinaryCrossentropy(from_logits=True),
+        MSE: keras.losses.MeanSquaredError(),
+    }[case.loss]
+
+
+def _keras_stock_jax(case):
+    _need_keras("jax")
+    loss = _keras_fn(case)
+    xj, oj = _jax_inputs(case)
+    if case.loss in (SIGMOID, MSE):  # keras reduces over the last axis first: give it rows
+        xj, oj = xj.reshape(-1, 1024), oj.reshape(-1, 1024)
+    return _jax_step(lambda a, b: loss(b, a), xj, oj)
+
+
+def _torch_inputs(case, device="cpu"):
+    import torch
+    x, other = data(case)
+    dt = getattr(torch, case.dtype)
+    xt = torch.from_numpy(x).to(device=device, dtype=dt).requires_grad_()
+    ot = torch.from_numpy(other).to(device) if case.loss == SPARSE else torch.from_numpy(other).to(device, dt)
+    return xt, ot
+
+
+def _torch_step(fn, xt, ot):
+    import torch
+
+    def step():
+        xt.grad = None
+        loss = fn(xt, ot)
+        loss.backward()
+        if xt.device.type == "cuda":
+            torch.cuda.synchronize()
+        return float(loss)
+    return step
+
+
+def _device():
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _torch(case):
+    import torch.nn.functional as F
+    fns = {
+        SPARSE: lambda a, b: F.cross_entropy(a.flatten(0, -2), b.flatten()),
+        DENSE: lambda a, b: F.cross_entropy(a.flatten(0, -2), b.flatten(0, -2)),
+        SIGMOID: F.binary_cross_entropy_with_logits,
+        MSE: F.mse_loss,
+    }
+    return _torch_step(fns[case.loss], *_torch_inputs(case, _device()))
+
+
+def _keras_stock_torch(case):
+    _need_keras("torch")
+    loss = _keras_fn(case)
+    xt, ot = _torch_inputs(case, _device())
+    if case.loss in (SIGMOID, MSE):
+        return _torch_step(lambda a, b: loss(b.reshape(-1, 1024), a.reshape(-1, 1024)), xt, ot)
+    return _torch_step(lambda a, b: loss(b, a), xt, ot)
+
+
+def _fastloss_numba(case):
+    import fastloss
+    if case.dtype == "bfloat16":  # torch CPU tensors: the zero-copy autograd path
+        import fastloss  # noqa: F811
+        fn = getattr(fastloss, case.loss)
+        return _torch_step(lambda a, b: fn(a, b, backend="numba"), *_torch_inputs(case, "cpu"))
+    x, other = data(case)
+    vg = fastloss.value_and_grad(getattr(fastloss, case.loss))
+    return lambda: float(vg(x, other, backend="numba")[0])
+
+
+def _fastloss_triton(case):
+    import fastloss
+    reason = fastloss.available_backends()["triton"]
+    if reason is not None:
+        raise Skip(f"fastloss-triton: {reason}")
+    device = _device()
+    if device == "cpu" and int(np.prod(case.shape)) > 1 << 16:
+        raise Skip("fastloss-triton on the interpreter runs only the tiny harness cases (FASTLOSS_BENCH=tiny)")
+    fn = getattr(fastloss, case.loss)
+    return _torch_step(lambda a, b: fn(a, b, backend="triton"), *_torch_inputs(case, device))
+
+
+_FACTORIES = {
+    "fastloss-numba": _fastloss_numba, "fastloss-jax": _fastloss_jax, "fastloss-triton": _fastloss_triton,
+    "keras-stock-jax": _keras_stock_jax, "keras-stock-torch": _keras_stock_torch,
+    "jax-autodiff": _jax_autodiff, "optax": _optax, "torch": _torch,
+}
+
+
+def make_step(provider, case):
+    """The provider's ``step`` for ``case``, or raise Skip (missing package, wrong Keras backend, ...)."""
+    if case.gpu_only:
+        try:
+            import torch
+            has_cuda = torch.cuda.is_available()
+        except ImportError:
+            has_cuda = False
+        if not has_cuda:
+            raise Skip(f"{case.id} is a GPU case and no CUDA device is visible")
+        if provider not in ("fastloss-triton", "torch", "keras-stock-torch"):
+            raise Skip(f"{provider} does not run torch CUDA tensors")
+    if case.dtype == "bfloat16" and provider in ("fastloss-jax", "jax-autodiff", "optax", "keras-stock-jax"):
+        raise Skip("bf16 cases compare the torch-tensor paths")
+    try:
+        return _FACTORIES[provider](case)
+    except ImportError as exc:
+        raise Skip(f"{provider} needs {exc.name}, which is not installed") from exc

@@ -1,0 +1,46 @@
+"""pytest-benchmark suite: loss + gradient for every (case, provider).
+
+    pytest bench/ --benchmark-only                      # full CPU suite (groups: loss and shape)
+    FASTLOSS_BENCH=quick pytest bench/ --benchmark-only  # the report's quick subset
+    pytest bench/ --benchmark-disable                    # every benchmark once: a smoke test
+
+Each result's extra_info carries the bytes the case must move, the copy bandwidth measured in
+this run, the loss value and its float64 reference (so a wrong fast number is visible).
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from .cases import copy_bandwidth, peak_extra_mib, reference_loss, selected_cases
+from .providers import PROVIDERS, Skip, make_step
+
+_BW = {}
+
+
+def _bandwidth():
+    if "bw" not in _BW:
+        _BW["bw"] = copy_bandwidth()
+    return _BW["bw"]
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("case", selected_cases(), ids=lambda c: c.id)
+def test_loss_and_grad(benchmark, case, provider):
+    try:
+        step = make_step(provider, case)
+    except Skip as why:
+        pytest.skip(str(why))
+    benchmark.group = case.id
+    value = step()  # compile / warm up outside the timing
+    peak = peak_extra_mib(step)
+    benchmark.pedantic(step, rounds=5, iterations=1, warmup_rounds=0)
+    ref = reference_loss(case)
+    rel = abs(value - ref) / max(abs(ref), 1e-30)
+    tol = 2e-2 if case.dtype in ("bfloat16", "float16") else 1e-4
+    benchmark.extra_info.update(
+        provider=provider, case=case.id, loss=case.loss, shape=list(case.shape), dtype=case.dtype,
+        bytes=case.bytes_moved, copy_bw=_bandwidth(), value=value, reference=ref, rel_err=rel,
+        correct=bool(math.isfinite(value) and rel <= tol), peak_extra_mib=peak)
+    assert math.isfinite(value) and rel <= tol, f"{provider} {case.id}: loss {value} vs float64 {ref}"
