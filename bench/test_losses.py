@@ -35,7 +35,7 @@ def test_loss_and_grad(benchmark, case, provider):
     benchmark.group = case.id
     value = step()  # compile / warm up outside the timing
     peak = peak_extra_mib(step)
-    benchmark.pedantic(step, rounds=5, iterations=1, warmup_rounds=0)
+    benchmark.pedantic(step, rounds=5, iterations=1, warmup_rounds=1)
     ref = reference_loss(case)
     rel = abs(value - ref) / max(abs(ref), 1e-30)
     tol = 2e-2 if case.dtype in ("bfloat16", "float16") else 1e-4

@@ -192,3 +192,21 @@ def test_kernels_are_cached_on_disk(tmp_path):
     second = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
     assert first.stdout.split()[-1] == "0" and int(second.stdout.split()[-1]) >= 1
+
+
+@numba.njit(fastmath=K.FASTMATH)
+def _apply_log1p(e, out):
+    for i in range(e.size):
+        out[i] = K.log1p_01(e[i])
+
+
+def test_log1p_01_ulp_error():
+    e = np.concatenate([np.linspace(0, 1, 2_000_001, dtype=np.float32),
+                        np.logspace(-45, 0, 100_000).astype(np.float32)])
+    out = np.empty_like(e)
+    _apply_log1p(e, out)
+    ref = np.log1p(e.astype(np.float64))
+    ok = ref > 0
+    err = np.abs(out[ok] - ref[ok]) / np.spacing(ref[ok].astype(np.float32)).astype(np.float64)
+    assert err.max() <= 3.0, f"max error {err.max():.3f} ulp"
+    assert out[e == 0].max() == 0.0

@@ -1,0 +1,146 @@
+"""The benchmark report: ``python -m bench [--quick] [--out DIR]``.
+
+Runs the pytest-benchmark suite (bench/test_losses.py) in two processes, one per Keras backend
+(Keras holds one backend per process: keras-stock-torch runs in the second), prints one table and
+writes ``bench/results/<machine>-<date>.{json,md,png}``. Every provider's loss is checked against
+the float64 reference on the same data; a wrong number is flagged, never reported as a win.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def _run_suite(mode, keras_backend, select, json_path):
+    env = dict(os.environ, FASTLOSS_BENCH=mode, KERAS_BACKEND=keras_backend, PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "pytest", os.path.join(HERE, "test_losses.py"), "--benchmark-only",
+           f"--benchmark-json={json_path}", "-p", "no:cacheprovider", "-o", "addopts=", "-q", "-rs",
+           "--benchmark-disable-gc", "-k", select, "-v"]
+    print(f"\n== {mode} suite, KERAS_BACKEND={keras_backend}: {select}", flush=True)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env)
+    if proc.returncode not in (0, 1, 5):  # 1: some check failed (reported below), 5: nothing selected
+        raise SystemExit(f"benchmark suite crashed (exit {proc.returncode})")
+    if not os.path.exists(json_path):
+        return []
+    with open(json_path) as f:
+        return json.load(f)["benchmarks"]
+
+
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _rows(benchmarks):
+    rows = []
+    for b in benchmarks:
+        info = b["extra_info"]
+        med = b["stats"]["median"]
+        floor = info["bytes"] / info["copy_bw"]
+        rows.append(dict(case=info["case"], loss=info["loss"], shape="x".join(map(str, info["shape"])),
+                         dtype=info["dtype"], provider=info["provider"], median_ms=med * 1e3,
+                         gbps=info["bytes"] / med / 1e9, floor_frac=floor / med, peak_mib=info["peak_extra_mib"],
+                         value=info["value"], reference=info["reference"], rel_err=info["rel_err"],
+                         correct=info["correct"]))
+    for r in rows:  # speedup over stock Keras (JAX backend) measured in the same run
+        base = [o for o in rows if o["case"] == r["case"] and o["provider"] == "keras-stock-jax"]
+        r["speedup_vs_keras"] = base[0]["median_ms"] / r["median_ms"] if base else float("nan")
+    order = {p: i for i, p in enumerate(("fastloss-numba", "fastloss-jax", "fastloss-triton", "keras-stock-jax",
+                                         "keras-stock-torch", "jax-autodiff", "optax", "torch"))}
+    return sorted(rows, key=lambda r: (r["case"], order.get(r["provider"], 99)))
+
+
+def _table(rows):
+    head = ("| loss | shape | dtype | provider | median ms | vs keras-jax | GB/s | % of floor | peak MiB | "
+            "matches fp64 |\n|---|---|---|---|---:|---:|---:|---:|---:|---|\n")
+    lines = []
+    for r in rows:
+        ok = "yes" if r["correct"] else f"**NO** (rel err {r['rel_err']:.1e})"
+        lines.append(f"| {r['loss'].replace('_', ' ')} | {r['shape']} | {r['dtype']} | {r['provider']} | "
+                     f"{r['median_ms']:.1f} | {r['speedup_vs_keras']:.2f}x | {r['gbps']:.1f} | "
+                     f"{100 * r['floor_frac']:.0f}% | {r['peak_mib']:.0f} | {ok} |")
+    return head + "\n".join(lines) + "\n"
+
+
+def _chart(rows, path, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    cases = sorted({r["case"] for r in rows})
+    providers = [p for p in ("fastloss-numba", "fastloss-jax", "fastloss-triton", "keras-stock-torch", "jax-autodiff",
+                             "optax", "torch") if any(r["provider"] == p for r in rows)]
+    fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(cases) + 2), 5.5))
+    width = 0.8 / max(len(providers), 1)
+    for k, p in enumerate(providers):
+        vals = []
+        for c in cases:
+            hit = [r for r in rows if r["case"] == c and r["provider"] == p]
+            vals.append(hit[0]["speedup_vs_keras"] if hit else 0.0)
+        xs = [i + (k - (len(providers) - 1) / 2) * width for i in range(len(cases))]
+        bars = ax.bar(xs, vals, width, label=p)
+        for x, v in zip(xs, vals):
+            if v > 0:
+                ax.text(x, v, f"{v:.1f}", ha="center", va="bottom", fontsize=7)
+        del bars
+    ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+    ax.set_xticks(range(len(cases)))
+    ax.set_xticklabels([c.replace("-float32", "").replace("-", "\n", 1) for c in cases], fontsize=8)
+    ax.set_ylabel("speedup over stock Keras (JAX backend), loss + grad")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="4 cases, under 3 minutes on a 2-core CPU")
+    ap.add_argument("--out", default=os.path.join(HERE, "results"), help="where the JSON/markdown/PNG go")
+    args = ap.parse_args(argv)
+    mode = "quick" if args.quick else "full"
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = _run_suite(mode, "jax", "not keras-stock-torch", os.path.join(tmp, "a.json"))
+        rows += _run_suite(mode, "torch", "keras-stock-torch", os.path.join(tmp, "b.json"))
+    rows = _rows(rows)
+    if not rows:
+        raise SystemExit("no benchmark ran")
+    machine = socket.gethostname().split(".")[0] or "machine"
+    date = datetime.date.today().isoformat()
+    hw = f"{_cpu_name()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    title = f"fastloss vs stock Keras, {mode} suite, {date}: {hw}"
+    table = _table(rows)
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"{machine}-{date}")
+    with open(stem + ".json", "w") as f:
+        json.dump(dict(date=date, hardware=hw, mode=mode, results=rows), f, indent=1)
+    with open(stem + ".md", "w") as f:
+        f.write(f"# {title}\n\nMedian of 5 runs of loss + gradient; floor = bytes moved / `np.copyto` "
+                f"bandwidth measured in the same run.\n\n{table}")
+    _chart(rows, stem + ".png", title)
+    print("\n" + table)
+    bad = [r for r in rows if not r["correct"]]
+    for r in bad:
+        print(f"WRONG: {r['provider']} {r['case']}: loss {r['value']!r}, float64 reference {r['reference']!r}")
+    print(f"wrote {stem}.json, {stem}.md, {stem}.png")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
