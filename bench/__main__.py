@@ -61,8 +61,8 @@ def _rows(benchmarks):
     for r in rows:  # speedup over stock Keras (JAX backend) measured in the same run
         base = [o for o in rows if o["case"] == r["case"] and o["provider"] == "keras-stock-jax"]
         r["speedup_vs_keras"] = base[0]["median_ms"] / r["median_ms"] if base else float("nan")
-    order = {p: i for i, p in enumerate(("fastloss-numba", "fastloss-jax", "fastloss-triton", "keras-stock-jax",
-                                         "keras-stock-torch", "jax-autodiff", "optax", "torch"))}
+    from .providers import PROVIDERS
+    order = {p: i for i, p in enumerate(PROVIDERS)}
     return sorted(rows, key=lambda r: (r["case"], order.get(r["provider"], 99)))
 
 
@@ -83,8 +83,8 @@ def _chart(rows, path, title):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     cases = sorted({r["case"] for r in rows})
-    providers = [p for p in ("fastloss-numba", "fastloss-jax", "fastloss-triton", "keras-stock-torch", "jax-autodiff",
-                             "optax", "torch") if any(r["provider"] == p for r in rows)]
+    from .providers import PROVIDERS
+    providers = [p for p in PROVIDERS if p != "keras-stock-jax" and any(r["provider"] == p for r in rows)]
     fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(cases) + 2), 5.5))
     width = 0.8 / max(len(providers), 1)
     for k, p in enumerate(providers):

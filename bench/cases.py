@@ -123,8 +123,16 @@ def _timed(fn):
     return time.perf_counter() - t
 
 
-def peak_extra_mib(fn):
-    """Peak resident memory added while ``fn`` runs (Linux: resets VmHWM through clear_refs)."""
+def peak_extra_mib(fn, device="cpu"):
+    """Peak memory added while ``fn`` runs: CUDA ``max_memory_allocated`` on a GPU, else resident
+    memory (Linux: VmHWM, reset through /proc/self/clear_refs)."""
+    if device == "cuda":
+        import torch
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")

@@ -15,7 +15,7 @@ import numpy as np
 from .cases import DENSE, MSE, SIGMOID, SPARSE, data
 
 PROVIDERS = ("fastloss-numba", "fastloss-jax", "fastloss-triton", "keras-stock-jax", "keras-stock-torch",
-             "jax-autodiff", "optax", "torch")
+             "jax-autodiff", "optax", "torch", "torch-compile", "liger")
 
 
 class Skip(Exception):
@@ -126,7 +126,7 @@ def _torch_step(fn, xt, ot):
         loss.backward()
         if xt.device.type == "cuda":
             torch.cuda.synchronize()
-        return float(loss)
+        return float(loss.detach())
     return step
 
 
@@ -144,6 +144,26 @@ def _torch(case):
         MSE: F.mse_loss,
     }
     return _torch_step(fns[case.loss], *_torch_inputs(case, _device()))
+
+
+def _torch_compile(case):
+    import torch
+    import torch.nn.functional as F
+    if _device() != "cuda":
+        raise Skip("torch-compile is a GPU peer (on CPU it only measures Inductor's C++ codegen)")
+    if case.loss != SPARSE:
+        raise Skip("torch-compile is measured on sparse cross-entropy")
+    fn = torch.compile(lambda a, b: F.cross_entropy(a.flatten(0, -2).float(), b.flatten()))
+    return _torch_step(fn, *_torch_inputs(case, "cuda"))
+
+
+def _liger(case):
+    if case.loss != SPARSE:
+        raise Skip("liger is measured on sparse cross-entropy")
+    if _device() != "cuda":
+        raise Skip("Liger-Kernel runs on CUDA only")
+    from liger_kernel.transformers.functional import liger_cross_entropy
+    return _torch_step(lambda a, b: liger_cross_entropy(a.flatten(0, -2), b.flatten()), *_torch_inputs(case, "cuda"))
 
 
 def _keras_stock_torch(case):
@@ -181,7 +201,8 @@ def _fastloss_triton(case):
 _FACTORIES = {
     "fastloss-numba": _fastloss_numba, "fastloss-jax": _fastloss_jax, "fastloss-triton": _fastloss_triton,
     "keras-stock-jax": _keras_stock_jax, "keras-stock-torch": _keras_stock_torch,
-    "jax-autodiff": _jax_autodiff, "optax": _optax, "torch": _torch,
+    "jax-autodiff": _jax_autodiff, "optax": _optax, "torch": _torch, "torch-compile": _torch_compile,
+    "liger": _liger,
 }
 
 
@@ -195,7 +216,7 @@ def make_step(provider, case):
             has_cuda = False
         if not has_cuda:
             raise Skip(f"{case.id} is a GPU case and no CUDA device is visible")
-        if provider not in ("fastloss-triton", "torch", "keras-stock-torch"):
+        if provider not in ("fastloss-triton", "torch", "keras-stock-torch", "torch-compile", "liger"):
             raise Skip(f"{provider} does not run torch CUDA tensors")
     if case.dtype == "bfloat16" and provider in ("fastloss-jax", "jax-autodiff", "optax", "keras-stock-jax"):
         raise Skip("bf16 cases compare the torch-tensor paths")

@@ -1,0 +1,175 @@
+"""The "triton" backend: torch tensors on ``fastloss.kernels.triton_gpu``.
+
+CUDA tensors run on the GPU. CPU tensors run through Triton's interpreter when TRITON_INTERPRET=1 is
+set (how CI proves the kernels without a GPU); otherwise this backend says why it cannot run.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ._validation import dtype_name, label_range_error
+
+try:  # import errors surface through unavailable_reason()
+    import triton
+    from fastloss.kernels import triton_gpu as K
+except ImportError as _exc:  # pragma: no cover - exercised where triton is absent
+    triton = None
+    _IMPORT_ERROR = _exc
+else:
+    _IMPORT_ERROR = None
+
+
+def _interpret():
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def unavailable_reason():
+    if _IMPORT_ERROR is not None:
+        return f"triton is not importable: {_IMPORT_ERROR}"
+    if torch.cuda.is_available() or _interpret():
+        return None
+    return ("no CUDA device is visible and TRITON_INTERPRET=1 is not set (set it before triton is first "
+            "imported to run the Triton kernels on CPU tensors through the interpreter)")
+
+
+def _check_device(x, other):
+    for a in (x, other):
+        if not isinstance(a, torch.Tensor):
+            raise TypeError(f"the 'triton' backend takes torch tensors; received {type(a).__name__}.")
+    if x.device != other.device:
+        raise ValueError(f"both inputs must be on one device; received {x.device} and {other.device}.")
+    if x.device.type == "cpu" and not _interpret():
+        raise RuntimeError("the 'triton' backend runs CPU tensors only under TRITON_INTERPRET=1; "
+                           "move the tensors to CUDA or use backend='numba'.")
+
+
+def _acc_dtype(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _params(values, reduction, count, device, dtype):
+    """[*values, scale] in the accumulation dtype on the device; scale = d total / d row, from a
+    count that may itself be a device tensor (no host sync)."""
+    head = torch.tensor(list(values) + [1.0], device=device, dtype=dtype)
+    if reduction == "mean":
+        count = count if isinstance(count, torch.Tensor) else torch.tensor(count, device=device)
+        head[-1:] = 1.0 / count.clamp(min=1).to(dtype)
+    return head
+
+
+def _reduce(values, reduction, count, lead):
+    if reduction == "none":
+        return values.reshape(lead)
+    total = values.sum(dtype=torch.float64)
+    if reduction == "mean":
+        count = count if isinstance(count, torch.Tensor) else torch.tensor(count, device=values.device)
+        total = total / count.clamp(min=1)
+    return total.to(values.dtype)
+
+
+def _sparse(x, labels, opts, want_x, want_other):
+    n_cls = x.shape[-1]
+    lead = tuple(x.shape[:-1])
+    x2 = x.detach().reshape(-1, n_cls)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    y = labels.reshape(-1)
+    n = x2.shape[0]
+    ign = opts["ignore_index"]
+    bad = (y != ign) & ((y < 0) | (y >= n_cls))
+    if n and bool(bad.any()):  # eager contract: a clear error (one host sync, as torch's own check)
+        raise label_range_error(int(y[bad][0]), n_cls, ign)
+    acc = _acc_dtype(x)
+    loss = torch.empty(n, device=x.device, dtype=acc)
+    lse = torch.empty(n, device=x.device, dtype=acc)
+    g = torch.empty_like(x2) if want_x else x2[:1]
+    count = (y != ign).sum()
+    params = _params((1.0 / opts["temperature"], opts["label_smoothing"], opts["z_loss"]), opts["reduction"],
+                     count, x.device, acc)
+    if n:
+        block = K.row_block(n_cls, x.device.type == "cpu")
+        K.sparse_ce_kernel[(n,)](
+            x2, x2.stride(0), y, loss, lse, g, g.stride(0), params, n_cls, ign, BLOCK=block,
+            HAS_SMOOTH=opts["label_smoothing"] != 0.0, HAS_ZLOSS=opts["z_loss"] != 0.0, WANT_GRAD=want_x,
+            ACC_F64=acc == torch.float64, num_warps=K.num_warps(block))
+    value = _reduce(loss, opts["reduction"], count, lead)
+    return value, (g.reshape(x.shape) if want_x else None), None
+
+
+def _dense(x, t, opts, want_x, want_other):
+    n_cls = x.shape[-1]
+    x2 = x.detach().reshape(-1, n_cls).contiguous()
+    t2 = t.detach().reshape(-1, n_cls).contiguous()
+    n = x2.shape[0]
+    acc = _acc_dtype(x)
+    loss = torch.empty(n, device=x.device, dtype=acc)
+    lse = torch.empty(n, device=x.device, dtype=acc)
+    gx = torch.empty_like(x2) if want_x else x2[:1]
+    gt = torch.empty_like(t2) if want_other else t2[:1]
+    params = _params((1.0 / opts["temperature"], opts["label_smoothing"]), opts["reduction"], n, x.device, acc)
+    if n:
+        block = K.row_block(n_cls, x.device.type == "cpu")
+        K.dense_ce_kernel[(n,)](
+            x2, x2.stride(0), t2, t2.stride(0), loss, lse, gx, gx.stride(0), gt, gt.stride(0), params, n_cls,
+            BLOCK=block, WANT_GX=want_x, WANT_GT=want_other,
+            ACC_F64=acc == torch.float64, num_warps=K.num_warps(block))
+    value = _reduce(loss, opts["reduction"], n, tuple(x.shape[:-1]))
+    return value, (gx.reshape(x.shape) if want_x else None), (gt.reshape(t.shape) if want_other else None)
+
+
+def _elementwise(kernel, extra):
+    def run(x, t, opts, want_x, want_other):
+        xf = x.detach().reshape(-1).contiguous()
+        tf = t.detach().reshape(-1).contiguous()
+        n = xf.shape[0]
+        acc = _acc_dtype(x)
+        want_out = opts["reduction"] == "none"
+        out = torch.empty(n if want_out else 1, device=x.device, dtype=acc)
+        n_prog = triton.cdiv(n, K.ELEM_BLOCK)
+        partial = torch.zeros(max(n_prog, 1), device=x.device, dtype=acc)
+        gx = torch.empty_like(xf) if want_x else xf[:1]
+        gt = torch.empty_like(tf) if want_other else tf[:1]
+        params = _params(extra(opts), opts["reduction"], n, x.device, acc)
+        if n:
+            kernel[(n_prog,)](xf, tf, out, partial, gx, gt, params, n, BLOCK=K.ELEM_BLOCK,
+                              WANT_OUT=want_out, ACC_F64=acc == torch.float64, num_warps=8,
+                              **{kernel.arg_names[-3]: want_x, kernel.arg_names[-2]: want_other})
+        if want_out:
+            value = out.reshape(x.shape)
+        else:
+            total = partial.sum(dtype=torch.float64)
+            value = (total / max(n, 1) if opts["reduction"] == "mean" else total).to(acc)
+        return value, (gx.reshape(x.shape) if want_x else None), (gt.reshape(t.shape) if want_other else None)
+    return run
+
+
+_RUNNERS = {}
+if _IMPORT_ERROR is None:
+    _RUNNERS = {
+        "sparse_softmax_cross_entropy": (_sparse, 1),
+        "softmax_cross_entropy": (_dense, 1),
+        "sigmoid_cross_entropy": (_elementwise(K.sigmoid_ce_kernel, lambda o: (o["label_smoothing"],)), 0),
+        "mean_squared_error": (_elementwise(K.squared_error_kernel, lambda o: ()), 0),
+    }
+
+
+def _loss(name):
+    def call(x, other, opts):
+        _check_device(x, other)
+        runner, row_ndim = _RUNNERS[name]
+        from ._torch_autograd import FusedLoss
+        return FusedLoss.apply(x, other, lambda nx, no: runner(x, other, opts, nx, no), opts["reduction"], row_ndim)
+    call.__name__ = name
+    return call
+
+
+LOSSES = {name: _loss(name) for name in ("sparse_softmax_cross_entropy", "softmax_cross_entropy",
+                                         "sigmoid_cross_entropy", "mean_squared_error")}
+
+
+def value_and_grad(name, x, other, opts):
+    _check_device(x, other)
+    value, gx, _ = _RUNNERS[name][0](x, other, opts, True, False)
+    return value, gx

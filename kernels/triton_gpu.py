@@ -1,0 +1,251 @@
+"""Triton kernels for torch tensors (CUDA, or the interpreter with TRITON_INTERPRET=1 on CPU).
+
+Cross-entropies run one program per row with an online softmax over class blocks (any C: 32001,
+262144, ...): pass 1 streams the row once for the running max m, the running sum s = Σ exp(z - m)
+(rescaled when m grows) and, with label smoothing, Σ (z - m); pass 2, only when a gradient is
+wanted, re-reads the row and writes the gradient (Liger-style: computed in the forward, so the
+backward is a cheap rescale). Elementwise losses run one program per block and write a per-block
+partial sum, summed on the device in float64.
+
+Correct on a real GPU as well as in the interpreter: row offsets are int64 (rows * C can exceed
+2^31), tails are masked, block sizes are powers of two, 16-bit inputs are loaded and widened to
+fp32 (fp64 stays fp64 via ACC_F64), and the label's -(1-ε) term is folded in fp32 before the gradient
+is stored in the input's dtype. Options that change the work (label smoothing, z-loss, gradient
+outputs) are tl.constexpr flags, so the common case compiles without them. The per-row scale
+(1/count for "mean") is read from device memory, so "mean" needs no host synchronisation.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _const(v: tl.constexpr, ACC_F64: tl.constexpr):
+    """A scalar accumulator initialised to ``v`` in the accumulation dtype. (One return statement:
+    Triton's compiler type-checks every return of a function, static branches included.)"""
+    if ACC_F64:
+        out = tl.full([], v, tl.float64)
+    else:
+        out = tl.full([], v, tl.float32)
+    return out
+
+
+@triton.jit
+def _acc(x, ACC_F64: tl.constexpr):
+    """``x`` widened to the accumulation dtype (fp32, or fp64 for fp64 input)."""
+    if ACC_F64:
+        out = x.to(tl.float64)
+    else:
+        out = x.to(tl.float32)
+    return out
+
+
+@triton.jit
+def sparse_ce_kernel(X, stride_x, Y, LOSS, LSE, G, stride_g, PARAMS, n_cols, ignore_index,
+                     BLOCK: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_ZLOSS: tl.constexpr,
+                     WANT_GRAD: tl.constexpr, ACC_F64: tl.constexpr):
+    """One row: loss (and lse) always, gradient (scaled by scale / T) when WANT_GRAD.
+
+    PARAMS = [1/T, ε, z_loss, scale] in the accumulation dtype, on the device: a Python float
+    argument would reach the kernel as fp32 (float64 inputs must keep float64 options), and
+    scale = 1/count for "mean" is computed on the device without a host sync.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    inv_t = tl.load(PARAMS)
+    eps = tl.load(PARAMS + 1)
+    z_loss = tl.load(PARAMS + 2)
+    x_row = X + row * stride_x
+    g_row = G + row * stride_g
+    y = tl.load(Y + row).to(tl.int64)
+    ignored = y == ignore_index
+    valid = (y >= 0) & (y < n_cols)
+    # Pass 1: online max / sum (and Σ (z - m) for smoothing), one read of the row.
+    m = _const(-float("inf"), ACC_F64)
+    s = _const(0.0, ACC_F64)
+    sz = _const(0.0, ACC_F64)
+    for off in range(0, n_cols, BLOCK):
+        cols = off + tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        z = _acc(tl.load(x_row + cols, mask=mask, other=-float("inf")), ACC_F64) * inv_t
+        m_new = tl.maximum(m, tl.max(z, 0))
+        # A shift that is -inf (everything masked so far) becomes 0, so (-inf) - (-inf) never
+        # makes NaN; +inf or NaN stays, so such rows end up NaN.
+        m_old_safe = tl.where(m == -float("inf"), 0.0, m)
+        m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+        s = s * tl.exp(m_old_safe - m_safe) + tl.sum(tl.where(mask, tl.exp(z - m_safe), 0.0), 0)
+        if HAS_SMOOTH:
+            sz = sz + (m_old_safe - m_safe) * off + tl.sum(tl.where(mask, z - m_safe, 0.0), 0)
+        m = m_new
+    m = tl.where(m == -float("inf"), 0.0, m)
+    log_s = tl.log(s)
+    lse = m + log_s
+    y_safe = tl.where(valid, y, 0)
+    zs_y = _acc(tl.load(x_row + y_safe), ACC_F64) * inv_t - m
+    loss = (1.0 - eps) * (log_s - zs_y)
+    if HAS_SMOOTH:
+        loss += eps * (log_s - sz / n_cols)
+    if HAS_ZLOSS:
+        loss += z_loss * lse * lse
+    loss = tl.where(ignored, 0.0, tl.where(valid, loss, float("nan")))
+    tl.store(LOSS + row, loss)
+    tl.store(LSE + row, lse)
+    if WANT_GRAD:
+        # d row/dz = (p - q) + 2 z_loss lse p, q = (1-ε) onehot(y) + ε/C; times scale / T.
+        # Ignored rows: scale 0. Invalid labels: NaN.
+        scale = tl.load(PARAMS + 3) * inv_t
+        scale = tl.where(ignored, 0.0, tl.where(valid, scale, float("nan")))
+        zc = 2.0 * z_loss * lse if HAS_ZLOSS else 0.0
+        for off in range(0, n_cols, BLOCK):
+            cols = off + tl.arange(0, BLOCK)
+            mask = cols < n_cols
+            z = _acc(tl.load(x_row + cols, mask=mask, other=-float("inf")), ACC_F64) * inv_t
+            p = tl.exp(z - m - log_s)
+            q = tl.where(cols == y, 1.0 - eps + eps / n_cols, eps / n_cols)
+            g = ((p - q) + zc * p) * scale
+            tl.store(g_row + cols, g.to(G.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def dense_ce_kernel(X, stride_x, T, stride_t, LOSS, LSE, GX, stride_gx, GT, stride_gt, PARAMS, n_cols,
+                    BLOCK: tl.constexpr, WANT_GX: tl.constexpr, WANT_GT: tl.constexpr, ACC_F64: tl.constexpr):
+    """One row of softmax cross-entropy with dense targets, q = (1-ε) t + ε/C; terms with q = 0 skipped.
+    PARAMS = [1/T, ε, scale] (see sparse_ce_kernel)."""
+    row = tl.program_id(0).to(tl.int64)
+    inv_t = tl.load(PARAMS)
+    eps = tl.load(PARAMS + 1)
+    x_row = X + row * stride_x
+    t_row = T + row * stride_t
+    m = _const(-float("inf"), ACC_F64)
+    s = _const(0.0, ACC_F64)
+    q_sum = _const(0.0, ACC_F64)
+    qz = _const(0.0, ACC_F64)   # Σ q (z - m), re-based when m grows
+    for off in range(0, n_cols, BLOCK):
+        cols = off + tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        z = _acc(tl.load(x_row + cols, mask=mask, other=-float("inf")), ACC_F64) * inv_t
+        q = (1.0 - eps) * _acc(tl.load(t_row + cols, mask=mask, other=0.0), ACC_F64) + eps / n_cols
+        q = tl.where(mask, q, 0.0)
+        m_new = tl.maximum(m, tl.max(z, 0))
+        m_old_safe = tl.where(m == -float("inf"), 0.0, m)
+        m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+        s = s * tl.exp(m_old_safe - m_safe) + tl.sum(tl.where(mask, tl.exp(z - m_safe), 0.0), 0)
+        qz = qz + q_sum * (m_old_safe - m_safe) + tl.sum(tl.where(q == 0.0, 0.0, q * (z - m_safe)), 0)
+        q_sum += tl.sum(q, 0)
+        m = m_new
+    m = tl.where(m == -float("inf"), 0.0, m)
+    log_s = tl.log(s)
+    tl.store(LOSS + row, q_sum * log_s - qz)
+    tl.store(LSE + row, m + log_s)
+    if WANT_GX or WANT_GT:
+        scale = tl.load(PARAMS + 2)
+        for off in range(0, n_cols, BLOCK):
+            cols = off + tl.arange(0, BLOCK)
+            mask = cols < n_cols
+            zs = _acc(tl.load(x_row + cols, mask=mask, other=-float("inf")), ACC_F64) * inv_t - m
+            if WANT_GX:
+                q = (1.0 - eps) * _acc(tl.load(t_row + cols, mask=mask, other=0.0), ACC_F64) + eps / n_cols
+                p = tl.exp(zs - log_s)
+                gx = (p * q_sum - q) * (scale * inv_t)
+                tl.store(GX + row * stride_gx + cols, gx.to(GX.dtype.element_ty), mask=mask)
+            if WANT_GT:
+                gt = (1.0 - eps) * (log_s - zs) * scale
+                tl.store(GT + row * stride_gt + cols, gt.to(GT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def sigmoid_ce_kernel(X, T, OUT, PARTIAL, GX, GT, PARAMS, n, BLOCK: tl.constexpr, WANT_OUT: tl.constexpr,
+                      WANT_GX: tl.constexpr, WANT_GT: tl.constexpr, ACC_F64: tl.constexpr):
+    """Elementwise BCE from logits; per-program partial sum; PARAMS = [ε, scale]."""
+    pid = tl.program_id(0).to(tl.int64)
+    eps = tl.load(PARAMS)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = _acc(tl.load(X + offs, mask=mask, other=0.0), ACC_F64)
+    t = _acc(tl.load(T + offs, mask=mask, other=0.0), ACC_F64) * (1.0 - eps) + 0.5 * eps
+    e = tl.exp(-tl.abs(x))
+    val = tl.maximum(x, 0.0) - x * t + tl.log(1.0 + e)  # log1p: 1 + e rounds only when e < ulp/2
+    # log(1 + e) loses e's low bits for tiny e; the exact log1p form keeps them.
+    val = tl.where(e < 1e-4, tl.maximum(x, 0.0) - x * t + e * (1.0 - 0.5 * e), val)
+    val = tl.where(mask, val, 0.0)
+    tl.store(PARTIAL + pid, tl.sum(val, 0))
+    if WANT_OUT:
+        tl.store(OUT + offs, val, mask=mask)
+    scale = tl.load(PARAMS + 1)
+    if WANT_GX:
+        inv = 1.0 / (1.0 + e)
+        sig = tl.where(x >= 0, inv, e * inv)
+        tl.store(GX + offs, ((sig - t) * scale).to(GX.dtype.element_ty), mask=mask)
+    if WANT_GT:
+        tl.store(GT + offs, (-(1.0 - eps) * x * scale).to(GT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def squared_error_kernel(P, T, OUT, PARTIAL, GP, GT, PARAMS, n, BLOCK: tl.constexpr, WANT_OUT: tl.constexpr,
+                         WANT_GP: tl.constexpr, WANT_GT: tl.constexpr, ACC_F64: tl.constexpr):
+    """Elementwise (p - t)^2; per-program partial sum; gradients ±2 (p - t) scale, PARAMS = [scale]."""
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    d = _acc(tl.load(P + offs, mask=mask, other=0.0), ACC_F64) - _acc(tl.load(T + offs, mask=mask, other=0.0),
+                                                                       ACC_F64)
+    tl.store(PARTIAL + pid, tl.sum(d * d, 0))
+    if WANT_OUT:
+        tl.store(OUT + offs, d * d, mask=mask)
+    d2 = 2.0 * d * tl.load(PARAMS)
+    if WANT_GP:
+        tl.store(GP + offs, d2.to(GP.dtype.element_ty), mask=mask)
+    if WANT_GT:
+        tl.store(GT + offs, (-d2).to(GT.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------- launch helpers
+def row_block(n_cols, interpret):
+    """Power-of-two class block: whole small rows, 4096 for long rows on a GPU (2048 in the
+    interpreter, where each block is a NumPy op and smaller blocks only add Python overhead)."""
+    cap = 2048 if interpret else 4096
+    return min(cap, max(16, triton.next_power_of_2(n_cols)))
+
+
+ELEM_BLOCK = 4096
+
+
+def num_warps(block):
+    return 8 if block >= 2048 else 4
+
+
+_PTR = {"float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32", "float64": "*fp64"}
+
+
+def specializations():
+    """Every (kernel, signature, constexprs, num_warps) the dispatch can launch, for ahead-of-time
+    compilation checks (tests/test_triton.py compiles each for sm_80 and sm_90 without a GPU).
+
+    Input dtypes x flag combinations at the largest class block, plus the smallest block for fp32;
+    targets share the logits' dtype (the common case: a mixed pair compiles through the same code).
+    """
+    import itertools
+    out = []
+    bools = (False, True)
+    for dt in ("float16", "bfloat16", "float32", "float64"):
+        x, acc = _PTR[dt], "*fp64" if dt == "float64" else "*fp32"
+        f64 = dt == "float64"
+        blocks = (4096, 16) if dt == "float32" else (4096,)
+        for block, smooth, zl, grad in itertools.product(blocks, bools, bools, bools):
+            sig = dict(X=x, stride_x="i64", Y="*i64", LOSS=acc, LSE=acc, G=x, stride_g="i64", PARAMS=acc,
+                       n_cols="i32", ignore_index="i32")
+            const = dict(BLOCK=block, HAS_SMOOTH=smooth, HAS_ZLOSS=zl, WANT_GRAD=grad, ACC_F64=f64)
+            out.append((sparse_ce_kernel, sig, const, num_warps(block)))
+        for block, gx, gt in itertools.product(blocks, bools, bools):
+            sig = dict(X=x, stride_x="i64", T=x, stride_t="i64", LOSS=acc, LSE=acc, GX=x, stride_gx="i64", GT=x,
+                       stride_gt="i64", PARAMS=acc, n_cols="i32")
+            out.append((dense_ce_kernel, sig, dict(BLOCK=block, WANT_GX=gx, WANT_GT=gt, ACC_F64=f64),
+                        num_warps(block)))
+        for kern, names in ((sigmoid_ce_kernel, ("WANT_GX", "WANT_GT")), (squared_error_kernel, ("WANT_GP", "WANT_GT"))):
+            for w_out, g1, g2 in itertools.product(bools, bools, bools):
+                first = "X" if kern is sigmoid_ce_kernel else "P"
+                grad1 = "GX" if kern is sigmoid_ce_kernel else "GP"
+                sig = {first: x, "T": x, "OUT": acc, "PARTIAL": acc, grad1: x, "GT": x, "PARAMS": acc, "n": "i32"}
+                const = {"BLOCK": ELEM_BLOCK, "WANT_OUT": w_out, names[0]: g1, names[1]: g2, "ACC_F64": f64}
+                out.append((kern, sig, const, 8))
+    return out
