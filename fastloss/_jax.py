@@ -66,7 +66,7 @@ def _sparse(logits, labels, *, temperature, label_smoothing, ignore_index, z_los
     x2 = logits.reshape(-1, n_cls)
     y1 = labels.reshape(-1)
     rows, _ = K.sparse_cross_entropy(x2, y1, temperature, label_smoothing, ignore_index, z_loss)
-    count = jnp.sum(y1 != ignore_index)
+    count = jnp.sum(~K._is_ignored(y1, ignore_index))
     return _reduce(rows, count, reduction, lead)
 
 

@@ -44,6 +44,15 @@ def _shift(z):
     return m, jnp.log(jnp.sum(jnp.exp(z - m[:, None]), axis=-1))
 
 
+def _is_ignored(labels, ignore_index):
+    """labels == ignore_index, where an index the label dtype cannot hold matches nothing (comparing
+    would overflow the int32 labels JAX uses by default)."""
+    info = jnp.iinfo(labels.dtype)
+    if not info.min <= ignore_index <= info.max:
+        return jnp.zeros(labels.shape, bool)
+    return labels == ignore_index
+
+
 # ----------------------------------------------------------------------------------- sparse CE
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
 def sparse_cross_entropy(logits, labels, temperature, label_smoothing, ignore_index, z_loss):
@@ -72,7 +81,7 @@ def _sparse_rows(z, m, labels, log_s, lse, label_smoothing, ignore_index, z_loss
     if z_loss:
         row = row + z_loss * lse * lse
     nan = jnp.full_like(row, jnp.nan)
-    return jnp.where(labels == ignore_index, jnp.zeros_like(row), jnp.where(valid, row, nan))
+    return jnp.where(_is_ignored(labels, ignore_index), jnp.zeros_like(row), jnp.where(valid, row, nan))
 
 
 def _sparse_fwd(logits, labels, temperature, label_smoothing, ignore_index, z_loss):
@@ -89,7 +98,7 @@ def _sparse_bwd(temperature, label_smoothing, ignore_index, z_loss, res, cts):
     g_loss, g_lse = cts
     n_cls = logits.shape[-1]
     valid = (labels >= 0) & (labels < n_cls)
-    scale = jnp.where(labels == ignore_index, 0.0, jnp.where(valid, g_loss, jnp.nan)).astype(lse.dtype)
+    scale = jnp.where(_is_ignored(labels, ignore_index), 0.0, jnp.where(valid, g_loss, jnp.nan)).astype(lse.dtype)
     # d loss/dz = p (1 + 2 z_loss lse) - q;  d lse/dz = p;  dz/dlogits = 1/T. Written as
     # (p - q) scale + p (2 z_loss lse scale + g_lse): 1 + 2 z_loss lse would round away the z-loss
     # term in fp32, and (p - q) is exact where it matters (p near 1, Sterbenz).

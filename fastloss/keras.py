@@ -1,0 +1,224 @@
+"""Drop-in Keras 3 losses backed by fastloss kernels, plus a ``temperature`` on the categorical ones.
+
+    from fastloss.keras import SparseCategoricalCrossentropy
+    model.compile(loss=SparseCategoricalCrossentropy(from_logits=True, temperature=2.0), ...)
+
+Same signatures, defaults and results as ``keras.losses`` (reduction, sample_weight, masks,
+ignore_class, from_logits, label_smoothing, axis, name, dtype): the classes subclass the stock ones
+and only replace the per-sample function, so Keras's own reduction, weighting and masking apply.
+
+Which kernel runs: on the JAX backend the JAX custom-VJP kernels (jit-compiled inside ``fit``); on
+the torch backend the torch autograd path (Numba for CPU tensors, Triton for CUDA); on any other
+backend a correct but unfused ``keras.ops`` formula, with a one-time warning.
+
+Temperature: with ``from_logits=True`` it divides the logits. With ``from_logits=False`` it tempers
+the predicted distribution, p^(1/T) renormalised, i.e. softmax(log(p) / T): dividing probabilities
+by T before a normalising cross-entropy would change nothing. At T = 1 the probability path is
+stock's own formula (-Σ t log clip(p / Σp)); there is no softmax there to fuse.
+"""
+from __future__ import annotations
+
+import warnings
+
+import keras
+from keras import ops
+# Two helpers stock losses use and Keras does not export; pinned to keras>=3.3,<4 in pyproject.
+from keras.src.backend.common.masking import set_keras_mask
+from keras.src.losses.loss import squeeze_or_expand_to_same_rank
+
+import fastloss
+
+from ._validation import check_temperature
+
+__all__ = ["BinaryCrossentropy", "CategoricalCrossentropy", "MeanSquaredError", "SparseCategoricalCrossentropy",
+           "binary_crossentropy", "categorical_crossentropy", "mean_squared_error",
+           "sparse_categorical_crossentropy"]
+
+_WARNED = []
+
+
+def _kernel_backend():
+    """'jax', 'torch' or None (no fused kernel for this Keras backend: keras.ops fallback)."""
+    name = keras.backend.backend()
+    if name in ("jax", "torch"):
+        return name
+    if not _WARNED:
+        _WARNED.append(name)
+        warnings.warn(f"fastloss.keras: no fused kernel for the Keras backend {name!r}; using an unfused "
+                      f"keras.ops formula (same results, stock speed).", RuntimeWarning, stacklevel=3)
+    return None
+
+
+def _check_axis(axis):
+    if isinstance(axis, bool) or not isinstance(axis, int):
+        raise ValueError(f"`axis` must be of type `int`. Received: axis={axis} of type {type(axis)}")
+
+
+def _classes_last(x, axis):
+    return x if axis in (-1, len(x.shape) - 1) else ops.moveaxis(x, axis, -1)
+
+
+def _log_probs_clipped(y_pred, axis):
+    """Stock's probability path: log(clip(p / Σp, ε, 1 - ε))."""
+    eps = keras.backend.epsilon()
+    p = y_pred / ops.sum(y_pred, axis=axis, keepdims=True)
+    return ops.log(ops.clip(p, eps, 1.0 - eps))
+
+
+# -------------------------------------------------------------------------------- functions
+@keras.saving.register_keras_serializable(package="fastloss")
+def categorical_crossentropy(y_true, y_pred, from_logits=False, label_smoothing=0.0, axis=-1, temperature=1.0):
+    """``keras.losses.categorical_crossentropy`` with a fused kernel and ``temperature``.
+
+    Args:
+        y_true: one-hot or soft targets, same shape as ``y_pred``.
+        y_pred: logits (``from_logits=True``) or probabilities.
+        label_smoothing: ε: targets become (1-ε) t + ε/C.
+        axis: the class axis.
+        temperature: > 0; divides logits, or tempers probabilities (p^(1/T), renormalised).
+
+    Returns:
+        Per-sample losses, shape of ``y_pred`` without the class axis.
+    """
+    _check_axis(axis)
+    temperature = check_temperature(temperature)
+    y_pred = ops.convert_to_tensor(y_pred)
+    y_true = ops.cast(y_true, y_pred.dtype)
+    if not from_logits and temperature == 1.0:
+        if label_smoothing:
+            c = ops.cast(ops.shape(y_true)[axis], y_pred.dtype)
+            y_true = y_true * (1.0 - label_smoothing) + label_smoothing / c
+        return -ops.sum(y_true * _log_probs_clipped(y_pred, axis), axis=axis)
+    logits = y_pred if from_logits else _log_probs_clipped(y_pred, axis)
+    logits, y_true = _classes_last(logits, axis), _classes_last(y_true, axis)
+    if _kernel_backend() is None:
+        q = y_true * (1.0 - label_smoothing) + label_smoothing / ops.cast(ops.shape(y_true)[-1], logits.dtype)
+        return -ops.sum(q * ops.log_softmax(logits / temperature, axis=-1), axis=-1)
+    return fastloss.softmax_cross_entropy(logits, y_true, temperature=temperature,
+                                          label_smoothing=float(label_smoothing), reduction="none")
+
+
+@keras.saving.register_keras_serializable(package="fastloss")
+def sparse_categorical_crossentropy(y_true, y_pred, from_logits=False, ignore_class=None, axis=-1, temperature=1.0):
+    """``keras.losses.sparse_categorical_crossentropy`` with a fused kernel and ``temperature``.
+
+    Rows whose label is ``ignore_class`` get loss 0 and are masked out of the reduction (as stock).
+    The label's logit is gathered by the kernel; no one-hot is built.
+    """
+    _check_axis(axis)
+    temperature = check_temperature(temperature)
+    y_pred = ops.convert_to_tensor(y_pred)
+    y_true = ops.convert_to_tensor(y_true)
+    if len(y_true.shape) == len(y_pred.shape) and y_true.shape[axis] == 1:
+        y_true = ops.squeeze(y_true, axis=axis)
+    y_true = ops.cast(y_true, "int32")
+    valid = None if ignore_class is None else ops.not_equal(y_true, ignore_class)
+    if not from_logits and temperature == 1.0:
+        logp = _classes_last(_log_probs_clipped(y_pred, axis), axis)
+        labels = y_true if valid is None else ops.where(valid, y_true, 0)
+        res = -ops.squeeze(ops.take_along_axis(logp, ops.expand_dims(labels, -1), axis=-1), -1)
+    else:
+        logits = _classes_last(y_pred if from_logits else _log_probs_clipped(y_pred, axis), axis)
+        if _kernel_backend() is None:
+            labels = y_true if valid is None else ops.where(valid, y_true, 0)
+            logp = ops.log_softmax(logits / temperature, axis=-1)
+            res = -ops.squeeze(ops.take_along_axis(logp, ops.expand_dims(labels, -1), axis=-1), -1)
+        else:
+            # ignore_class becomes the kernel's ignore_index: loss 0 and gradient 0 for those rows.
+            # Without one, a sentinel the int32 labels cannot hold, so it matches no row.
+            ignore = int(ignore_class) if ignore_class is not None else -(2 ** 40)
+            res = fastloss.sparse_softmax_cross_entropy(logits, y_true, temperature=temperature,
+                                                        ignore_index=ignore, reduction="none")
+    if valid is not None:
+        res = ops.where(valid, res, ops.zeros_like(res))
+        set_keras_mask(res, mask=valid)
+    return res
+
+
+@keras.saving.register_keras_serializable(package="fastloss")
+def binary_crossentropy(y_true, y_pred, from_logits=False, label_smoothing=0.0, axis=-1):
+    """``keras.losses.binary_crossentropy`` on the fused sigmoid-CE kernel: the mean over ``axis`` of
+    max(x,0) - x t' + log1p(exp(-|x|)), t' = t(1-ε) + ε/2. Probabilities are clipped as stock and
+    turned into logits log(p) - log(1-p), so σ(x) is exactly the clipped probability."""
+    _check_axis(axis)
+    y_pred = ops.convert_to_tensor(y_pred)
+    y_true = ops.cast(y_true, y_pred.dtype)
+    if from_logits:
+        logits = y_pred
+    else:
+        eps = keras.backend.epsilon()
+        p = ops.clip(y_pred, eps, 1.0 - eps)
+        logits = ops.log(p) - ops.log(1.0 - p)
+    if _kernel_backend() is None:
+        t = y_true * (1.0 - label_smoothing) + 0.5 * label_smoothing
+        per = ops.relu(logits) - logits * t + ops.log1p(ops.exp(-ops.abs(logits)))
+    else:
+        per = fastloss.sigmoid_cross_entropy(logits, y_true, label_smoothing=float(label_smoothing), reduction="none")
+    return ops.mean(per, axis=axis)
+
+
+@keras.saving.register_keras_serializable(package="fastloss")
+def mean_squared_error(y_true, y_pred):
+    """``keras.losses.mean_squared_error`` on the fused MSE kernel: mean over the last axis."""
+    y_pred = ops.convert_to_tensor(y_pred)
+    y_true = ops.convert_to_tensor(y_true, dtype=y_pred.dtype)
+    y_true, y_pred = squeeze_or_expand_to_same_rank(y_true, y_pred)
+    if _kernel_backend() is None:
+        per = ops.square(y_pred - y_true)
+    else:
+        per = fastloss.mean_squared_error(y_pred, y_true, reduction="none")
+    return ops.mean(per, axis=-1)
+
+
+# ---------------------------------------------------------------------------------- classes
+@keras.saving.register_keras_serializable(package="fastloss")
+class CategoricalCrossentropy(keras.losses.CategoricalCrossentropy):
+    """``keras.losses.CategoricalCrossentropy`` plus ``temperature`` (see the module docstring)."""
+
+    def __init__(self, from_logits=False, label_smoothing=0.0, axis=-1, reduction="sum_over_batch_size",
+                 name="categorical_crossentropy", dtype=None, temperature=1.0):
+        super().__init__(from_logits=from_logits, label_smoothing=label_smoothing, axis=axis, reduction=reduction,
+                         name=name, dtype=dtype)
+        self.temperature = check_temperature(temperature)
+        self.fn = categorical_crossentropy
+        self._fn_kwargs["temperature"] = self.temperature
+
+    def get_config(self):
+        return {**super().get_config(), "temperature": self.temperature}
+
+
+@keras.saving.register_keras_serializable(package="fastloss")
+class SparseCategoricalCrossentropy(keras.losses.SparseCategoricalCrossentropy):
+    """``keras.losses.SparseCategoricalCrossentropy`` plus ``temperature`` (see the module docstring)."""
+
+    def __init__(self, from_logits=False, ignore_class=None, reduction="sum_over_batch_size", axis=-1,
+                 name="sparse_categorical_crossentropy", dtype=None, temperature=1.0):
+        super().__init__(from_logits=from_logits, ignore_class=ignore_class, reduction=reduction, axis=axis,
+                         name=name, dtype=dtype)
+        self.axis = axis
+        self.temperature = check_temperature(temperature)
+        self.fn = sparse_categorical_crossentropy
+        self._fn_kwargs["temperature"] = self.temperature
+
+    def get_config(self):
+        return {**super().get_config(), "axis": self.axis, "temperature": self.temperature}
+
+
+@keras.saving.register_keras_serializable(package="fastloss")
+class BinaryCrossentropy(keras.losses.BinaryCrossentropy):
+    """``keras.losses.BinaryCrossentropy`` on the fused sigmoid-CE kernel."""
+
+    def __init__(self, from_logits=False, label_smoothing=0.0, axis=-1, reduction="sum_over_batch_size",
+                 name="binary_crossentropy", dtype=None):
+        super().__init__(from_logits=from_logits, label_smoothing=label_smoothing, axis=axis, reduction=reduction,
+                         name=name, dtype=dtype)
+        self.fn = binary_crossentropy
+
+
+@keras.saving.register_keras_serializable(package="fastloss")
+class MeanSquaredError(keras.losses.MeanSquaredError):
+    """``keras.losses.MeanSquaredError`` on the fused MSE kernel."""
+
+    def __init__(self, reduction="sum_over_batch_size", name="mean_squared_error", dtype=None):
+        super().__init__(reduction=reduction, name=name, dtype=dtype)
+        self.fn = mean_squared_error

@@ -1,0 +1,25 @@
+"""Runs tests/keras_cases.py under KERAS_BACKEND=jax and KERAS_BACKEND=torch, each in its own process
+(Keras fixes its backend at import)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.mark.keras
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_keras_wrappers(backend):
+    pytest.importorskip("keras")
+    pytest.importorskip(backend)
+    env = dict(os.environ, KERAS_BACKEND=backend)
+    proc = subprocess.run([sys.executable, "-m", "pytest", os.path.join(HERE, "keras_cases.py"), "-q", "-x",
+                           "-p", "no:cacheprovider", "-o", "addopts="], capture_output=True, text=True, env=env,
+                          cwd=os.path.dirname(HERE), timeout=1800)
+    tail = proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert proc.returncode == 0, tail
+    assert " passed" in proc.stdout and " failed" not in proc.stdout, tail
