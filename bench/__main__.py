@@ -23,7 +23,8 @@ ROOT = os.path.dirname(HERE)
 
 def _run_suite(mode, keras_backend, select, json_path):
     env = dict(os.environ, FASTLOSS_BENCH=mode, KERAS_BACKEND=keras_backend, PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "pytest", os.path.join(HERE, "test_losses.py"), "--benchmark-only",
+    cmd = [sys.executable, "-m", "pytest", os.path.join(HERE, "test_losses.py"), os.path.join(HERE, "test_keras_fit.py"),
+           "--benchmark-only",
            f"--benchmark-json={json_path}", "-p", "no:cacheprovider", "-o", "addopts=", "-q", "-rs",
            "--benchmark-disable-gc", "-k", select, "-v"]
     print(f"\n== {mode} suite, KERAS_BACKEND={keras_backend}: {select}", flush=True)
@@ -51,6 +52,8 @@ def _rows(benchmarks):
     rows = []
     for b in benchmarks:
         info = b["extra_info"]
+        if info.get("kind") == "keras-fit":
+            continue
         med = b["stats"]["median"]
         floor = info["bytes"] / info["copy_bw"]
         rows.append(dict(case=info["case"], loss=info["loss"], shape="x".join(map(str, info["shape"])),
@@ -64,6 +67,23 @@ def _rows(benchmarks):
     from .providers import PROVIDERS
     order = {p: i for i, p in enumerate(PROVIDERS)}
     return sorted(rows, key=lambda r: (r["case"], order.get(r["provider"], 99)))
+
+
+def _fit_lines(benchmarks):
+    """The Keras model.fit step comparison (stock loss vs fastloss.keras), one line per backend."""
+    fits = {}
+    for b in benchmarks:
+        info = b["extra_info"]
+        if info.get("kind") == "keras-fit":
+            fits.setdefault(info["backend"], {})[info["provider"]] = (b["stats"]["median"], info["shape"])
+    lines = []
+    for backend, d in sorted(fits.items()):
+        if "keras-stock" in d and "fastloss-keras" in d:
+            (ts, shape), (tf, _) = d["keras-stock"], d["fastloss-keras"]
+            lines.append(f"Keras train_on_batch, Dense({shape[1]}->{shape[2]}) softmax head, batch {shape[0]}, "
+                         f"{backend} backend: stock loss {ts * 1e3:.1f} ms, fastloss.keras {tf * 1e3:.1f} ms "
+                         f"({ts / tf:.2f}x)")
+    return lines
 
 
 def _table(rows):
@@ -116,16 +136,17 @@ def main(argv=None):
     args = ap.parse_args(argv)
     mode = "quick" if args.quick else "full"
     with tempfile.TemporaryDirectory() as tmp:
-        rows = _run_suite(mode, "jax", "not keras-stock-torch", os.path.join(tmp, "a.json"))
-        rows += _run_suite(mode, "torch", "keras-stock-torch", os.path.join(tmp, "b.json"))
-    rows = _rows(rows)
+        raw = _run_suite(mode, "jax", "not keras-stock-torch", os.path.join(tmp, "a.json"))
+        raw += _run_suite(mode, "torch", "keras-stock-torch", os.path.join(tmp, "b.json"))
+    rows = _rows(raw)
+    fit_lines = _fit_lines(raw)
     if not rows:
         raise SystemExit("no benchmark ran")
     machine = socket.gethostname().split(".")[0] or "machine"
     date = datetime.date.today().isoformat()
     hw = f"{_cpu_name()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     title = f"fastloss vs stock Keras, {mode} suite, {date}: {hw}"
-    table = _table(rows)
+    table = _table(rows) + "".join(f"\n{line}\n" for line in fit_lines)
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"{machine}-{date}")
     with open(stem + ".json", "w") as f:

@@ -1,0 +1,33 @@
+"""A Keras training step with a 32000-class softmax head: stock loss vs fastloss.keras, same model.
+
+    pytest bench/test_keras_fit.py --benchmark-only       (KERAS_BACKEND=jax by default)
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+SHAPES = {"tiny": (64, 16, 1000), "quick": (1024, 128, 32000), "full": (1024, 128, 32000)}
+
+
+@pytest.mark.parametrize("which", ["keras-stock", "fastloss-keras"])
+def test_train_on_batch_32000_classes(benchmark, which):
+    import keras
+    import fastloss.keras as fk
+    batch, features, classes = SHAPES[os.environ.get("FASTLOSS_BENCH", "full")]
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, features)).astype("float32")
+    y = rng.integers(0, classes, batch).astype("int32")
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((features,)), keras.layers.Dense(classes)])
+    loss = (keras.losses.SparseCategoricalCrossentropy(from_logits=True) if which == "keras-stock"
+            else fk.SparseCategoricalCrossentropy(from_logits=True))
+    model.compile(optimizer=keras.optimizers.SGD(1e-3), loss=loss)
+    first = float(model.train_on_batch(x, y))  # compile outside the timing
+    benchmark.group = f"keras-fit-{batch}x{classes}-{keras.backend.backend()}"
+    benchmark.extra_info.update(kind="keras-fit", provider=which, backend=keras.backend.backend(),
+                                shape=[batch, features, classes], first_loss=first)
+    benchmark.pedantic(lambda: model.train_on_batch(x, y), rounds=5, iterations=1, warmup_rounds=1)
+    assert np.isfinite(first) and abs(first - np.log(classes)) < 0.5 * np.log(classes)
