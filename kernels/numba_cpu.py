@@ -159,31 +159,26 @@ def log1p_01(e):
     return np.float32(2.0) * s * p
 
 
-def flog1p_01(e):
-    return math.log1p(e)
+def _per_dtype(f32_impl, f64_impl, doc):
+    """A function Numba compiles to ``f32_impl`` for float32 arguments and ``f64_impl`` for float64
+    ones: the fast approximations serve fp32 accumulation, libm keeps fp64 inputs exact."""
+    def generic(u):
+        return f64_impl(u)
+
+    @overload(generic, jit_options=dict(fastmath=_EXP_FLAGS))
+    def _impl(u):
+        if u == types.float32:
+            return lambda u: f32_impl(u)
+        if u == types.float64:
+            return lambda u: f64_impl(u)
+        return None
+
+    generic.__doc__ = doc
+    return generic
 
 
-@overload(flog1p_01, jit_options=dict(fastmath=_EXP_FLAGS))
-def _flog1p_01(e):
-    if e == types.float32:
-        return lambda e: log1p_01(e)
-    if e == types.float64:
-        return lambda e: math.log1p(e)
-    return None
-
-
-def fexp2(u):
-    """2^u (u <= 0) in the accumulation dtype: exp2_32 for float32, libm for float64."""
-    return 2.0 ** u
-
-
-@overload(fexp2, jit_options=dict(fastmath=_EXP_FLAGS))
-def _fexp2(u):
-    if u == types.float32:
-        return lambda u: exp2_32(u)
-    if u == types.float64:
-        return lambda u: np.exp2(u)
-    return None
+fexp2 = _per_dtype(exp2_32, np.exp2, "2^u (u <= 0) in the accumulation dtype.")
+flog1p_01 = _per_dtype(log1p_01, np.log1p, "log1p(e), e in [0, 1], in the accumulation dtype.")
 
 
 # ------------------------------------------------------------------------ 16-bit load/store
