@@ -9,6 +9,7 @@ from .losses import (
     sigmoid_cross_entropy,
     softmax_cross_entropy,
     sparse_softmax_cross_entropy,
+    sparse_softmax_cross_entropy_,
     value_and_grad,
 )
 
@@ -19,5 +20,6 @@ __all__ = [
     "sigmoid_cross_entropy",
     "softmax_cross_entropy",
     "sparse_softmax_cross_entropy",
+    "sparse_softmax_cross_entropy_",
     "value_and_grad",
 ]

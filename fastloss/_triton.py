@@ -69,12 +69,15 @@ def _reduce(values, reduction, count, lead):
     return total.to(values.dtype)
 
 
-def _sparse(x, labels, opts, want_x, want_other):
+def _sparse(x, labels, opts, want_x, want_other, inplace=False):
     n_cls = x.shape[-1]
     lead = tuple(x.shape[:-1])
     x2 = x.detach().reshape(-1, n_cls)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
+    if inplace and x2.data_ptr() != x.data_ptr() or inplace and not x.is_contiguous():
+        raise ValueError("`logits` must be contiguous for the in-place variant (its memory receives the "
+                         f"gradient); received strides {tuple(x.stride())}.")
     y = labels.reshape(-1)
     n = x2.shape[0]
     ign = opts["ignore_index"]
@@ -84,7 +87,9 @@ def _sparse(x, labels, opts, want_x, want_other):
     acc = _acc_dtype(x)
     loss = torch.empty(n, device=x.device, dtype=acc)
     lse = torch.empty(n, device=x.device, dtype=acc)
-    g = torch.empty_like(x2) if want_x else x2[:1]
+    # In place: pass 2 of each row reads a block of logits, then overwrites it with its gradient
+    # (the label's logit is read in pass 1), so the (N, C) gradient costs no new memory.
+    g = x2 if (inplace and want_x) else torch.empty_like(x2) if want_x else x2[:1]
     count = (y != ign).sum()
     params = _params((1.0 / opts["temperature"], opts["label_smoothing"], opts["z_loss"]), opts["reduction"],
                      count, x.device, acc)
@@ -167,6 +172,15 @@ def _loss(name):
 
 LOSSES = {name: _loss(name) for name in ("sparse_softmax_cross_entropy", "softmax_cross_entropy",
                                          "sigmoid_cross_entropy", "mean_squared_error")}
+
+
+def sparse_inplace(x, labels, opts):
+    """Sparse CE whose gradient is written into ``x``'s memory (Liger-style, saves an (N, C) buffer).
+    Returns the loss; ``x`` holds d loss / d logits afterwards (for reduction "mean"/"sum" as is,
+    for "none" per-row weights 1)."""
+    _check_device(x, labels)
+    value, _, _ = _sparse(x, labels, opts, True, False, inplace=True)
+    return value
 
 
 def value_and_grad(name, x, other, opts):

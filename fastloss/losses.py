@@ -169,6 +169,28 @@ def mean_squared_error(predictions, targets, *, reduction="mean", backend=None):
     """
     x, other, opts = _validate_mse(predictions, targets, reduction=reduction)
     return _call("mean_squared_error", x, other, backend, opts)
+def sparse_softmax_cross_entropy_(logits, labels, *, temperature=1.0, label_smoothing=0.0,
+                                  ignore_index=-100, z_loss=0.0, reduction="mean", backend="triton"):
+    """In-place variant for torch tensors on the Triton backend: returns the loss (a tensor without
+    autograd history) and overwrites ``logits`` with d loss / d logits, as Liger-Kernel does, so a
+    (N, C) gradient buffer is never allocated. Off the default path: every other fastloss function
+    leaves its inputs untouched. Use it where nothing else needs the logits' values: with
+    ``logits = hidden @ w``, ``logits.backward(logits.detach())`` then continues backpropagation
+    with the gradient now stored in them (a matmul's backward needs its inputs, not its output).
+
+    Example:
+        >>> loss = fastloss.sparse_softmax_cross_entropy_(logits, labels)   # logits now hold the gradient
+        >>> logits.backward(logits.detach())
+    """
+    x, other, opts = _validate_sparse(logits, labels, temperature=temperature, label_smoothing=label_smoothing,
+                                      ignore_index=ignore_index, z_loss=z_loss, reduction=reduction)
+    name = _dispatch.resolve(backend, x)
+    if name != "triton":
+        raise ValueError(f"`backend` must be 'triton' for the in-place variant (torch tensors); received {name!r}.")
+    from . import _triton
+    return _triton.sparse_inplace(x, other, opts)
+
+
 _BY_NAME = {f.__name__: f for f in (sparse_softmax_cross_entropy, softmax_cross_entropy,
                                     sigmoid_cross_entropy, mean_squared_error)}
 

@@ -83,3 +83,25 @@ def test_value_and_grad_on_torch_tensors():
     ref = R.sparse_softmax_cross_entropy(x.numpy(), y.numpy())
     np.testing.assert_allclose(loss.item(), ref[0], rtol=1e-6)
     np.testing.assert_allclose(g.numpy(), ref[1], rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_inplace_gradient_into_logits(reduction):
+    rng = np.random.default_rng(5)
+    x_np = (rng.standard_normal((6, 3000)) * 2).astype(np.float32)
+    y = torch.tensor(rng.integers(0, 3000, 6))
+    y[2] = -100
+    x = torch.tensor(x_np)
+    loss = fastloss.sparse_softmax_cross_entropy_(x, y, label_smoothing=0.1, z_loss=1e-4, reduction=reduction)
+    ref = R.sparse_softmax_cross_entropy(x_np, y.numpy(), label_smoothing=0.1, z_loss=1e-4, reduction=reduction)
+    np.testing.assert_allclose(loss.item(), ref[0], rtol=1e-5)
+    np.testing.assert_allclose(x.numpy(), ref[1], rtol=1e-4, atol=1e-9)  # logits now hold the gradient
+
+
+def test_inplace_needs_triton_and_contiguous_logits():
+    x = torch.randn(4, 6)
+    y = torch.randint(0, 6, (4,))
+    with pytest.raises(ValueError, match="backend"):
+        fastloss.sparse_softmax_cross_entropy_(x, y, backend="numba")
+    with pytest.raises(ValueError, match="contiguous"):
+        fastloss.sparse_softmax_cross_entropy_(torch.randn(6, 4).t(), y)
