@@ -120,7 +120,12 @@ def _chart(rows, path, title):
         del bars
     ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
     ax.set_xticks(range(len(cases)))
-    ax.set_xticklabels([c.replace("-float32", "").replace("-", "\n", 1) for c in cases], fontsize=8)
+    from .cases import SHORT
+    labels = []
+    for c in cases:
+        r = next(r for r in rows if r["case"] == c)
+        labels.append(f"{SHORT[r['loss']]}\n{r['shape']}\n{r['dtype']}")
+    ax.set_xticklabels(labels, fontsize=8)
     ax.set_ylabel("speedup over stock Keras (JAX backend), loss + grad")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8, ncol=2)
@@ -152,7 +157,7 @@ def main(argv=None):
     with open(stem + ".json", "w") as f:
         json.dump(dict(date=date, hardware=hw, mode=mode, results=rows), f, indent=1)
     with open(stem + ".md", "w") as f:
-        f.write(f"# {title}\n\nMedian of 5 runs of loss + gradient; floor = bytes moved / `np.copyto` "
+        f.write(f"# {title}\n\nMedian of {3 if args.quick else 5} runs of loss + gradient; floor = bytes moved / `np.copyto` "
                 f"bandwidth measured in the same run.\n\n{table}")
     _chart(rows, stem + ".png", title)
     print("\n" + table)

@@ -62,6 +62,11 @@ QUICK_CASES = [Case(SPARSE, (4096, 32000)), Case(SPARSE, (65536, 1000)), Case(MS
 TINY_CASES = [Case(SPARSE, (8, 1000)), Case(MSE, (4096,))]  # harness smoke runs (interpreter, CI)
 
 
+def rounds():
+    """Timed rounds per benchmark: 3 in the quick report (it must finish in minutes), else 5."""
+    return 3 if os.environ.get("FASTLOSS_BENCH") == "quick" else 5
+
+
 def selected_cases():
     """Cases for this run: FASTLOSS_BENCH=quick|tiny|full (default full), plus GPU cases on CUDA."""
     mode = os.environ.get("FASTLOSS_BENCH", "full")

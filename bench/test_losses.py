@@ -13,7 +13,7 @@ import math
 
 import pytest
 
-from .cases import copy_bandwidth, peak_extra_mib, reference_loss, selected_cases
+from .cases import copy_bandwidth, peak_extra_mib, reference_loss, rounds, selected_cases
 from .providers import PROVIDERS, Skip, make_step
 
 GPU_PROVIDERS = ("torch-compile", "liger")
@@ -37,7 +37,7 @@ def test_loss_and_grad(benchmark, case, provider):
     benchmark.group = case.id
     value = step()  # compile / warm up outside the timing
     peak = peak_extra_mib(step, "cuda" if case.gpu_only or provider in GPU_PROVIDERS else "cpu")
-    benchmark.pedantic(step, rounds=5, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(step, rounds=rounds(), iterations=1, warmup_rounds=1)
     ref = reference_loss(case)
     rel = abs(value - ref) / max(abs(ref), 1e-30)
     tol = 2e-2 if case.dtype in ("bfloat16", "float16") else 1e-4
