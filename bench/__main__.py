@@ -61,9 +61,15 @@ def _rows(benchmarks):
                          gbps=info["bytes"] / med / 1e9, floor_frac=floor / med, peak_mib=info["peak_extra_mib"],
                          value=info["value"], reference=info["reference"], rel_err=info["rel_err"],
                          correct=info["correct"]))
-    for r in rows:  # speedup over stock Keras (JAX backend) measured in the same run
-        base = [o for o in rows if o["case"] == r["case"] and o["provider"] == "keras-stock-jax"]
-        r["speedup_vs_keras"] = base[0]["median_ms"] / r["median_ms"] if base else float("nan")
+    for r in rows:  # speedup over stock Keras measured in the same run: JAX backend, else torch backend
+        for baseline in ("keras-stock-jax", "keras-stock-torch"):
+            base = [o for o in rows if o["case"] == r["case"] and o["provider"] == baseline]
+            if base:
+                r["speedup_vs_keras"] = base[0]["median_ms"] / r["median_ms"]
+                r["baseline"] = baseline
+                break
+        else:
+            r["speedup_vs_keras"], r["baseline"] = float("nan"), None
     from .providers import PROVIDERS
     order = {p: i for i, p in enumerate(PROVIDERS)}
     return sorted(rows, key=lambda r: (r["case"], order.get(r["provider"], 99)))
@@ -87,13 +93,15 @@ def _fit_lines(benchmarks):
 
 
 def _table(rows):
-    head = ("| loss | shape | dtype | provider | median ms | vs keras-jax | GB/s | % of floor | peak MiB | "
+    head = ("| loss | shape | dtype | provider | median ms | vs stock Keras | GB/s | % of floor | peak MiB | "
             "matches fp64 |\n|---|---|---|---|---:|---:|---:|---:|---:|---|\n")
     lines = []
     for r in rows:
         ok = "yes" if r["correct"] else f"**NO** (rel err {r['rel_err']:.1e})"
+        speed = "n/a" if r["baseline"] is None else \
+            f"{r['speedup_vs_keras']:.2f}x" + ("" if r["baseline"] == "keras-stock-jax" else " (torch)")
         lines.append(f"| {r['loss'].replace('_', ' ')} | {r['shape']} | {r['dtype']} | {r['provider']} | "
-                     f"{r['median_ms']:.1f} | {r['speedup_vs_keras']:.2f}x | {r['gbps']:.1f} | "
+                     f"{r['median_ms']:.1f} | {speed} | {r['gbps']:.1f} | "
                      f"{100 * r['floor_frac']:.0f}% | {r['peak_mib']:.0f} | {ok} |")
     return head + "\n".join(lines) + "\n"
 
@@ -126,7 +134,7 @@ def _chart(rows, path, title):
         r = next(r for r in rows if r["case"] == c)
         labels.append(f"{SHORT[r['loss']]}\n{r['shape']}\n{r['dtype']}")
     ax.set_xticklabels(labels, fontsize=8)
-    ax.set_ylabel("speedup over stock Keras (JAX backend), loss + grad")
+    ax.set_ylabel("speedup over stock Keras (JAX backend; torch for bf16), loss + grad")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
@@ -153,7 +161,7 @@ def main(argv=None):
     title = f"fastloss vs stock Keras, {mode} suite, {date}: {hw}"
     table = _table(rows) + "".join(f"\n{line}\n" for line in fit_lines)
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"{machine}-{date}")
+    stem = os.path.join(args.out, f"{machine}-{date}" + ("-quick" if args.quick else ""))
     with open(stem + ".json", "w") as f:
         json.dump(dict(date=date, hardware=hw, mode=mode, results=rows), f, indent=1)
     with open(stem + ".md", "w") as f:
