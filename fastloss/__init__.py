@@ -3,6 +3,7 @@
 Importing this package imports NumPy only; jax, numba, triton, torch and keras are imported by the
 first call that needs them, and no device is probed before then.
 """
+from ._buffers import empty_cache
 from ._dispatch import available_backends
 from .losses import (
     mean_squared_error,
@@ -16,6 +17,7 @@ from .losses import (
 __version__ = "0.1.0"
 __all__ = [
     "available_backends",
+    "empty_cache",
     "mean_squared_error",
     "sigmoid_cross_entropy",
     "softmax_cross_entropy",

@@ -1,8 +1,9 @@
 """The "numba" backend: NumPy arrays and torch CPU tensors on ``fastloss.kernels.numba_cpu``.
 
 Zero-copy: NumPy arrays are passed as they are when C-contiguous (a non-contiguous array is copied
-once, since the kernels stream rows); torch CPU tensors are viewed as NumPy arrays and gradients are
-written straight into torch-allocated memory. 16-bit data travel as raw bits (bfloat16 as uint16,
+once, since the kernels stream rows); torch CPU tensors are viewed as NumPy arrays. Gradients are
+written straight into the returned array or tensor, whose memory comes from ``_buffers`` (reused
+between calls once the user has dropped it). 16-bit data travel as raw bits (bfloat16 as uint16,
 float16 as int16; see the kernel module). One kernel call gives loss and gradient.
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ import numpy as np
 
 from fastloss.kernels import numba_cpu as K
 
+from . import _buffers
 from ._validation import dtype_name, label_range_error
 
 
@@ -61,14 +63,13 @@ class _Out:
         self.torch = _is_torch(like)
 
     def empty(self, shape, name):
+        # Large gradients reuse memory from fastloss._buffers (no page faults per step); the array
+        # or tensor returned to the user owns its block until the user drops it.
+        arr = _buffers.empty(shape, _BITS.get(name, name))
         if self.torch:
             t = _torch()
-            tt = t.empty(shape, dtype=getattr(t, name))
-            return tt, _kernel_view(tt)
-        if name in _BITS:
-            arr = np.empty(shape, dtype=_BITS[name])
-            return arr, arr
-        arr = np.empty(shape, dtype=name)
+            tt = t.from_numpy(arr)
+            return (tt.view(getattr(t, name)) if name in _BITS else tt), arr
         return arr, arr
 
     def finish(self, obj, name):

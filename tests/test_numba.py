@@ -46,11 +46,20 @@ def test_exp2_ulp_error_over_dense_sweep():
 
 
 def test_exp2_special_values():
-    u = np.array([-np.inf, np.nan, -126.0, -1000.0, 0.0, -0.0, -1.0], np.float32)
+    u = np.array([-np.inf, np.nan, -np.nan, -126.0, -126.6, -127.0, -1000.0, -3e38, 0.0, -0.0, -1.0], np.float32)
     out = np.empty_like(u)
     _apply_exp2(u, out)
-    assert out[0] == 0.0 and np.isnan(out[1]) and out[2] == 0.0 and out[3] == 0.0
-    np.testing.assert_array_equal(out[4:], [1.0, 1.0, 0.5])
+    assert out[0] == 0.0 and np.isnan(out[1]) and np.isnan(out[2])
+    # 2^-126 is the smallest normal and exact; from -126.5 down the result is flushed to exactly 0.
+    np.testing.assert_array_equal(out[3:], [2.0 ** -126, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.5])
+
+
+def test_exp2_absolute_error_near_underflow():
+    # Below 2^-125 the result may be flushed: the absolute error stays under the smallest normal.
+    u = np.linspace(-130.0, -125.0, 100_001, dtype=np.float32)
+    out = np.empty_like(u)
+    _apply_exp2(u, out)
+    assert np.all(np.abs(out - np.exp2(u.astype(np.float64))) <= 2.0 ** -126)
 
 
 def test_float16_load_every_bit_pattern():
@@ -134,6 +143,25 @@ def test_split_rows_match_whole_rows(eps, z_loss):
             np.testing.assert_array_equal(np.isinf(loss), np.isinf(ref_loss))
         fin = np.isfinite(ref_g)
         np.testing.assert_allclose(g[fin], ref_g[fin], rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n_cls", [13, 517, 1031])
+def test_gradient_rows_at_every_alignment(dtype, n_cls):
+    # The gradient pass stores whole aligned vectors (non-temporal) between a scalar head and tail;
+    # every start offset within a 32-byte vector must give the same, correct gradient.
+    rng = np.random.default_rng(n_cls)
+    x = (rng.standard_normal((5, n_cls)) * 3).astype(dtype)
+    y = rng.integers(0, n_cls, 5)
+    _, ref_g = R.sparse_softmax_cross_entropy(x, y, label_smoothing=0.1, reduction="sum")
+    rtol = 1e-5 if dtype == np.float32 else 1e-12
+    for offset in range(8):
+        buf = np.full(x.size + 8, np.nan, dtype)
+        g = buf[offset:offset + x.size].reshape(x.shape)
+        loss, lse = np.empty(5, dtype), np.empty(5, dtype)
+        K.sparse_cross_entropy(x, y, loss, lse, g, dtype(1.0), dtype(0.1), -100, dtype(0.0), dtype(1.0), True, 1, 2)
+        np.testing.assert_allclose(g, ref_g, rtol=rtol, atol=rtol * 1e-3, err_msg=f"offset {offset}")
+        assert np.isnan(buf[:offset]).all() and np.isnan(buf[offset + x.size:]).all()  # nothing outside
 
 
 def test_single_long_row_uses_all_threads_and_is_correct():
