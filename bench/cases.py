@@ -148,6 +148,10 @@ def peak_extra_mib(fn, device="cpu"):
         torch.cuda.reset_peak_memory_stats()
         fn()
         return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    # fastloss keeps dropped CPU gradients for reuse (fastloss/_buffers.py); release them first, so
+    # the step's own allocation is counted rather than hidden in memory the cache already holds.
+    import fastloss
+    fastloss.empty_cache()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")

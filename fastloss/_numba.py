@@ -1,7 +1,8 @@
 """The "numba" backend: NumPy arrays and torch CPU tensors on ``fastloss.kernels.numba_cpu``.
 
-Zero-copy: NumPy arrays are passed as they are when C-contiguous (a non-contiguous array is copied
-once, since the kernels stream rows); torch CPU tensors are viewed as NumPy arrays. Gradients are
+Zero-copy: NumPy arrays and torch CPU tensors are passed as they are when C-contiguous, and so
+are row-strided cross-entropy inputs (unit-stride classes, any row stride, e.g. ``logits[:, :V]``);
+other layouts are copied once, since the kernels stream rows. Gradients are
 written straight into the returned array or tensor, whose memory comes from ``_buffers`` (reused
 between calls once the user has dropped it). 16-bit data travel as raw bits (bfloat16 as uint16,
 float16 as int16; see the kernel module). One kernel call gives loss and gradient.
@@ -50,6 +51,43 @@ def _kernel_view(a):
     if name in _BITS:
         arr = arr.view(_BITS[name])
     return arr
+
+
+def _row_view(a, n_cls):
+    """(flat, row_stride, n_rows): the rows of ``a`` (shape (..., C)) as a flat 1-D array in which row
+    i is ``flat[i * row_stride : i * row_stride + C]``, for the cross-entropy kernels.
+
+    Arrays whose class axis is unit-stride and whose leading axes collapse to one row stride, such
+    as ``logits[:, :V]`` of a padded vocabulary, are streamed as they are; anything else is copied
+    once. ``flat`` spans exactly the elements from the first row's start to the last row's end,
+    so it never reaches past the array's memory (the padding between rows is never read).
+    """
+    name = dtype_name(a)
+    if _is_torch(a):
+        if a.device.type != "cpu":
+            raise TypeError(f"the 'numba' backend runs on CPU tensors; received a tensor on {a.device}. "
+                            f"Use backend='triton' for CUDA tensors.")
+        a = a.detach()
+        if name in _BITS:
+            a = a.view(_torch().int16)
+        arr = a.numpy()
+    else:
+        arr = np.asarray(a)
+    if name in _BITS:
+        arr = arr.view(_BITS[name])
+    try:
+        rows = np.reshape(arr, (-1, n_cls), copy=False)
+    except ValueError:
+        rows = None
+    item = arr.itemsize
+    if (rows is None or rows.shape[0] == 0 or rows.strides[1] != item or rows.strides[0] % item
+            or rows.strides[0] < n_cls * item):
+        rows = np.ascontiguousarray(arr).reshape(-1, n_cls)
+    n = rows.shape[0]
+    stride = rows.strides[0] // item if n > 1 else n_cls
+    span = (n - 1) * stride + n_cls if n else 0
+    flat = np.lib.stride_tricks.as_strided(rows, shape=(span,), strides=(item,), writeable=False)
+    return flat, stride, n
 
 
 def _acc(name):
@@ -122,17 +160,17 @@ def _sparse(x, labels, opts, want_x, want_other):
     acc = _acc(name)
     n_cls = x.shape[-1]
     lead = tuple(x.shape[:-1])
-    xv = _kernel_view(x).reshape(-1, n_cls)
+    xv, stride, n = _row_view(x, n_cls)
     y = _kernel_view(labels).reshape(-1)
     if y.dtype != np.int64:
         y = y.astype(np.int64)
-    n = xv.shape[0]
     out = _Out(x)
     count = int(np.count_nonzero(y != opts["ignore_index"]))
     loss = np.empty(n, acc)
     lse = np.empty(n, acc)
-    g_obj, g = out.empty(tuple(x.shape), name) if want_x else (None, _dummy_rows(xv))
-    bad = K.sparse_cross_entropy(xv, y, loss, lse, g.reshape(-1, n_cls), acc(1.0 / opts["temperature"]),
+    g_obj, g = out.empty(tuple(x.shape), name) if want_x else (None, _dummy_rows(xv, n_cls))
+    bad = K.sparse_cross_entropy(xv, stride, n_cls, y, loss, lse, g.reshape(-1, n_cls),
+                                 acc(1.0 / opts["temperature"]),
                                  acc(opts["label_smoothing"]), opts["ignore_index"], acc(opts["z_loss"]),
                                  _scale(opts["reduction"], count, acc), want_x, _n_chunks(n, n_cls), _workers())
     if bad:
@@ -142,24 +180,23 @@ def _sparse(x, labels, opts, want_x, want_other):
     return value, (out.finish(g_obj, name) if want_x else None), None
 
 
-def _dummy_rows(xv):
+def _dummy_rows(xv, n_cls):
     # The gradient argument of a forward-only call: never written (want_grad=False), but typed.
-    return np.empty((1, xv.shape[1]), xv.dtype)
+    return np.empty((1, n_cls), xv.dtype)
 
 
 def _dense(x, t, opts, want_x, want_other):
     name, tname = dtype_name(x), dtype_name(t)
     acc = _acc(name)
     n_cls = x.shape[-1]
-    xv = _kernel_view(x).reshape(-1, n_cls)
-    tv = _kernel_view(t).reshape(-1, n_cls)
-    n = xv.shape[0]
+    xv, x_stride, n = _row_view(x, n_cls)
+    tv, t_stride, _ = _row_view(t, n_cls)
     out = _Out(x)
     loss = np.empty(n, acc)
     lse = np.empty(n, acc)
-    gx_obj, gx = out.empty(tuple(x.shape), name) if want_x else (None, _dummy_rows(xv))
-    gt_obj, gt = out.empty(tuple(t.shape), tname) if want_other else (None, _dummy_rows(tv))
-    K.dense_cross_entropy(xv, tv, loss, lse, gx.reshape(-1, n_cls), gt.reshape(-1, n_cls),
+    gx_obj, gx = out.empty(tuple(x.shape), name) if want_x else (None, _dummy_rows(xv, n_cls))
+    gt_obj, gt = out.empty(tuple(t.shape), tname) if want_other else (None, _dummy_rows(tv, n_cls))
+    K.dense_cross_entropy(xv, x_stride, tv, t_stride, n_cls, loss, lse, gx.reshape(-1, n_cls), gt.reshape(-1, n_cls),
                           acc(1.0 / opts["temperature"]), acc(opts["label_smoothing"]),
                           _scale(opts["reduction"], n, acc), want_x, want_other, _workers())
     value = _reduce(loss, opts["reduction"], n, acc, out, tuple(x.shape[:-1]))
