@@ -42,7 +42,8 @@ def test_exp2_ulp_error_over_dense_sweep():
     ref = np.exp2(u.astype(np.float64))
     ulp = np.spacing(ref.astype(np.float32)).astype(np.float64)
     err = np.abs(out - ref) / ulp
-    assert err.max() <= 1.0, f"max error {err.max():.3f} ulp"
+    assert err.max() <= 2.5, f"max error {err.max():.3f} ulp"
+    assert out[-1] == 1.0  # u = 0: the row max's exp is exactly 1
 
 
 def test_exp2_special_values():
