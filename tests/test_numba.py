@@ -63,6 +63,36 @@ def test_exp2_absolute_error_near_underflow():
     assert np.all(np.abs(out - np.exp2(u.astype(np.float64))) <= 2.0 ** -126)
 
 
+@numba.njit
+def _apply_block_max(a, lo, hi):
+    return K._block_max(a, lo, hi)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.uint16, np.int16])
+def test_block_max_every_span_ignores_nan(dtype):
+    # The explicit vector loop (fp32/fp64) and the widening loop (16-bit bits) against NumPy, for
+    # spans that start and end at every offset around the 4-vector unroll.
+    rng = np.random.default_rng(5)
+    vals = (rng.standard_normal(300) * 50).astype(np.float32)
+    vals[rng.integers(0, 300, 20)] = np.nan
+    vals[rng.integers(0, 300, 20)] = -np.inf
+    if dtype in (np.float32, np.float64):
+        a = vals.astype(dtype)
+        wide = a.astype(np.float64)
+    else:
+        import ml_dtypes
+        half = ml_dtypes.bfloat16 if dtype == np.uint16 else np.float16
+        a = vals.astype(half).view(dtype)
+        wide = vals.astype(half).astype(np.float64)
+    for lo in (0, 1, 7, 31):
+        for hi in (lo, lo + 1, lo + 33, lo + 64, 300):
+            got = _apply_block_max(a, lo, hi)
+            span = wide[lo:hi]
+            span = span[~np.isnan(span)]
+            want = span.max() if span.size else -np.inf
+            assert got == want, (lo, hi, got, want)
+
+
 def test_float16_load_every_bit_pattern():
     bits = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.int16)
     out = np.empty(bits.size, np.float32)
