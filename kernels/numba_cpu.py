@@ -4,13 +4,20 @@ Layout of every kernel: one call computes per-row (or per-block) fp32 losses, th
 when asked, the gradient, already multiplied by ``scale`` = d total / d row (1/count for "mean"), so
 the common training step needs no second pass. Rows are processed while they sit in cache:
 
-    pass 1  max                      (reads the row from memory)
-    pass 2  sum exp(z - m)           (row in L1/L2)
-    pass 3  gradient = p * a - b     (row in L1/L2, one write)
+    pass 1  max                      (reads a block of the row from memory)
+    pass 2  sum exp(z - m)           (block in L1; exps kept in a per-worker scratch row)
+    pass 3  gradient = p * a - b     (scratch in L2, one non-temporal write)
 
-which is the floor of one read of the logits and one write of the gradient. Rows that are long and
-few (fewer rows than 2x threads) are split into chunks so that every thread has work; that costs a
-second read of each chunk.
+which is the floor of one read of the logits and one write of the gradient. Cross-entropy rows
+are addressed as ``x[i * row_stride : i * row_stride + C]`` in a flat buffer, so row-strided
+inputs (a padded vocabulary) need no copy. Rows that are long and few (fewer rows than 2x
+threads) are split into chunks so that every thread has work; that costs a second read of each
+chunk.
+
+Vectorisation is the whole game on CPU, and three things decide it here: loop indices are
+unsigned (``_u``: Numba's negative-index wrap is a per-element select otherwise); the exp and
+log1p are branch-free polynomials without division; and two loops that LLVM will not vectorise
+well from scalar code are emitted as explicit vector IR (``_block_max_vec``, ``_nt_axpb``).
 
 Dtypes: float32/float64 arrays directly; 16-bit data as raw bits, because Numba has no float16 on
 CPU: **bfloat16 as uint16, float16 as int16** (a view, no copy). ``_load`` widens to fp32 and
@@ -20,8 +27,8 @@ literal would silently promote fp32 arithmetic to fp64.
 
 Fast-math: ``FASTMATH`` is chosen once here. It allows reassociation (vectorised reductions),
 contraction (FMA), reciprocal and no-signed-zero rewrites, but never ``nnan``/``ninf``: NaN rows and
--inf masks are part of the contract. The exp's range reduction is compiled without ``reassoc`` so
-that the Cody-Waite split ln2 = hi + lo is not folded back into one constant.
+-inf masks are part of the contract. The exp and log1p are compiled without ``reassoc``, so that
+their Horner evaluation order (and so their measured accuracy) is the one written.
 """
 from __future__ import annotations
 
