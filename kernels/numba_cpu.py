@@ -132,6 +132,13 @@ def _maxnum(typingctx, a, b):
 
 _VEC_BYTES = 32  # one AVX register; the alignment a vector non-temporal store needs
 _NT_MIN = 256    # shorter spans use ordinary stores: partial-line non-temporal writes are slow
+def _vector_type(context, dtype):
+    """(element type, 32-byte vector type, lanes) in LLVM IR for a float32/float64 Numba dtype."""
+    ft = context.get_value_type(dtype)
+    width = _VEC_BYTES // (dtype.bitwidth // 8)
+    return ft, ir.VectorType(ft, width), width
+
+
 _MAX_UNROLL = 4  # independent vector accumulators: vmaxps latency is 3 cycles, throughput 1
 
 
@@ -148,13 +155,11 @@ def _block_max_vec(typingctx, arr, lo, hi):
           and isinstance(hi, types.Integer))
     if not ok:
         return None
-    width = _VEC_BYTES // (arr.dtype.bitwidth // 8)
 
     def codegen(context, builder, sig, args):
         from numba.core import cgutils
         i64 = ir.IntType(64)
-        ft = context.get_value_type(sig.args[0].dtype)
-        vt = ir.VectorType(ft, width)
+        ft, vt, width = _vector_type(context, sig.args[0].dtype)
         data = context.make_array(sig.args[0])(context, builder, args[0]).data
         lo_ = context.cast(builder, args[1], sig.args[1], types.int64)
         hi_ = context.cast(builder, args[2], sig.args[2], types.int64)
@@ -429,12 +434,10 @@ def _nt_axpb(typingctx, out, src, j, a, b):
           and out.dtype in (types.float32, types.float64) and isinstance(j, types.Integer))
     if not ok:
         return None
-    width = _VEC_BYTES // (out.dtype.bitwidth // 8)
 
     def codegen(context, builder, sig, args):
         i32 = ir.IntType(32)
-        ft = context.get_value_type(sig.args[0].dtype)
-        vt = ir.VectorType(ft, width)
+        _, vt, width = _vector_type(context, sig.args[0].dtype)
         out_a = context.make_array(sig.args[0])(context, builder, args[0])
         src_a = context.make_array(sig.args[1])(context, builder, args[1])
         j_ = args[2]
