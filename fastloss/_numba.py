@@ -172,7 +172,8 @@ def _sparse(x, labels, opts, want_x, want_other):
     bad = K.sparse_cross_entropy(xv, stride, n_cls, y, loss, lse, g.reshape(-1, n_cls),
                                  acc(1.0 / opts["temperature"]),
                                  acc(opts["label_smoothing"]), opts["ignore_index"], acc(opts["z_loss"]),
-                                 _scale(opts["reduction"], count, acc), want_x, _n_chunks(n, n_cls), _workers())
+                                 _scale(opts["reduction"], count, acc), want_x, _n_chunks(n, n_cls), _workers(),
+                                 n_cls <= K.SHORT_ROW)
     if bad:
         invalid = (y != opts["ignore_index"]) & ((y < 0) | (y >= n_cls))
         raise label_range_error(y[invalid][0], n_cls, opts["ignore_index"])

@@ -640,9 +640,49 @@ def _sparse_row(xr, yi, loss, lse, gr, i, sc, bm, inv_t, k2, eps, ignore_index, 
     return 0
 
 
+# Rows up to this many classes skip the block-online statistics: the row is in L1, so a plain
+# max pass, exp pass and gradient pass read it from cache, and the per-block bookkeeping and the
+# vector loops' set-up cost more than they save. Measured (2 threads, fp32, loss + gradient):
+# 65536x10 8.2 -> 4.9 ms, 65536x1000 65 -> 58 ms; at 4096x32000 the block path is faster.
+SHORT_ROW = 2048
+
+
+@njit(**_JIT)
+def _short_row(xr, yi, loss, lse, gr, i, sc, inv_t, k2, eps, ignore_index, z_loss, scale, want_grad, cf, zero):
+    """One row of sparse_cross_entropy for C <= SHORT_ROW: max, exp-and-sum, gradient, each a
+    plain loop over the (cache-resident) row. Same return value as _sparse_row."""
+    c = xr.shape[0]
+    one = _as(1, zero)
+    if yi == ignore_index or yi < 0 or yi >= c:
+        ok = yi == ignore_index
+        loss[i] = zero if ok else _as(np.nan, zero)
+        lse[i] = _as(np.nan, zero)
+        if want_grad:
+            _fill(gr, 0, c, zero if ok else _as(np.nan, zero))
+        return 0 if ok else 1
+    m = _finite_or_zero(_as(_block_max(xr, 0, c), zero), zero)
+    s = zero
+    for j in range(c):
+        e = fexp2((_load(xr[j]) - m) * k2)
+        sc[j] = e
+        s += e
+    sz = zero
+    if eps != zero:
+        for j in range(c):
+            sz += _load(xr[j]) - m
+    row, lse_i, log_s = _sparse_loss(_load(xr[yi]), m, s, sz, inv_t, eps, z_loss, cf, zero)
+    loss[i] = row
+    lse[i] = lse_i
+    if want_grad:
+        a = scale * (one + (z_loss + z_loss) * lse_i) * inv_t / s
+        _axpb(gr, sc, 0, c, a, scale * eps * inv_t / cf)
+        gr[yi] = _store(_label_grad(_load(xr[yi]), m, log_s, inv_t, eps, z_loss, scale, cf, zero), gr[yi])
+    return 0
+
+
 @njit(parallel=True, **_JIT)
 def sparse_cross_entropy(x, row_stride, c, y, loss, lse, g, inv_t, eps, ignore_index, z_loss, scale, want_grad,
-                         n_chunks, n_workers):
+                         n_chunks, n_workers, short_rows):
     """Fused sparse softmax cross-entropy over rows of ``x``.
 
     Args:
@@ -658,6 +698,8 @@ def sparse_cross_entropy(x, row_stride, c, y, loss, lse, g, inv_t, eps, ignore_i
             processed in parallel (for fewer rows than threads).
         n_workers: parallel work partitions (the thread count); each owns one scratch row. Static
             partitions instead of ``numba.get_thread_id()``, which would stop Numba caching the kernel.
+        short_rows: with ``n_chunks == 1``, process rows with plain loops (_short_row) instead of the
+            block-online statistics; the caller sets it for C <= SHORT_ROW.
 
     Returns:
         The number of rows whose label is outside [0, C) and not ignore_index (their loss is NaN).
@@ -679,9 +721,14 @@ def sparse_cross_entropy(x, row_stride, c, y, loss, lse, g, inv_t, eps, ignore_i
     if n_chunks <= 1:
         for w in prange(n_workers):
             for i in range(w * n // n_workers, (w + 1) * n // n_workers):
-                bad += _sparse_row(x[i * row_stride:i * row_stride + c], y[i], loss, lse, g[i if want_grad else 0],
-                                   i, scratch[w], bmaxs[w], inv_t, k2, eps, ignore_index, z_loss, scale,
-                                   want_grad, cf, zero)
+                xr = x[i * row_stride:i * row_stride + c]
+                gr = g[i if want_grad else 0]
+                if short_rows:
+                    bad += _short_row(xr, y[i], loss, lse, gr, i, scratch[w], inv_t, k2, eps, ignore_index,
+                                      z_loss, scale, want_grad, cf, zero)
+                else:
+                    bad += _sparse_row(xr, y[i], loss, lse, gr, i, scratch[w], bmaxs[w], inv_t, k2, eps,
+                                       ignore_index, z_loss, scale, want_grad, cf, zero)
             _store_fence()  # this worker's non-temporal gradient stores are complete
         return bad
 

@@ -170,7 +170,7 @@ def test_split_rows_match_whole_rows(eps, z_loss):
         g = np.empty_like(x)
         f32 = np.float32
         bad = K.sparse_cross_entropy(x.reshape(-1), x.shape[1], x.shape[1], y, loss, lse, g, f32(1 / 1.3), f32(eps), -100, f32(z_loss), f32(1.0), True,
-                                     chunks, 2)
+                                     chunks, 2, False)
         assert bad == 0
         outs.append((loss, g))
     ref_loss, ref_g = R.sparse_softmax_cross_entropy(x, y, temperature=1.3, label_smoothing=eps, z_loss=z_loss,
@@ -184,9 +184,10 @@ def test_split_rows_match_whole_rows(eps, z_loss):
         np.testing.assert_allclose(g[fin], ref_g[fin], rtol=1e-4, atol=1e-9)
 
 
+@pytest.mark.parametrize("short_rows", [True, False])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("n_cls", [13, 517, 1031])
-def test_gradient_rows_at_every_alignment(dtype, n_cls):
+def test_gradient_rows_at_every_alignment(dtype, n_cls, short_rows):
     # The gradient pass stores whole aligned vectors (non-temporal) between a scalar head and tail;
     # every start offset within a 32-byte vector must give the same, correct gradient.
     rng = np.random.default_rng(n_cls)
@@ -198,9 +199,49 @@ def test_gradient_rows_at_every_alignment(dtype, n_cls):
         buf = np.full(x.size + 8, np.nan, dtype)
         g = buf[offset:offset + x.size].reshape(x.shape)
         loss, lse = np.empty(5, dtype), np.empty(5, dtype)
-        K.sparse_cross_entropy(x.reshape(-1), n_cls, n_cls, y, loss, lse, g, dtype(1.0), dtype(0.1), -100, dtype(0.0), dtype(1.0), True, 1, 2)
+        K.sparse_cross_entropy(x.reshape(-1), n_cls, n_cls, y, loss, lse, g, dtype(1.0), dtype(0.1), -100, dtype(0.0), dtype(1.0), True, 1, 2,
+                               short_rows)
         np.testing.assert_allclose(g, ref_g, rtol=rtol, atol=rtol * 1e-3, err_msg=f"offset {offset}")
         assert np.isnan(buf[:offset]).all() and np.isnan(buf[offset + x.size:]).all()  # nothing outside
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("eps,z_loss,temperature", [(0.0, 0.0, 1.0), (0.1, 1e-3, 1.7)])
+@pytest.mark.parametrize("n_cls", [1, 13, 600, K.SHORT_ROW])
+def test_short_row_path_matches_block_path(dtype, eps, z_loss, temperature, n_cls):
+    # Rows with C <= SHORT_ROW take plain loops (_short_row); the block-online path must agree with
+    # it, and both with the float64 reference, on masked, shifted, NaN, ignored and invalid rows.
+    rng = np.random.default_rng(n_cls)
+    x = (rng.standard_normal((9, n_cls)) * 4).astype(dtype)
+    x[1, : n_cls // 2] = -np.inf          # half-masked row (all of it when C = 1)
+    x[2] += dtype(1e5)                    # large offset
+    x[3, n_cls // 3] = np.nan             # NaN row
+    x[4] *= dtype(3e4 / 4)                # logits around +-3e4
+    y = rng.integers(0, n_cls, 9)
+    y[1] = n_cls - 1
+    y[5] = -100                           # ignored
+    outs = []
+    for short in (True, False):
+        loss, lse, g = np.empty(9, dtype), np.empty(9, dtype), np.full_like(x, 7.0)
+        bad = K.sparse_cross_entropy(x.reshape(-1), n_cls, n_cls, y, loss, lse, g, dtype(1 / temperature),
+                                     dtype(eps), -100, dtype(z_loss), dtype(0.5), True, 1, 2, short)
+        assert bad == 0
+        outs.append((loss, g))
+    (ls, gs), (lb, gb) = outs
+    tight = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(ls, lb, rtol=tight, atol=tight * 1e-3)
+    np.testing.assert_allclose(gs, gb, rtol=tight * 10, atol=tight * 1e-3)
+    ref_loss, ref_g = R.sparse_softmax_cross_entropy(x, y, temperature=temperature, label_smoothing=eps,
+                                                     z_loss=z_loss, ignore_index=-100, reduction="none")
+    np.testing.assert_allclose(ls, ref_loss, rtol=tight * 10, atol=tight)
+    np.testing.assert_allclose(gs, ref_g * 0.5, rtol=tight * 100, atol=tight * 1e-3)
+    assert np.isnan(ls[3]) and np.isnan(gs[3]).all()
+    assert ls[5] == 0 and (gs[5] == 0).all()
+    y[6] = n_cls                          # out of range: counted, NaN row
+    loss, lse, g = np.empty(9, dtype), np.empty(9, dtype), np.empty_like(x)
+    assert K.sparse_cross_entropy(x.reshape(-1), n_cls, n_cls, y, loss, lse, g, dtype(1.0), dtype(0.0), -100,
+                                  dtype(0.0), dtype(1.0), True, 1, 2, True) == 1
+    assert np.isnan(loss[6]) and np.isnan(g[6]).all()
 
 
 def test_single_long_row_uses_all_threads_and_is_correct():
