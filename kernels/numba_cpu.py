@@ -616,11 +616,9 @@ def _label_grad(x_y, m, log_s, inv_t, eps, z_loss, scale, cf, zero):
 
 
 @njit(**_JIT)
-def _sparse_row(xr, yi, loss, lse, gr, i, sc, bm, inv_t, k2, eps, ignore_index, z_loss, scale, want_grad, cf, zero):
-    """One row of sparse_cross_entropy: stats in one streaming pass, gradient from the scratch row.
-    Returns 1 if the label is out of range (not ignore_index), else 0."""
-    c = xr.shape[0]
-    one = _as(1, zero)
+def _skip_row(yi, c, loss, lse, gr, i, ignore_index, want_grad, zero):
+    """A row whose label is ignore_index (loss 0, gradient 0) or outside [0, C) (loss and gradient
+    NaN) is written here. Returns -1 for a row to compute, else the number of bad labels (0 or 1)."""
     if yi == ignore_index or yi < 0 or yi >= c:
         ok = yi == ignore_index
         loss[i] = zero if ok else _as(np.nan, zero)
@@ -628,6 +626,18 @@ def _sparse_row(xr, yi, loss, lse, gr, i, sc, bm, inv_t, k2, eps, ignore_index, 
         if want_grad:
             _fill(gr, 0, c, zero if ok else _as(np.nan, zero))
         return 0 if ok else 1
+    return -1
+
+
+@njit(**_JIT)
+def _sparse_row(xr, yi, loss, lse, gr, i, sc, bm, inv_t, k2, eps, ignore_index, z_loss, scale, want_grad, cf, zero):
+    """One row of sparse_cross_entropy: stats in one streaming pass, gradient from the scratch row.
+    Returns 1 if the label is out of range (not ignore_index), else 0."""
+    c = xr.shape[0]
+    one = _as(1, zero)
+    skipped = _skip_row(yi, c, loss, lse, gr, i, ignore_index, want_grad, zero)
+    if skipped >= 0:
+        return skipped
     m, s, sz = _online_stats(xr, 0, c, k2, sc, bm, eps != zero, zero)
     row, lse_i, log_s = _sparse_loss(_load(xr[yi]), m, s, sz, inv_t, eps, z_loss, cf, zero)
     loss[i] = row
@@ -653,13 +663,9 @@ def _short_row(xr, yi, loss, lse, gr, i, sc, inv_t, k2, eps, ignore_index, z_los
     plain loop over the (cache-resident) row. Same return value as _sparse_row."""
     c = xr.shape[0]
     one = _as(1, zero)
-    if yi == ignore_index or yi < 0 or yi >= c:
-        ok = yi == ignore_index
-        loss[i] = zero if ok else _as(np.nan, zero)
-        lse[i] = _as(np.nan, zero)
-        if want_grad:
-            _fill(gr, 0, c, zero if ok else _as(np.nan, zero))
-        return 0 if ok else 1
+    skipped = _skip_row(yi, c, loss, lse, gr, i, ignore_index, want_grad, zero)
+    if skipped >= 0:
+        return skipped
     m = _finite_or_zero(_as(_block_max(xr, 0, c), zero), zero)
     s = zero
     for j in range(c):
