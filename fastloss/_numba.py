@@ -236,7 +236,7 @@ _RUNNERS = {
     "sparse_softmax_cross_entropy": (_sparse, 1),
     "softmax_cross_entropy": (_dense, 1),
     "sigmoid_cross_entropy": (_elementwise(K.sigmoid_cross_entropy,
-                                           lambda o, acc: (acc(o["label_smoothing"]),)), 0),
+                                           lambda o, acc: (acc(o["label_smoothing"]), K.SIGMOID_COEF)), 0),
     "mean_squared_error": (_elementwise(K.squared_error, lambda o, acc: ()), 0),
 }
 
