@@ -934,6 +934,25 @@ def _bce(xv, tv, sp, zero):
     return (xv if xv > zero else zero) - xv * tv + sp
 
 
+@njit(inline="always", **_JIT)
+def _bce_pass(x, t, out, gx, lo, hi, keep, half_eps, scale, c, zero, write_out, write_gx):
+    """One block of sigmoid_cross_entropy; returns the block's loss sum. Inlined at every call site
+    with literal flags (and t' = t for ε = 0), so each site compiles to one loop whose stores are
+    unconditional: a store under a run-time ``if`` inside the loop keeps LLVM from vectorising it."""
+    acc = zero
+    for j in range(lo, hi):
+        xv = _load(x[j])
+        tv = _load(t[j]) * keep + half_eps
+        sp, sig = _sigmoid_parts(xv, c)
+        v = _bce(xv, tv, sp, zero)
+        acc += v
+        if write_out:
+            out[j] = v
+        if write_gx:
+            gx[j] = _store((sig - tv) * scale, gx[j])
+    return acc
+
+
 @njit(parallel=True, **_JIT)
 def sigmoid_cross_entropy(x, t, out, partial, gx, gt, eps, coef, scale, want_out, want_gx, want_gt):
     """Elementwise BCE from logits over flat arrays; per-block partial sums in ``partial``.
@@ -943,10 +962,8 @@ def sigmoid_cross_entropy(x, t, out, partial, gx, gt, eps, coef, scale, want_out
     d/dt = -(1-ε) x. Gradients are multiplied by ``scale``. ``coef`` is SIGMOID_COEF (an argument
     on purpose: see there).
 
-    Each block runs one of four unconditional loops, chosen per block by which outputs are wanted:
-    a store under ``if want_...`` inside a loop keeps LLVM from vectorising it. The training step
-    (loss + d/dx) is one pass over x and t. log1p and the sigmoid's reciprocal are division-free
-    polynomials (see _sigmoid_parts).
+    Each block runs one pass over x and t (_bce_pass), specialised per call site for the outputs
+    wanted. log1p and the sigmoid's reciprocal are division-free polynomials (see _sigmoid_parts).
     """
     n = x.shape[0]
     zero = scale - scale
@@ -957,34 +974,17 @@ def sigmoid_cross_entropy(x, t, out, partial, gx, gt, eps, coef, scale, want_out
     for bi in prange(nb):
         lo = _u(bi * BLOCK)  # unsigned: see _u
         hi = _u(min(bi * BLOCK + BLOCK, n))
-        acc = zero
         c = _coef_scalars(coef)
         if want_gx and want_out:
-            for j in range(lo, hi):
-                xv = _load(x[j])
-                tv = _load(t[j]) * keep + half_eps
-                sp, sig = _sigmoid_parts(xv, c)
-                v = _bce(xv, tv, sp, zero)
-                acc += v
-                out[j] = v
-                gx[j] = _store((sig - tv) * scale, gx[j])
-        elif want_gx:  # the training step
-            for j in range(lo, hi):
-                xv = _load(x[j])
-                tv = _load(t[j]) * keep + half_eps
-                sp, sig = _sigmoid_parts(xv, c)
-                acc += _bce(xv, tv, sp, zero)
-                gx[j] = _store((sig - tv) * scale, gx[j])
+            acc = _bce_pass(x, t, out, gx, lo, hi, keep, half_eps, scale, c, zero, True, True)
+        elif want_gx and eps == zero:  # the training step; t' = t saves an FMA per element
+            acc = _bce_pass(x, t, out, gx, lo, hi, one, _as(0, zero), scale, c, zero, False, True)
+        elif want_gx:
+            acc = _bce_pass(x, t, out, gx, lo, hi, keep, half_eps, scale, c, zero, False, True)
         elif want_out:
-            for j in range(lo, hi):
-                xv = _load(x[j])
-                v = _bce(xv, _load(t[j]) * keep + half_eps, _sigmoid_parts(xv, c)[0], zero)
-                acc += v
-                out[j] = v
+            acc = _bce_pass(x, t, out, gx, lo, hi, keep, half_eps, scale, c, zero, True, False)
         else:
-            for j in range(lo, hi):
-                xv = _load(x[j])
-                acc += _bce(xv, _load(t[j]) * keep + half_eps, _sigmoid_parts(xv, c)[0], zero)
+            acc = _bce_pass(x, t, out, gx, lo, hi, keep, half_eps, scale, c, zero, False, False)
         partial[bi] = acc
         if want_gt:
             for j in range(lo, hi):
