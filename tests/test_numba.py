@@ -220,6 +220,7 @@ def test_short_row_path_matches_block_path(dtype, eps, z_loss, temperature, n_cl
     y = rng.integers(0, n_cls, 9)
     y[1] = n_cls - 1
     y[5] = -100                           # ignored
+    x[7, y[7]] += dtype(20)               # confident label: p_y - 1 ~ -C e^-20 must not cancel
     outs = []
     for short in (True, False):
         loss, lse, g = np.empty(9, dtype), np.empty(9, dtype), np.full_like(x, 7.0)
@@ -229,7 +230,9 @@ def test_short_row_path_matches_block_path(dtype, eps, z_loss, temperature, n_cl
         outs.append((loss, g))
     (ls, gs), (lb, gb) = outs
     tight = 1e-5 if dtype == np.float32 else 1e-12
-    np.testing.assert_allclose(ls, lb, rtol=tight, atol=tight * 1e-3)
+    # The paths sum s in different orders; on the confident row log s ~ 8e-4 is rounded next to 0,
+    # which costs a few ulp of 1.0 absolute (every fp32 log-softmax does the same).
+    np.testing.assert_allclose(ls, lb, rtol=tight, atol=4 * np.finfo(dtype).eps)
     np.testing.assert_allclose(gs, gb, rtol=tight * 10, atol=tight * 1e-3)
     ref_loss, ref_g = R.sparse_softmax_cross_entropy(x, y, temperature=temperature, label_smoothing=eps,
                                                      z_loss=z_loss, ignore_index=-100, reduction="none")
@@ -237,11 +240,29 @@ def test_short_row_path_matches_block_path(dtype, eps, z_loss, temperature, n_cl
     np.testing.assert_allclose(gs, ref_g * 0.5, rtol=tight * 100, atol=tight * 1e-3)
     assert np.isnan(ls[3]) and np.isnan(gs[3]).all()
     assert ls[5] == 0 and (gs[5] == 0).all()
+    if n_cls > 1:  # the label's gradient on the confident row, relative to its own (tiny) size
+        for g_ in (gs, gb):
+            np.testing.assert_allclose(g_[7, y[7]], ref_g[7, y[7]] * 0.5, rtol=tight * 10)
     y[6] = n_cls                          # out of range: counted, NaN row
     loss, lse, g = np.empty(9, dtype), np.empty(9, dtype), np.empty_like(x)
     assert K.sparse_cross_entropy(x.reshape(-1), n_cls, n_cls, y, loss, lse, g, dtype(1.0), dtype(0.0), -100,
                                   dtype(0.0), dtype(1.0), True, 1, 2, True) == 1
     assert np.isnan(loss[6]) and np.isnan(g[6]).all()
+
+
+@pytest.mark.parametrize("shape", [(8, 5000), (1, 262144), (64, 100)], ids=["block-path", "split-row", "short-row"])
+def test_confident_label_gradient_keeps_relative_accuracy(shape):
+    # p_y = 1 - O(1e-5): the label's gradient must come from the sum of the other classes, not from
+    # s = 1 + small (rounded next to 1 in fp32, 0.8% error in an earlier version).
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal(shape) * 2).astype(np.float32)
+    y = rng.integers(0, shape[1], shape[0])
+    x[0, y[0]] = x[0].max() + np.float32(18)
+    loss, g = fastloss.value_and_grad(fastloss.sparse_softmax_cross_entropy)(x, y, reduction="sum", backend="numba")
+    ref_loss, ref_g = R.sparse_softmax_cross_entropy(x, y, reduction="sum")
+    assert 0 < -ref_g[0, y[0]] < 1e-3
+    np.testing.assert_allclose(g[0, y[0]], ref_g[0, y[0]], rtol=1e-5)
+    np.testing.assert_allclose(g, ref_g, rtol=1e-4, atol=1e-10)
 
 
 def test_single_long_row_uses_all_threads_and_is_correct():
