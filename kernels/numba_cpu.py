@@ -215,18 +215,20 @@ _EXP2_BIAS = np.float32(8388608.0 + 127.0)  # 2^23 + 127
 
 
 @njit(fastmath=_EXP_FLAGS, cache=True, error_model="numpy")
+def _horner(x, c):
+    """c[0] + x (c[1] + x (c[2] + ...)) for a tuple c, one FMA per coefficient (unrolled by LLVM)."""
+    p = c[len(c) - 1]
+    for i in range(len(c) - 2, -1, -1):
+        p = p * x + c[i]
+    return p
+
+
+@njit(fastmath=_EXP_FLAGS, cache=True, error_model="numpy")
 def _exp2_core(u, p0, p1, p2, p3, p4, p5):
     # exp2_32 with its coefficients as arguments: see exp2_32 for the method, SIGMOID_COEF for why.
     uc = _EXP2_LO if u < _EXP2_LO else u
     k = _rint32(uc)
-    f = uc - k
-    p = p5
-    p = p * f + p4
-    p = p * f + p3
-    p = p * f + p2
-    p = p * f + p1
-    p = p * f + p0
-    return p * _pow2_from_biased(k + _EXP2_BIAS)
+    return _horner(uc - k, (p0, p1, p2, p3, p4, p5)) * _pow2_from_biased(k + _EXP2_BIAS)
 
 
 @njit(fastmath=_EXP_FLAGS, cache=True, error_model="numpy")
@@ -285,15 +287,7 @@ _G = (np.float32(1.0), np.float32(0.4999975860118866), np.float32(-0.16659721732
 
 @njit(fastmath=_EXP_FLAGS, cache=True, error_model="numpy")
 def _g_core(e, g0, g1, g2, g3, g4, g5, g6, g7):
-    q = g7
-    q = q * e + g6
-    q = q * e + g5
-    q = q * e + g4
-    q = q * e + g3
-    q = q * e + g2
-    q = q * e + g1
-    q = q * e + g0
-    return q
+    return _horner(e, (g0, g1, g2, g3, g4, g5, g6, g7))
 
 
 @njit(fastmath=_EXP_FLAGS, cache=True, error_model="numpy")
