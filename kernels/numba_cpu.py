@@ -630,10 +630,16 @@ def _scaled_grad(gr, scratch, bstat, lo, hi, m, k2, a, b):
     """gr[j] = p_j * a - b with p_j = scratch[j] * 2^((bstat[0, blk] - m) k2) / s (the 1/s is in a)."""
     zero = a - a
     nb = (hi - lo + STAT_BLOCK - 1) // STAT_BLOCK
-    for blk in range(nb):
-        blo = lo + blk * STAT_BLOCK
-        bhi = min(blo + STAT_BLOCK, hi)
-        _axpb(gr, scratch, blo, bhi, a * _block_factor(bstat, blk, m, k2, zero), b)
+    blk = 0
+    while blk < nb:
+        # One _axpb call per run of blocks that used the same shift (after the first few blocks of a
+        # row, usually all of them): fewer loop set-ups and alignment heads in the write stream.
+        end = blk + 1
+        while end < nb and bstat[0, end] == bstat[0, blk]:
+            end += 1
+        _axpb(gr, scratch, lo + blk * STAT_BLOCK, min(lo + end * STAT_BLOCK, hi),
+              a * _block_factor(bstat, blk, m, k2, zero), b)
+        blk = end
 
 
 @njit(**_JIT)
