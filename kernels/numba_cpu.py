@@ -761,8 +761,9 @@ def _sparse_row(xr, yi, loss, lse, gr, i, sc, bm, inv_t, k2, eps, ignore_index, 
 
 # Rows up to this many classes skip the block-online statistics: the row is in L1, so a plain
 # max pass, exp pass and gradient pass read it from cache, and the per-block bookkeeping and the
-# vector loops' set-up cost more than they save. Measured (2 threads, fp32, loss + gradient):
-# 65536x10 8.2 -> 4.9 ms, 65536x1000 65 -> 58 ms; at 4096x32000 the block path is faster.
+# vector loops' set-up cost more than they save. Measured (2 threads, fp32, loss + gradient, A/B in
+# one process): 65536x10 8.7 -> 5.8 ms, 65536x100 11.2 -> 8.8 ms, 65536x1000 unchanged; at
+# 4096x32000 the block path is faster.
 SHORT_ROW = 2048
 
 
