@@ -60,9 +60,11 @@ def sparse_ce_kernel(X, stride_x, Y, LOSS, LSE, G, stride_g, PARAMS, n_cols, ign
     y = tl.load(Y + row).to(tl.int64)
     ignored = y == ignore_index
     valid = (y >= 0) & (y < n_cols)
-    # Pass 1: online max / sum (and Σ (z - m) for smoothing), one read of the row.
+    # Pass 1: online max / sum (and Σ (z - m) for smoothing), one read of the row. s_rest is the sum
+    # without the label's term, for the label's gradient (see pass 2).
     m = _const(-float("inf"), ACC_F64)
     s = _const(0.0, ACC_F64)
+    s_rest = _const(0.0, ACC_F64)
     sz = _const(0.0, ACC_F64)
     for off in range(0, n_cols, BLOCK):
         cols = off + tl.arange(0, BLOCK)
@@ -73,7 +75,11 @@ def sparse_ce_kernel(X, stride_x, Y, LOSS, LSE, G, stride_g, PARAMS, n_cols, ign
         # makes NaN; +inf or NaN stays, so such rows end up NaN.
         m_old_safe = tl.where(m == -float("inf"), 0.0, m)
         m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
-        s = s * tl.exp(m_old_safe - m_safe) + tl.sum(tl.where(mask, tl.exp(z - m_safe), 0.0), 0)
+        rescale = tl.exp(m_old_safe - m_safe)
+        e = tl.where(mask, tl.exp(z - m_safe), 0.0)
+        s = s * rescale + tl.sum(e, 0)
+        if WANT_GRAD:
+            s_rest = s_rest * rescale + tl.sum(tl.where(cols == y, 0.0, e), 0)
         if HAS_SMOOTH:
             sz = sz + (m_old_safe - m_safe) * off + tl.sum(tl.where(mask, z - m_safe, 0.0), 0)
         m = m_new
@@ -92,7 +98,9 @@ def sparse_ce_kernel(X, stride_x, Y, LOSS, LSE, G, stride_g, PARAMS, n_cols, ign
     tl.store(LSE + row, lse)
     if WANT_GRAD:
         # d row/dz = (p - q) + 2 z_loss lse p, q = (1-ε) onehot(y) + ε/C; times scale / T.
-        # Ignored rows: scale 0. Invalid labels: NaN.
+        # Ignored rows: scale 0. Invalid labels: NaN. At the label, p - q is written
+        # -s_rest/s + ε (1 - 1/C): p_y - 1 in fp32 cancels when the label is predicted with
+        # confidence (p_y rounds to 1 and the gradient to 0, while the reference is -1e-6).
         scale = tl.load(PARAMS + 3) * inv_t
         scale = tl.where(ignored, 0.0, tl.where(valid, scale, float("nan")))
         zc = 2.0 * z_loss * lse if HAS_ZLOSS else 0.0
@@ -101,8 +109,8 @@ def sparse_ce_kernel(X, stride_x, Y, LOSS, LSE, G, stride_g, PARAMS, n_cols, ign
             mask = cols < n_cols
             z = _acc(tl.load(x_row + cols, mask=mask, other=-float("inf")), ACC_F64) * inv_t
             p = tl.exp(z - m - log_s)
-            q = tl.where(cols == y, 1.0 - eps + eps / n_cols, eps / n_cols)
-            g = ((p - q) + zc * p) * scale
+            pq = tl.where(cols == y, eps - eps / n_cols - s_rest / s, p - eps / n_cols)
+            g = (pq + zc * p) * scale
             tl.store(g_row + cols, g.to(G.dtype.element_ty), mask=mask)
 
 

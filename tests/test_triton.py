@@ -71,6 +71,22 @@ def test_long_row_spans_several_blocks():
     np.testing.assert_allclose(x.grad.numpy(), ref[1], rtol=1e-4, atol=1e-9)
 
 
+@pytest.mark.parametrize("n_cls", [300, 5000])
+def test_confident_label_gradient_keeps_relative_accuracy(n_cls):
+    # p_y = 1 - O(1e-6): the label's gradient comes from the sum of the other classes (s_rest), so it
+    # keeps its relative accuracy where p_y - 1 in fp32 would be 0.
+    rng = np.random.default_rng(5)
+    xn = (rng.standard_normal((2, n_cls)) * 2).astype(np.float32)
+    y = np.array([7, 3])
+    xn[0, 7] = xn[0].max() + 18
+    x = torch.tensor(xn, requires_grad=True)
+    fastloss.sparse_softmax_cross_entropy(x, torch.tensor(y), reduction="sum", backend="triton").backward()
+    ref = R.sparse_softmax_cross_entropy(xn, y, reduction="sum")[1]
+    assert 0 < -ref[0, 7] < 1e-3
+    np.testing.assert_allclose(x.grad[0, 7].item(), ref[0, 7], rtol=1e-5)
+    np.testing.assert_allclose(x.grad.numpy(), ref, rtol=1e-4, atol=1e-10)
+
+
 def test_numpy_input_is_a_type_error():
     with pytest.raises(TypeError, match="torch tensors"):
         fastloss.mean_squared_error(np.ones(3, np.float32), np.ones(3, np.float32), backend="triton")
