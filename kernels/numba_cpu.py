@@ -802,6 +802,102 @@ def _short_row(xr, yi, loss, lse, gr, i, sc, inv_t, k2, eps, ignore_index, z_los
     return 0
 
 
+# Rows up to this many classes, stored back to back (row_stride == C), are processed a group at a
+# time: per-row scalar work (max, sum, log, label) and flat vector loops over the whole group for
+# the exp and the gradient. A loop over one 10-element row never reaches LLVM's vector body (it
+# is unrolled 4 x 8 wide), so per row the exp ran as scalar code.
+TINY_ROW = 31
+TINY_GROUP = 1024  # elements per group: the group's x, exps, shifts and factors stay in L1
+
+
+@njit(**_JIT)
+def _tiny_rows(x, c, y, loss, lse, g, r0, r1, sc, sh, fa, rs, inv_t, k2, eps, ignore_index, z_loss, scale,
+               want_grad, cf, b_all, zero):
+    """Rows r0 <= i < r1 of sparse_cross_entropy for short rows stored back to back, in groups of
+    R = TINY_GROUP // C rows. Per-worker scratch: ``sc``, ``sh``, ``fa`` of R*C elements (exps, the
+    shift of each element's row, the gradient factor of each element's row) and ``rs`` of 3R (each
+    row's s_rest, s and log s). Returns the number of out-of-range labels."""
+    one = _as(1, zero)
+    rows = max(1, TINY_GROUP // c)
+    gf = g.reshape(-1)
+    bad = 0
+    for g0 in range(r0, r1, rows):
+        g1 = min(g0 + rows, r1)
+        base = g0 * c
+        span = (g1 - g0) * c
+        xg = x[base:base + span]
+        for r in range(g1 - g0):
+            lo = r * c
+            # NaN ignored, as in _block_max (exp propagates it); four chains for latency
+            m0 = _as(-np.inf, zero)
+            m1 = m0
+            m2 = m0
+            m3 = m0
+            j = lo
+            while j + 4 <= lo + c:
+                v0 = _load(xg[j])
+                v1 = _load(xg[j + 1])
+                v2 = _load(xg[j + 2])
+                v3 = _load(xg[j + 3])
+                m0 = v0 if v0 > m0 else m0
+                m1 = v1 if v1 > m1 else m1
+                m2 = v2 if v2 > m2 else m2
+                m3 = v3 if v3 > m3 else m3
+                j += 4
+            while j < lo + c:
+                v0 = _load(xg[j])
+                m0 = v0 if v0 > m0 else m0
+                j += 1
+            m0 = m1 if m1 > m0 else m0
+            m2 = m3 if m3 > m2 else m2
+            m = _finite_or_zero(m2 if m2 > m0 else m0, zero)
+            for j in range(_u(lo), _u(lo + c)):
+                sh[j] = m
+        for j in range(_u(0), _u(span)):
+            sc[j] = fexp2((_load(xg[j]) - sh[j]) * k2)
+        for r in range(g1 - g0):
+            i = g0 + r
+            lo = r * c
+            yi = y[i]
+            a = zero
+            if yi == ignore_index or yi < 0 or yi >= c:
+                ok = yi == ignore_index
+                bad += 0 if ok else 1
+                loss[i] = zero if ok else _as(np.nan, zero)
+                lse[i] = _as(np.nan, zero)
+            else:
+                m = sh[lo]
+                # s = s_rest + e_y: the label's gradient needs s_rest summed without e_y anyway.
+                rest = _sum_except(sc, lo, lo + c, lo + yi, zero)
+                s = rest + sc[lo + yi]
+                sz = zero
+                if eps != zero:
+                    for j in range(_u(lo), _u(lo + c)):
+                        sz += _load(xg[j]) - m
+                row, lse_i, log_s = _sparse_loss(_load(xg[lo + yi]), m, s, sz, inv_t, eps, z_loss, cf, zero)
+                loss[i] = row
+                lse[i] = lse_i
+                a = scale * (one + (z_loss + z_loss) * lse_i) * inv_t / s
+                rs[3 * r] = rest
+                rs[3 * r + 1] = s
+                rs[3 * r + 2] = log_s
+            for j in range(_u(lo), _u(lo + c)):
+                fa[j] = a
+        if want_grad:
+            for j in range(_u(0), _u(span)):
+                gf[base + j] = _store(sc[j] * fa[j] - b_all, gf[base + j])
+            for r in range(g1 - g0):
+                i = g0 + r
+                yi = y[i]
+                if yi == ignore_index or yi < 0 or yi >= c:
+                    _fill(g[i], 0, c, zero if yi == ignore_index else _as(np.nan, zero))
+                else:
+                    gy = _label_grad(_load(xg[r * c + yi]), sh[r * c], rs[3 * r + 2], inv_t, eps, z_loss, scale,
+                                     cf, zero, rs[3 * r], rs[3 * r + 1])
+                    g[i, yi] = _store(gy, g[i, yi])
+    return bad
+
+
 @njit(parallel=True, **_JIT)
 def sparse_cross_entropy(x, row_stride, c, y, loss, lse, g, inv_t, eps, ignore_index, z_loss, scale, want_grad,
                          n_chunks, n_workers, short_rows):
@@ -840,6 +936,15 @@ def sparse_cross_entropy(x, row_stride, c, y, loss, lse, g, inv_t, eps, ignore_i
     step = (c + n_chunks - 1) // n_chunks
     scratch = np.empty((n_workers, _padded(step)), dtype=loss.dtype)
     bstats = np.empty((n_workers, 2, _padded((step + STAT_BLOCK - 1) // STAT_BLOCK)), dtype=loss.dtype)
+    if n_chunks <= 1 and short_rows and c <= TINY_ROW and row_stride == c:
+        sh = np.empty((n_workers, _padded(TINY_GROUP + c)), dtype=loss.dtype)
+        fa = np.empty((n_workers, _padded(TINY_GROUP + c)), dtype=loss.dtype)
+        sc = np.empty((n_workers, _padded(TINY_GROUP + c)), dtype=loss.dtype)
+        rs = np.empty((n_workers, _padded(3 * TINY_GROUP)), dtype=loss.dtype)
+        for w in prange(n_workers):
+            bad += _tiny_rows(x, c, y, loss, lse, g, w * n // n_workers, (w + 1) * n // n_workers, sc[w], sh[w], fa[w],
+                              rs[w], inv_t, k2, eps, ignore_index, z_loss, scale, want_grad, cf, b_all, zero)
+        return bad
     if n_chunks <= 1:
         for w in prange(n_workers):
             for i in range(w * n // n_workers, (w + 1) * n // n_workers):

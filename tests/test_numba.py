@@ -222,13 +222,20 @@ def test_short_row_path_matches_block_path(dtype, eps, z_loss, temperature, n_cl
     y[5] = -100                           # ignored
     x[7, y[7]] += dtype(20)               # confident label: p_y - 1 ~ -C e^-20 must not cancel
     outs = []
-    for short in (True, False):
+    # C <= TINY_ROW with rows back to back takes _tiny_rows; a row stride > C sends the same rows
+    # through _short_row.
+    padded = np.full((9, n_cls + 3), np.nan, dtype)
+    padded[:, :n_cls] = x
+    for short, flat, stride in ((True, x.reshape(-1), n_cls), (False, x.reshape(-1), n_cls),
+                                (True, padded.reshape(-1)[:8 * (n_cls + 3) + n_cls], n_cls + 3)):
         loss, lse, g = np.empty(9, dtype), np.empty(9, dtype), np.full_like(x, 7.0)
-        bad = K.sparse_cross_entropy(x.reshape(-1), n_cls, n_cls, y, loss, lse, g, dtype(1 / temperature),
+        bad = K.sparse_cross_entropy(flat, stride, n_cls, y, loss, lse, g, dtype(1 / temperature),
                                      dtype(eps), -100, dtype(z_loss), dtype(0.5), True, 1, 2, short)
         assert bad == 0
         outs.append((loss, g))
-    (ls, gs), (lb, gb) = outs
+    (ls, gs), (lb, gb), (lp, gp) = outs
+    np.testing.assert_allclose(lp, lb, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=4 * np.finfo(dtype).eps)
+    np.testing.assert_allclose(gp, gb, rtol=1e-4 if dtype == np.float32 else 1e-11, atol=1e-8)
     tight = 1e-5 if dtype == np.float32 else 1e-12
     # The paths sum s in different orders; on the confident row log s ~ 8e-4 is rounded next to 0,
     # which costs a few ulp of 1.0 absolute (every fp32 log-softmax does the same).
@@ -248,6 +255,51 @@ def test_short_row_path_matches_block_path(dtype, eps, z_loss, temperature, n_cl
     assert K.sparse_cross_entropy(x.reshape(-1), n_cls, n_cls, y, loss, lse, g, dtype(1.0), dtype(0.0), -100,
                                   dtype(0.0), dtype(1.0), True, 1, 2, True) == 1
     assert np.isnan(loss[6]) and np.isnan(g[6]).all()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, "bfloat16"])
+@pytest.mark.parametrize("n_cls", [1, 7, K.TINY_ROW])
+def test_tiny_rows_across_groups_and_workers(dtype, n_cls):
+    # _tiny_rows works in groups of TINY_GROUP // C rows; rows near group and worker boundaries
+    # (ignored, out-of-range, NaN, masked, confident) must come out as in the float64 reference.
+    rows = max(1, K.TINY_GROUP // n_cls)
+    n = 2 * rows + 5
+    rng = np.random.default_rng(n_cls)
+    x64 = rng.standard_normal((n, n_cls)) * 3
+    y = rng.integers(0, n_cls, n)
+    y[rows - 1] = -100                      # ignored, last row of a group
+    x64[rows, 0] = np.nan                   # NaN, first row of the next group
+    x64[n // 2, : n_cls // 2] = -np.inf     # masked half, at the worker boundary
+    y[n // 2] = n_cls - 1
+    x64[n - 1, y[n - 1]] += 20              # confident label, last row
+    if dtype == "bfloat16":
+        bits = np.asarray(x64, np.float32).view(np.uint32) + 0x8000 >> 16  # round to bf16 bits
+        flat = bits.astype(np.uint16).reshape(-1)
+        x64 = (flat.astype(np.uint32) << 16).view(np.float32).astype(np.float64).reshape(n, n_cls)
+        acc, g = np.float32, np.empty((n, n_cls), np.uint16)
+    else:
+        flat = x64.astype(dtype).reshape(-1)
+        x64 = flat.astype(np.float64).reshape(n, n_cls)
+        acc, g = dtype, np.empty((n, n_cls), dtype)
+    loss, lse = np.empty(n, acc), np.empty(n, acc)
+    assert K.sparse_cross_entropy(flat, n_cls, n_cls, y, loss, lse, g, acc(1.0), acc(0.0), -100, acc(0.0),
+                                  acc(1.0), True, 1, 2, True) == 0
+    if dtype == "bfloat16":
+        g = (g.astype(np.uint32) << 16).view(np.float32)
+    ref_loss, ref_g = R.sparse_softmax_cross_entropy(x64, y, ignore_index=-100, reduction="none")
+    tol = {np.float32: 1e-5, np.float64: 1e-12, "bfloat16": 1e-2}[dtype]
+    ok = ~np.isnan(ref_loss)
+    np.testing.assert_allclose(loss[ok], ref_loss[ok], rtol=tol, atol=tol)
+    np.testing.assert_allclose(g[ok], ref_g[ok], rtol=tol * 10, atol=tol * 1e-3)
+    assert np.isnan(loss[rows]) and np.isnan(g[rows]).all()
+    assert loss[rows - 1] == 0 and (g[rows - 1] == 0).all()
+    if dtype != "bfloat16" and n_cls > 1:  # the confident label's gradient keeps its relative accuracy
+        # (rtol 1e-9 for fp64: the reference forms p_y - 1 itself, to 1e-16 absolute of 1.6e-6)
+        np.testing.assert_allclose(g[n - 1, y[n - 1]], ref_g[n - 1, y[n - 1]], rtol=max(tol * 10, 1e-9))
+    y[rows + 1] = n_cls                     # out of range inside a group: counted, NaN row
+    assert K.sparse_cross_entropy(flat, n_cls, n_cls, y, loss, lse, g, acc(1.0), acc(0.0), -100, acc(0.0),
+                                  acc(1.0), True, 1, 2, True) == 1
+    assert np.isnan(loss[rows + 1])
 
 
 @pytest.mark.parametrize("shape", [(8, 5000), (1, 262144), (64, 100)], ids=["block-path", "split-row", "short-row"])
