@@ -74,6 +74,30 @@ def _bits_from_f32(typingctx, val):
     return types.uint32(val), codegen
 
 
+@intrinsic
+def _f32_from_f16(typingctx, bits):
+    """float16 bits (int16) -> float32 by LLVM's ``fpext half``: one vcvtph2ps per 8 elements on x86
+    with F16C (a libcall elsewhere), exact for every bit pattern."""
+    if bits != types.int16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+    return types.float32(bits), codegen
+
+
+@intrinsic
+def _f16_from_f32(typingctx, val):
+    """float32 -> float16 bits (int16) by LLVM's ``fptrunc``: round to nearest even, overflow to
+    inf, NaN stays NaN (vcvtps2ph with F16C)."""
+    if val != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+    return types.int16(val), codegen
+
+
 # ----------------------------------------------------------------------------- exp2 (fp32)
 LOG2E = 1.4426950408889634
 # 2^f on [-1/2, 1/2]: 1 + f q(f), q of degree 4 fitted by Lawson-weighted least squares for the
@@ -117,19 +141,6 @@ def _pow2_from_biased(typingctx, w):
     return types.float32(w), codegen
 
 
-@intrinsic
-def _maxnum(typingctx, a, b):
-    """llvm.maxnum: the larger of a and b, ignoring a NaN operand (the 16-bit block max)."""
-    if not (a == b and a in (types.float32, types.float64)):
-        return None
-
-    def codegen(context, builder, sig, args):
-        ft = args[0].type
-        fn = builder.module.declare_intrinsic("llvm.maxnum", [ft], ir.FunctionType(ft, [ft, ft]))
-        return builder.call(fn, args)
-    return a(a, b), codegen
-
-
 _VEC_BYTES = 32  # one AVX register; the alignment a vector non-temporal store needs
 _NT_MIN = 256    # shorter spans use ordinary stores: partial-line non-temporal writes are slow
 def _vector_type(context, dtype):
@@ -145,19 +156,21 @@ _MAX_UNROLL = 4  # independent vector accumulators: vmaxps latency is 3 cycles, 
 @intrinsic
 def _block_max_vec(typingctx, arr, lo, hi):
     """max(arr[lo:hi]) ignoring NaN (-inf if empty or all NaN), for fp32/fp64 C arrays and
-    bfloat16 bits (uint16, widened to fp32 in registers), as an explicit vector loop:
+    16-bit bits (bfloat16 as uint16, float16 as int16, widened to fp32 in registers), as an explicit
+    vector loop:
     ``acc = v > acc ? v : acc`` on 8- or 4-wide vectors, 4 accumulators, then a scalar tail. This is
     exactly one vmaxps per vector on x86. LLVM does not vectorise the scalar form of this reduction
     without ``nnan`` (49 ms for the max over 4096x32000 fp32), and vectorises ``llvm.maxnum`` with
     a NaN check, blend and early-exit test per vector, which was ~15% of the sparse CE kernel's
     time (bf16 4096x32000, A/B: 98 -> 91 ms when bf16 moved from maxnum to this loop)."""
     ok = (isinstance(arr, types.Array) and arr.layout == "C" and arr.ndim == 1
-          and arr.dtype in (types.float32, types.float64, types.uint16) and isinstance(lo, types.Integer)
-          and isinstance(hi, types.Integer))
+          and arr.dtype in (types.float32, types.float64, types.uint16, types.int16)
+          and isinstance(lo, types.Integer) and isinstance(hi, types.Integer))
     if not ok:
         return None
     bf16 = arr.dtype == types.uint16
-    out_t = types.float32 if bf16 else arr.dtype
+    f16 = arr.dtype == types.int16
+    out_t = types.float32 if bf16 or f16 else arr.dtype
 
     def codegen(context, builder, sig, args):
         from numba.core import cgutils
@@ -166,15 +179,19 @@ def _block_max_vec(typingctx, arr, lo, hi):
         data = context.make_array(sig.args[0])(context, builder, args[0]).data
 
         def widen(v, n):
-            # bfloat16 bits -> float32: the bits are the float's high half (as _load does).
+            # 16-bit bits -> float32, as _load does: bfloat16 is the float's high half; float16
+            # goes through fpext (vcvtph2ps).
+            if f16:
+                ht = ir.HalfType() if n == 1 else ir.VectorType(ir.HalfType(), n)
+                return builder.fpext(builder.bitcast(v, ht), ft if n == 1 else vt)
             if not bf16:
                 return v
             if n == 1:
                 return builder.bitcast(builder.shl(builder.zext(v, i32), ir.Constant(i32, 16)), ft)
             w = builder.shl(builder.zext(v, ir.VectorType(i32, n)), ir.Constant(ir.VectorType(i32, n), [16] * n))
             return builder.bitcast(w, vt)
-        ld_t = ir.VectorType(ir.IntType(16), width) if bf16 else vt
-        ld_align = 2 if bf16 else sig.args[0].dtype.bitwidth // 8
+        ld_t = ir.VectorType(ir.IntType(16), width) if bf16 or f16 else vt
+        ld_align = 2 if bf16 or f16 else sig.args[0].dtype.bitwidth // 8
         lo_ = context.cast(builder, args[1], sig.args[1], types.int64)
         hi_ = context.cast(builder, args[2], sig.args[2], types.int64)
         ninf = ir.Constant(ft, float("-inf"))
@@ -213,15 +230,9 @@ def _block_max(arr, lo, hi):
 @overload(_block_max, jit_options=_JIT)
 def _block_max_ov(arr, lo, hi):
     """max(arr[lo:hi]) as an accumulation-dtype value, NaN ignored, -inf for an empty span."""
-    if arr.dtype in (types.float32, types.float64, types.uint16):
+    if arr.dtype in (types.float32, types.float64, types.uint16, types.int16):
         return lambda arr, lo, hi: _block_max_vec(arr, lo, hi)
-
-    def impl(arr, lo, hi):  # float16 bits, widened to fp32 element by element
-        bm = np.float32(-np.inf)
-        for j in range(_u(lo), _u(hi)):
-            bm = _maxnum(bm, _load(arr[j]))
-        return bm
-    return impl
+    return None
 
 
 _EXP2_LO = np.float32(-127.0)          # clamp: 2^-127 has exponent field 0, i.e. the result is 0.0
@@ -397,17 +408,7 @@ def _load_ov(v):
     if v == types.uint16:  # bfloat16 bits: the high half of a float32
         return lambda v: _f32_from_bits(np.uint32(v) << 16)
     if v == types.int16:   # float16 bits
-        def load_f16(v):
-            h = np.uint32(np.uint16(v))
-            sign = (h & np.uint32(0x8000)) << 16
-            em = h & np.uint32(0x7FFF)
-            # Shift exponent+mantissa into place and rescale by 2^(127-15): exact for normals and
-            # subnormals alike (a half subnormal becomes a normal float).
-            f = _f32_from_bits(em << 13) * np.float32(5.192296858534828e33)
-            fi = _bits_from_f32(f)
-            fi = ((em << 13) | np.uint32(0x7F800000)) if em >= np.uint32(0x7C00) else fi  # inf/NaN
-            return _f32_from_bits(fi | sign)
-        return load_f16
+        return lambda v: _f32_from_f16(v)
     return None
 
 
@@ -429,19 +430,7 @@ def _store_ov(v, like):
             return np.uint16(0x7FC0) if v != v else np.uint16(r)
         return store_bf16
     if like == types.int16:  # float16, round to nearest even (overflow -> inf, NaN -> qNaN)
-        def store_f16(v, like):
-            b = _bits_from_f32(np.float32(v))
-            sign = b & np.uint32(0x80000000)
-            u = b ^ sign
-            # subnormal or zero: let the FPU round by adding a magic number
-            sub = _bits_from_f32(_f32_from_bits(u) + np.float32(0.5)) - np.uint32(0x3F000000)
-            odd = (u >> 13) & np.uint32(1)
-            norm = (u - np.uint32(0x37FFF001) + odd) >> 13  # rebias by (15-127)<<23, +0xFFF rounds
-            o = norm if u >= np.uint32(0x38800000) else sub
-            o = np.uint32(0x7C00) if u >= np.uint32(0x47800000) else o
-            o = np.uint32(0x7E00) if u > np.uint32(0x7F800000) else o
-            return np.int16(np.uint16(o | (sign >> 16)))
-        return store_f16
+        return lambda v, like: _f16_from_f32(np.float32(v))
     return None
 
 

@@ -78,8 +78,8 @@ def _apply_block_max(a, lo, hi):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.uint16, np.int16])
 def test_block_max_every_span_ignores_nan(dtype):
-    # The explicit vector loop (fp32/fp64, bf16 bits widened in registers) and the widening loop
-    # (fp16 bits) against NumPy, for spans that start and end at every offset around the unroll.
+    # The explicit vector loop (fp32/fp64, and 16-bit bits widened in registers) against NumPy, for
+    # spans that start and end at every offset around the unroll.
     rng = np.random.default_rng(5)
     vals = (rng.standard_normal(300) * 50).astype(np.float32)
     vals[rng.integers(0, 300, 20)] = np.nan
