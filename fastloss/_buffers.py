@@ -50,8 +50,7 @@ class _Cache:
         """An uninitialised C-contiguous array of ``shape``/``dtype``, on a reused block if one is free."""
         dtype = np.dtype(dtype)
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        limit = _limit_bytes()
-        if nbytes < MIN_BYTES or limit == 0:
+        if nbytes < MIN_BYTES or _limit_bytes() == 0:
             return np.empty(shape, dtype)
         size = -(-nbytes // _GRANULE) * _GRANULE
         with self._lock:
