@@ -814,6 +814,48 @@ TINY_GROUP = 1024  # elements per group: the group's x, exps, shifts and factors
 
 
 @njit(**_JIT)
+def _group_scratch(n_workers, c, dtype):
+    # Per worker: the exps, each element's row shift and each element's gradient factor of a group.
+    return np.empty((n_workers, 3, _padded(TINY_GROUP + c)), dtype=dtype)
+
+
+@njit(**_JIT)
+def _group_exp(xg, c, rows, sc, sh, k2, zero):
+    """For ``rows`` rows of ``c`` elements back to back in ``xg``: each row's shift (its max, made
+    finite) into every element of ``sh``, then sc = 2^((x - sh) k2) in one vector loop over all of
+    them (a 10-element row on its own never reaches LLVM's 4 x 8 wide vector body)."""
+    for r in range(rows):
+        lo = r * c
+        # NaN ignored, as in _block_max (exp propagates it); four chains for latency
+        m0 = _as(-np.inf, zero)
+        m1 = m0
+        m2 = m0
+        m3 = m0
+        j = lo
+        while j + 4 <= lo + c:
+            v0 = _load(xg[j])
+            v1 = _load(xg[j + 1])
+            v2 = _load(xg[j + 2])
+            v3 = _load(xg[j + 3])
+            m0 = v0 if v0 > m0 else m0
+            m1 = v1 if v1 > m1 else m1
+            m2 = v2 if v2 > m2 else m2
+            m3 = v3 if v3 > m3 else m3
+            j += 4
+        while j < lo + c:
+            v0 = _load(xg[j])
+            m0 = v0 if v0 > m0 else m0
+            j += 1
+        m0 = m1 if m1 > m0 else m0
+        m2 = m3 if m3 > m2 else m2
+        m = _finite_or_zero(m2 if m2 > m0 else m0, zero)
+        for j in range(_u(lo), _u(lo + c)):
+            sh[j] = m
+    for j in range(_u(0), _u(rows * c)):
+        sc[j] = fexp2((_load(xg[j]) - sh[j]) * k2)
+
+
+@njit(**_JIT)
 def _tiny_rows(x, c, y, loss, lse, g, r0, r1, sc, sh, fa, rs, inv_t, k2, eps, ignore_index, z_loss, scale,
                want_grad, cf, b_all, zero):
     """Rows r0 <= i < r1 of sparse_cross_entropy for short rows stored back to back, in groups of
@@ -829,35 +871,7 @@ def _tiny_rows(x, c, y, loss, lse, g, r0, r1, sc, sh, fa, rs, inv_t, k2, eps, ig
         base = g0 * c
         span = (g1 - g0) * c
         xg = x[base:base + span]
-        for r in range(g1 - g0):
-            lo = r * c
-            # NaN ignored, as in _block_max (exp propagates it); four chains for latency
-            m0 = _as(-np.inf, zero)
-            m1 = m0
-            m2 = m0
-            m3 = m0
-            j = lo
-            while j + 4 <= lo + c:
-                v0 = _load(xg[j])
-                v1 = _load(xg[j + 1])
-                v2 = _load(xg[j + 2])
-                v3 = _load(xg[j + 3])
-                m0 = v0 if v0 > m0 else m0
-                m1 = v1 if v1 > m1 else m1
-                m2 = v2 if v2 > m2 else m2
-                m3 = v3 if v3 > m3 else m3
-                j += 4
-            while j < lo + c:
-                v0 = _load(xg[j])
-                m0 = v0 if v0 > m0 else m0
-                j += 1
-            m0 = m1 if m1 > m0 else m0
-            m2 = m3 if m3 > m2 else m2
-            m = _finite_or_zero(m2 if m2 > m0 else m0, zero)
-            for j in range(_u(lo), _u(lo + c)):
-                sh[j] = m
-        for j in range(_u(0), _u(span)):
-            sc[j] = fexp2((_load(xg[j]) - sh[j]) * k2)
+        _group_exp(xg, c, g1 - g0, sc, sh, k2, zero)
         for r in range(g1 - g0):
             i = g0 + r
             lo = r * c
@@ -940,13 +954,11 @@ def sparse_cross_entropy(x, row_stride, c, y, loss, lse, g, inv_t, eps, ignore_i
     scratch = np.empty((n_workers, _padded(step)), dtype=loss.dtype)
     bstats = np.empty((n_workers, 2, _padded((step + STAT_BLOCK - 1) // STAT_BLOCK)), dtype=loss.dtype)
     if n_chunks <= 1 and short_rows and c <= TINY_ROW and row_stride == c:
-        sh = np.empty((n_workers, _padded(TINY_GROUP + c)), dtype=loss.dtype)
-        fa = np.empty((n_workers, _padded(TINY_GROUP + c)), dtype=loss.dtype)
-        sc = np.empty((n_workers, _padded(TINY_GROUP + c)), dtype=loss.dtype)
+        gs = _group_scratch(n_workers, c, loss.dtype)
         rs = np.empty((n_workers, _padded(3 * TINY_GROUP)), dtype=loss.dtype)
         for w in prange(n_workers):
-            bad += _tiny_rows(x, c, y, loss, lse, g, w * n // n_workers, (w + 1) * n // n_workers, sc[w], sh[w], fa[w],
-                              rs[w], inv_t, k2, eps, ignore_index, z_loss, scale, want_grad, cf, b_all, zero)
+            bad += _tiny_rows(x, c, y, loss, lse, g, w * n // n_workers, (w + 1) * n // n_workers, gs[w, 0], gs[w, 1],
+                              gs[w, 2], rs[w], inv_t, k2, eps, ignore_index, z_loss, scale, want_grad, cf, b_all, zero)
         return bad
     if n_chunks <= 1:
         for w in prange(n_workers):
@@ -1076,6 +1088,50 @@ def _dense_row(xr, tr, loss, lse, gxr, gtr, i, sc, bm, inv_t, k2, eps, eps_c, sc
             gtr[j] = _store((one - eps) * (log_s - (_load(xr[j]) - m) * inv_t) * scale, gtr[j])
 
 
+@njit(**_JIT)
+def _dense_tiny_rows(x, t, c, loss, lse, gx, gt, r0, r1, sc, sh, fa, inv_t, k2, eps, eps_c, scale, want_gx,
+                     want_gt, zero):
+    """Rows r0 <= i < r1 of dense_cross_entropy for C <= TINY_ROW with rows back to back in x and t:
+    groups of TINY_GROUP // C rows as in _tiny_rows (per-row sums, flat vector loops for the exp and
+    the logits' gradient). ``sh`` ends up holding each element's row shift, ``fa`` its p factor."""
+    one = _as(1, zero)
+    rows = max(1, TINY_GROUP // c)
+    gxf = gx.reshape(-1)
+    cq = (one - eps) * scale * inv_t
+    cb = eps_c * scale * inv_t
+    for g0 in range(r0, r1, rows):
+        g1 = min(g0 + rows, r1)
+        base = g0 * c
+        span = (g1 - g0) * c
+        xg = x[base:base + span]
+        tg = t[base:base + span]
+        _group_exp(xg, c, g1 - g0, sc, sh, k2, zero)
+        for r in range(g1 - g0):
+            i = g0 + r
+            lo = r * c
+            m = sh[lo]
+            s = zero
+            q_sum = zero
+            qz = zero
+            for j in range(_u(lo), _u(lo + c)):
+                s += sc[j]
+                q = (one - eps) * _load(tg[j]) + eps_c
+                q_sum += q
+                qz += zero if q == zero else q * ((_load(xg[j]) - m) * inv_t)
+            log_s = np.log(s)
+            loss[i] = q_sum * log_s - qz
+            lse[i] = m * inv_t + log_s
+            a = q_sum * scale * inv_t / s
+            for j in range(_u(lo), _u(lo + c)):
+                fa[j] = a
+            if want_gt:
+                for j in range(c):
+                    gt[i, j] = _store((one - eps) * (log_s - (_load(xg[lo + j]) - m) * inv_t) * scale, gt[i, j])
+        if want_gx:
+            for j in range(_u(0), _u(span)):
+                gxf[base + j] = _store(sc[j] * fa[j] - (_load(tg[j]) * cq + cb), gxf[base + j])
+
+
 @njit(parallel=True, **_JIT)
 def dense_cross_entropy(x, x_stride, t, t_stride, c, loss, lse, gx, gt, inv_t, eps, scale, want_gx, want_gt,
                         n_workers):
@@ -1094,6 +1150,12 @@ def dense_cross_entropy(x, x_stride, t, t_stride, c, loss, lse, gx, gt, inv_t, e
     one = _as(1, zero)
     eps_c = eps / _as(c, zero)
     k2 = inv_t * _as(LOG2E, zero)
+    if c <= TINY_ROW and x_stride == c and t_stride == c:
+        gs = _group_scratch(n_workers, c, loss.dtype)
+        for w in prange(n_workers):
+            _dense_tiny_rows(x, t, c, loss, lse, gx, gt, w * n // n_workers, (w + 1) * n // n_workers, gs[w, 0],
+                             gs[w, 1], gs[w, 2], inv_t, k2, eps, eps_c, scale, want_gx, want_gt, zero)
+        return
     scratch = np.empty((n_workers, _padded(c)), dtype=loss.dtype)
     bstats = np.empty((n_workers, 2, _padded((c + STAT_BLOCK - 1) // STAT_BLOCK)), dtype=loss.dtype)
     for w in prange(n_workers):

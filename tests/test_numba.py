@@ -302,6 +302,55 @@ def test_tiny_rows_across_groups_and_workers(dtype, n_cls):
     assert np.isnan(loss[rows + 1])
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("eps,temperature", [(0.0, 1.0), (0.1, 1.7)])
+@pytest.mark.parametrize("n_cls", [1, 7, K.TINY_ROW])
+def test_dense_tiny_rows_match_block_path_and_reference(dtype, eps, temperature, n_cls):
+    # Dense CE rows of <= TINY_ROW classes back to back go through _dense_tiny_rows in groups of
+    # TINY_GROUP // C rows; a row stride > C sends the same rows through _dense_row. Both must agree
+    # with the float64 reference, gradients to logits and targets included, across group and
+    # worker boundaries and on masked, NaN and shifted rows.
+    rows = max(1, K.TINY_GROUP // n_cls)
+    n = 2 * rows + 3
+    rng = np.random.default_rng(n_cls)
+    x = (rng.standard_normal((n, n_cls)) * 3).astype(dtype)
+    t = rng.random((n, n_cls)).astype(dtype)
+    t /= t.sum(axis=1, keepdims=True)
+    x[rows, : n_cls // 2] = -np.inf          # masked classes ...
+    t[rows, : n_cls // 2] = 0                # ... with zero target: finite loss
+    x[rows + 1, 0] = np.nan                  # NaN row, inside a group
+    x[n // 2] += dtype(1e5)                  # large offset, at the worker boundary
+    outs = []
+    for stride in (n_cls, n_cls + 3):
+        xp = np.full((n, stride), np.nan, dtype)
+        tp = np.full((n, stride), np.nan, dtype)
+        xp[:, :n_cls], tp[:, :n_cls] = x, t
+        xf = xp.reshape(-1)[:(n - 1) * stride + n_cls]
+        tf = tp.reshape(-1)[:(n - 1) * stride + n_cls]
+        loss, lse = np.empty(n, dtype), np.empty(n, dtype)
+        gx, gt = np.full((n, n_cls), 7, dtype), np.full((n, n_cls), 7, dtype)
+        K.dense_cross_entropy(xf, stride, tf, stride, n_cls, loss, lse, gx, gt, dtype(1 / temperature), dtype(eps),
+                              dtype(0.5), True, True, 2)
+        outs.append((loss, gx, gt))
+    ref_loss, ref_gx, ref_gt = R.softmax_cross_entropy(x, t, temperature=temperature, label_smoothing=eps,
+                                                       reduction="none")
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    for loss, gx, gt in outs:
+        ok = ~np.isnan(ref_loss)
+        if eps == 0:
+            np.testing.assert_allclose(loss[ok], ref_loss[ok], rtol=tol * 10, atol=tol)
+        else:  # ε > 0 puts target mass on the masked classes: +inf loss there, as in the reference
+            np.testing.assert_array_equal(np.isinf(loss[ok]), np.isinf(ref_loss[ok]))
+            fin = ok & np.isfinite(ref_loss)
+            np.testing.assert_allclose(loss[fin], ref_loss[fin], rtol=tol * 10, atol=tol)
+        fin = np.isfinite(ref_gx)
+        np.testing.assert_allclose(gx[fin], ref_gx[fin] * 0.5, rtol=tol * 100, atol=tol * 1e-3)
+        fin = np.isfinite(ref_gt)
+        np.testing.assert_allclose(gt[fin], ref_gt[fin] * 0.5, rtol=tol * 100, atol=tol)
+        assert np.isnan(loss[rows + 1]) and np.isnan(gx[rows + 1]).all()
+    np.testing.assert_allclose(outs[0][1], outs[1][1], rtol=tol * 10, atol=tol * 1e-3)
+
+
 @pytest.mark.parametrize("shape", [(8, 5000), (1, 262144), (64, 100)], ids=["block-path", "split-row", "short-row"])
 def test_confident_label_gradient_keeps_relative_accuracy(shape):
     # p_y = 1 - O(1e-5): the label's gradient must come from the sum of the other classes, not from
