@@ -166,7 +166,7 @@ def main(argv=None):
         json.dump(dict(date=date, hardware=hw, mode=mode, results=rows), f, indent=1)
     with open(stem + ".md", "w") as f:
         f.write(f"# {title}\n\nMedian of {3 if args.quick else 5} runs of loss + gradient; floor = bytes moved / `np.copyto` "
-                f"bandwidth measured in the same run.\n\n{table}")
+                f"bandwidth measured in the same run, just before each case's providers (best of 5).\n\n{table}")
     _chart(rows, stem + ".png", title)
     print("\n" + table)
     bad = [r for r in rows if not r["correct"]]

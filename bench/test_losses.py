@@ -21,10 +21,13 @@ GPU_PROVIDERS = ("torch-compile", "liger")
 _BW = {}
 
 
-def _bandwidth():
-    if "bw" not in _BW:
-        _BW["bw"] = copy_bandwidth()
-    return _BW["bw"]
+def _bandwidth(case_id):
+    # Measured once per case, when its first provider runs, rather than once per process: this VM
+    # moves between fast and slow phases within minutes, and a floor measured minutes away from the
+    # kernels it is compared with moved their "% of floor" by up to 1.5x (in both directions).
+    if case_id not in _BW:
+        _BW[case_id] = copy_bandwidth()
+    return _BW[case_id]
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -35,6 +38,7 @@ def test_loss_and_grad(benchmark, case, provider):
     except Skip as why:
         pytest.skip(str(why))
     benchmark.group = case.id
+    bandwidth = _bandwidth(case.id)
     value = step()  # compile / warm up outside the timing
     peak = peak_extra_mib(step, "cuda" if case.gpu_only or provider in GPU_PROVIDERS else "cpu")
     benchmark.pedantic(step, rounds=rounds(), iterations=1, warmup_rounds=1)
@@ -43,6 +47,6 @@ def test_loss_and_grad(benchmark, case, provider):
     tol = 2e-2 if case.dtype in ("bfloat16", "float16") else 1e-4
     benchmark.extra_info.update(
         provider=provider, case=case.id, loss=case.loss, shape=list(case.shape), dtype=case.dtype,
-        bytes=case.bytes_moved, copy_bw=_bandwidth(), value=value, reference=ref, rel_err=rel,
+        bytes=case.bytes_moved, copy_bw=bandwidth, value=value, reference=ref, rel_err=rel,
         correct=bool(math.isfinite(value) and rel <= tol), peak_extra_mib=peak)
     assert math.isfinite(value) and rel <= tol, f"{provider} {case.id}: loss {value} vs float64 {ref}"
