@@ -12,7 +12,9 @@ which is the floor of one read of the logits and one write of the gradient. Cros
 are addressed as ``x[i * row_stride : i * row_stride + C]`` in a flat buffer, so row-strided
 inputs (a padded vocabulary) need no copy. Rows that are long and few (fewer rows than 2x
 threads) are split into chunks so that every thread has work; that costs a second read of each
-chunk.
+chunk. Short rows go the other way: up to SHORT_ROW classes a row takes plain loops (no per-block
+bookkeeping), and rows of at most TINY_ROW classes stored back to back are batched into groups of
+TINY_GROUP elements, so that the exp and the gradient run as one vector loop over many rows.
 
 Vectorisation is the whole game on CPU, and three things decide it here: loop indices are
 unsigned (``_u``: Numba's negative-index wrap is a per-element select otherwise); the exp and
