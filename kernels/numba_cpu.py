@@ -1085,36 +1085,48 @@ def sparse_cross_entropy(x, row_stride, c, y, loss, lse, g, inv_t, eps, ignore_i
                         if kk != k and cs[i, kk] != zero:
                             rest += cs[i, kk] * fexp2((cm[i, kk] - m) * k2)
                     for j in range(_u(lo), _u(hi)):
-                        rest += zero if j == yi else fexp2((_load(xi[j]) - m) * k2)
+                        e = fexp2((_load(xi[j]) - m) * k2)
+                        rest += e if j != yi else zero  # a select on a computed value: see _masked_term
                 gy = _label_grad(x_y, m, log_s, inv_t, eps, z_loss, scale, cf, zero, rest, ss[i])
                 gr[yi] = _store(gy, gr[yi])
     return bad
 
 
 # ------------------------------------------------------------------------------- dense CE
+@njit(inline="always", **_JIT)
+def _masked_term(q, term, zero):
+    """``term`` where the target mass q is non-zero, else 0 (a -inf logit with q = 0 gives 0, not
+    0 * -inf = NaN). Written as a select on a value computed unconditionally: the form
+    ``zero if q == zero else q * z`` puts the product in a branch, which LLVM did not vectorise
+    (1.17 cycles per element against 0.40 for this form, in cache). Dense CE loss + gradient, A/B
+    on the bench machine: 65536x1000 81 -> 70 ms, 4096x32000 155 -> 129 ms, 65536x10 2.16 -> 1.94 ms."""
+    return term if q != zero else zero
+
+
 @njit(**_JIT)
 def _dense_row(xr, tr, loss, lse, gxr, gtr, i, sc, bm, inv_t, k2, eps, eps_c, scale, want_gx, want_gt, zero):
     c = xr.shape[0]
     one = _as(1, zero)
     m, s, _ = _online_stats(xr, 0, c, k2, sc, bm, False, zero)
-    log_s = np.log(s)
     q_sum = zero
     qz = zero
-    for j in range(c):
+    for j in range(_u(0), _u(c)):
         q = (one - eps) * _load(tr[j]) + eps_c
         q_sum += q
-        qz += zero if q == zero else q * ((_load(xr[j]) - m) * inv_t)
+        qz += _masked_term(q, q * ((_load(xr[j]) - m) * inv_t), zero)
+    log_s = np.log(s)
     loss[i] = q_sum * log_s - qz
     lse[i] = m * inv_t + log_s
     if want_gx:
         a = q_sum * scale * inv_t / s
+        cq = (one - eps) * scale * inv_t  # q scale / T = t cq + cb
+        cb = eps_c * scale * inv_t
         for blk in range((c + STAT_BLOCK - 1) // STAT_BLOCK):
             blo = blk * STAT_BLOCK
             bhi = min(blo + STAT_BLOCK, c)
             f = a * _block_factor(bm, blk, m, k2, zero)
             for j in range(_u(blo), _u(bhi)):
-                q = (one - eps) * _load(tr[j]) + eps_c
-                gxr[j] = _store(sc[j] * f - q * scale * inv_t, gxr[j])
+                gxr[j] = _store(sc[j] * f - (_load(tr[j]) * cq + cb), gxr[j])
     if want_gt:
         for j in range(c):
             gtr[j] = _store((one - eps) * (log_s - (_load(xr[j]) - m) * inv_t) * scale, gtr[j])
@@ -1149,7 +1161,7 @@ def _dense_tiny_rows(x, t, c, loss, lse, gx, gt, r0, r1, sc, sh, fa, inv_t, k2, 
                 s += sc[j]
                 q = (one - eps) * _load(tg[j]) + eps_c
                 q_sum += q
-                qz += zero if q == zero else q * ((_load(xg[j]) - m) * inv_t)
+                qz += _masked_term(q, q * ((_load(xg[j]) - m) * inv_t), zero)
             log_s = np.log(s)
             loss[i] = q_sum * log_s - qz
             lse[i] = m * inv_t + log_s
