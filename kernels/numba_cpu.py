@@ -1126,7 +1126,8 @@ def _dense_row(xr, tr, loss, lse, gxr, gtr, i, sc, bm, inv_t, k2, eps, eps_c, sc
             bhi = min(blo + STAT_BLOCK, c)
             f = a * _block_factor(bm, blk, m, k2, zero)
             for j in range(_u(blo), _u(bhi)):
-                gxr[j] = _store(sc[j] * f - (_load(tr[j]) * cq + cb), gxr[j])
+                sc[j] = sc[j] * f - (_load(tr[j]) * cq + cb)
+        _axpb(gxr, sc, 0, c, one, zero)
     if want_gt:
         for j in range(c):
             gtr[j] = _store((one - eps) * (log_s - (_load(xr[j]) - m) * inv_t) * scale, gtr[j])
@@ -1188,6 +1189,9 @@ def dense_cross_entropy(x, x_stride, t, t_stride, c, loss, lse, gx, gt, inv_t, e
     target stay finite); d/dlogits = (p Σq - q) scale / T; d/dtargets = (1-ε)(log s - zs) scale.
     ``gx``/``gt`` are written only when ``want_gx``/``want_gt``. One read of the logits from memory
     (online stats into a thread-local scratch row), one read of the targets per pass that needs them.
+    The logits' gradient is formed in the scratch row and written with non-temporal stores (_axpb)
+    for a whole row at once (A/B: 4096x32000 129 -> 121 ms, 65536x1000 69 -> 67 ms; per 512-element
+    block it gained nothing at 65536x1000, whose rows are two blocks).
     """
     n = loss.shape[0]
     zero = inv_t - inv_t
@@ -1207,6 +1211,7 @@ def dense_cross_entropy(x, x_stride, t, t_stride, c, loss, lse, gx, gt, inv_t, e
             _dense_row(x[i * x_stride:i * x_stride + c], t[i * t_stride:i * t_stride + c], loss, lse,
                        gx[i if want_gx else 0], gt[i if want_gt else 0], i,
                        scratch[w], bstats[w], inv_t, k2, eps, eps_c, scale, want_gx, want_gt, zero)
+        _store_fence()  # this worker's non-temporal gradient stores are complete
 
 
 # ------------------------------------------------------------------------ elementwise losses
