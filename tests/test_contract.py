@@ -182,6 +182,24 @@ def test_nan_rows(harness):
     assert np.isnan(res.loss[1]) and np.isfinite(np.delete(res.loss, 1)).all()
 
 
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_sigmoid_extreme_logits(harness, label_smoothing):
+    # Huge logits, both signed zeros, subnormal-scale and exp-underflow logits (|x| > 88), NaN and
+    # +-inf, against every target kind: NaN and inf exactly where float64 has them (x t is NaN for
+    # x = +-inf and t = 0), finite values to the usual tolerance.
+    xs = np.array([-3e4, 3e4, -100.0, 100.0, -88.5, 88.5, -17.0, 17.0, 0.0, -0.0, 1e-30, -1e-30,
+                   0.5, -0.5, np.nan, np.inf, -np.inf])
+    ts = np.array([0.0, 0.3, 1.0])
+    x = np.repeat(xs, ts.size).reshape(-1, ts.size)
+    t = np.tile(ts, (xs.size, 1))
+    res = check(harness, SIGMOID, x, t, "float32", dict(reduction="none", label_smoothing=label_smoothing))
+    assert np.isnan(res.loss[xs != xs]).all()
+    if res.grad_x is not None:
+        finite_x = np.isfinite(xs)
+        assert np.isfinite(res.grad_x[finite_x]).all() and np.isnan(res.grad_x[~(xs == xs)]).all()
+        assert np.isfinite(res.grad_x[np.isinf(xs)]).all()
+
+
 # ----------------------------------------------------------------------- ignore and reductions
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_all_rows_ignored(harness, reduction):

@@ -487,9 +487,10 @@ def test_log1p_01_ulp_error():
     ref = np.log1p(e.astype(np.float64))
     ok = ref > 0
     err = _ulp_error(out[ok], ref[ok])
-    # w G(e): the reciprocal's error (<= 0.51 ulp) and two roundings on top of G's; measured 2.86
-    # (at e = 0.627, from the roundings of w and w G; the same with the older 1-ulp reciprocal).
-    assert err.max() <= 3.0, f"max error {err.max():.3f} ulp"
+    # w G(e): the reciprocal's error and two roundings on top of G's. Measured 3.58 on Zen 1 (2.86
+    # with the exact-to-rounding third-order reciprocal); the bound leaves room for the 0.4 ulp
+    # more that the x86 specification of vrcpps allows (see test_recip_1p_01_ulp_error).
+    assert err.max() <= 4.0, f"max error {err.max():.3f} ulp"
     assert out[e == 0].max() == 0.0
     nan = np.array([np.nan], np.float32)
     _apply(K.log1p_01, nan, nan)
@@ -503,8 +504,10 @@ def test_recip_1p_01_ulp_error():
     _apply(K.recip_1p_01, e, out)
     ref = 1.0 / (1.0 + e[:-1].astype(np.float64))
     err = _ulp_error(out[:-1], ref)
-    # The estimate (~2^-12) after one third-order step is within rounding; measured 0.5003.
-    assert err.max() <= 0.51, f"max error {err.max():.3f} ulp"
+    # One Newton step leaves -h^2 relative for the estimate's error h: |h| <= 3.2e-4 measured on Zen 1
+    # (1.88 ulp measured), |h| <= 1.5 * 2^-12 by the x86 specification, i.e. <= 2.25 ulp of a
+    # result in (1/2, 1], plus 0.5 for the rounding.
+    assert err.max() <= 2.75, f"max error {err.max():.3f} ulp"
     assert np.isnan(out[-1])
 
 
