@@ -2,7 +2,8 @@
 
 Runs the pytest-benchmark suite (bench/test_losses.py) in two processes, one per Keras backend
 (Keras holds one backend per process: keras-stock-torch runs in the second), prints one table and
-writes ``bench/results/<machine>-<date>.{json,md,png}``. Every provider's loss is checked against
+writes ``<machine>-<date>.{json,md,png}`` to ``--out`` (default ``bench-results/`` in the current
+directory, ignored by git; the project's reference runs are kept in ``bench/results/``). Every provider's loss is checked against
 the float64 reference on the same data; a wrong number is flagged, never reported as a win.
 """
 from __future__ import annotations
@@ -149,7 +150,8 @@ def _chart(rows, path, title):
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="4 cases, under 3 minutes on a 2-core CPU")
-    ap.add_argument("--out", default=os.path.join(HERE, "results"), help="where the JSON/markdown/PNG go")
+    ap.add_argument("--out", default="bench-results",
+                    help="where the JSON/markdown/PNG go (default: bench-results/, git-ignored)")
     args = ap.parse_args(argv)
     mode = "quick" if args.quick else "full"
     with tempfile.TemporaryDirectory() as tmp:

@@ -5,7 +5,7 @@ imported the first time a call needs them, never at ``import fastloss`` time. Ea
 ``LOSSES`` (loss name -> callable(x, other, opts)), ``value_and_grad(name, x, other, opts)`` and
 ``unavailable_reason()`` (None when it can run here, else a sentence saying why not).
 
-Rules (CONTRACT.md, "Backends and dispatch"):
+Rules (docs/contract.md, "Backends and dispatch"):
 - an explicit ``backend=`` (or ``FASTLOSS_BACKEND``) is used as asked; if it cannot run, its error
   is raised, never swallowed;
 - ``backend=None`` picks from the input's type: jax -> "jax", NumPy -> "numba", torch CUDA ->

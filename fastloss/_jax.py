@@ -16,7 +16,7 @@ import numpy as np
 
 from fastloss.kernels import jax_xla as K
 
-from ._validation import label_range_error
+from . import _adapter
 
 
 def unavailable_reason():
@@ -49,13 +49,8 @@ def _out(value, numpy_in):
 
 
 def _reduce(values, count, reduction, lead_shape):
-    if reduction == "none":
-        return values.reshape(lead_shape)
-    total = K.accurate_sum(values.reshape(-1))
-    if reduction == "sum":
-        return total
-    # count 0 (empty batch, every row ignored): total is 0, so 0 / 1 gives 0.0 and zero gradient.
-    return total / jnp.maximum(count, 1).astype(total.dtype)
+    return _adapter.reduce(values.reshape(-1) if reduction != "none" else values, reduction, count, lead_shape,
+                           K.accurate_sum, lambda c: jnp.maximum(c, 1))
 
 
 # Whole-loss functions, jitted so eager calls run as one XLA program (inlined under an outer jit).
@@ -94,12 +89,8 @@ def _mse(predictions, targets, *, reduction):
 def _check_labels_eagerly(labels, n_cls, ignore_index):
     """ValueError for an out-of-range label on eager calls; under jit (a tracer) the kernel's NaN
     row is the answer, because a traced value cannot raise."""
-    if isinstance(labels, jax.core.Tracer):
-        return
-    y = np.asarray(labels)
-    bad = (y != ignore_index) & ((y < 0) | (y >= n_cls))
-    if bad.any():
-        raise label_range_error(y[bad].flat[0], n_cls, ignore_index)
+    if not isinstance(labels, jax.core.Tracer):
+        _adapter.check_label_range(np.asarray(labels), n_cls, ignore_index)
 
 
 _CORES = {
@@ -131,7 +122,7 @@ def _loss(name):
     return call
 
 
-LOSSES = {name: _loss(name) for name in _CORES}
+LOSSES = _adapter.loss_table(_loss)
 
 
 def value_and_grad(name, x, other, opts):

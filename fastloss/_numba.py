@@ -14,9 +14,10 @@ import sys
 import numpy as np
 
 from fastloss.kernels import numba_cpu as K
+from fastloss.kernels.numba_cpu import plan
 
-from . import _buffers
-from ._validation import dtype_name, label_range_error
+from . import _adapter, _buffers
+from ._validation import dtype_name
 
 
 def unavailable_reason():
@@ -137,24 +138,18 @@ def _workers():
     return numba.get_num_threads()
 
 
-def _n_chunks(rows, cols, threads):
-    # Split rows only when there are fewer rows than twice the threads and the rows are long.
-    if rows == 0 or rows >= 2 * threads or cols < 16384:
-        return 1
-    return min(-(-2 * threads // rows), cols // 4096)
+def _total(values):
+    return np.sum(values, dtype=np.float64)  # pairwise, in fp64: the long sum stays exact
 
 
-def _reduce(rows, reduction, count, acc, out, lead):
+def _reduce(values, reduction, count, acc, out, shape):
     if reduction == "none":
-        return out.array(rows.reshape(lead))
-    total = np.sum(rows, dtype=np.float64)  # pairwise, in fp64: the long sum stays exact
-    if reduction == "mean":
-        total = total / max(count, 1)
-    return out.scalar(acc(total), acc)
+        return out.array(values.reshape(shape))
+    return out.scalar(acc(_adapter.reduce(values, reduction, count, shape, _total)), acc)
 
 
 def _scale(reduction, count, acc):
-    return acc(1.0 / max(count, 1)) if reduction == "mean" else acc(1.0)
+    return acc(_adapter.mean_scale(reduction, count))
 
 
 # ---------------------------------------------------------------------------- loss runners
@@ -162,26 +157,30 @@ def _sparse(x, labels, opts, want_x, want_other):
     name = dtype_name(x)
     acc = _acc(name)
     n_cls = x.shape[-1]
-    lead = tuple(x.shape[:-1])
     xv, stride, n = _row_view(x, n_cls)
     threads = _workers()
     y = _kernel_view(labels).reshape(-1)
     if y.dtype != np.int64:
         y = y.astype(np.int64)
     out = _Out(x)
-    count = int(np.count_nonzero(y != opts["ignore_index"]))
+    ign = opts["ignore_index"]
+    count = int(np.count_nonzero(y != ign))
     loss = np.empty(n, acc)
     lse = np.empty(n, acc)
     g_obj, g = out.empty(tuple(x.shape), name) if want_x else (None, _dummy_rows(xv, n_cls))
-    bad = K.sparse_cross_entropy(xv, stride, n_cls, y, loss, lse, g.reshape(-1, n_cls),
-                                 acc(1.0 / opts["temperature"]),
-                                 acc(opts["label_smoothing"]), opts["ignore_index"], acc(opts["z_loss"]),
-                                 _scale(opts["reduction"], count, acc), want_x, _n_chunks(n, n_cls, threads), threads,
-                                 n_cls <= K.SHORT_ROW)
+    kopts = (acc(1.0 / opts["temperature"]), acc(opts["label_smoothing"]), acc(opts["z_loss"]),
+             _scale(opts["reduction"], count, acc))
+    path, chunks = plan.sparse_path(n, n_cls, stride, threads)
+    g2 = g.reshape(-1, n_cls)
+    if path == "tiny":
+        bad = K.sparse_tiny(xv, n_cls, y, loss, lse, g2, kopts, ign, want_x, threads)
+    elif path == "split":
+        bad = K.sparse_split(xv, stride, n_cls, y, loss, lse, g2, kopts, ign, want_x, chunks, threads)
+    else:
+        bad = K.SPARSE[path](xv, stride, n_cls, y, loss, lse, g2, kopts, ign, want_x, threads)
     if bad:
-        invalid = (y != opts["ignore_index"]) & ((y < 0) | (y >= n_cls))
-        raise label_range_error(y[invalid][0], n_cls, opts["ignore_index"])
-    value = _reduce(loss, opts["reduction"], count, acc, out, lead)
+        _adapter.check_label_range(y, n_cls, ign)
+    value = _reduce(loss, opts["reduction"], count, acc, out, tuple(x.shape[:-1]))
     return value, (out.finish(g_obj, name) if want_x else None), None
 
 
@@ -201,9 +200,12 @@ def _dense(x, t, opts, want_x, want_other):
     lse = np.empty(n, acc)
     gx_obj, gx = out.empty(tuple(x.shape), name) if want_x else (None, _dummy_rows(xv, n_cls))
     gt_obj, gt = out.empty(tuple(t.shape), tname) if want_other else (None, _dummy_rows(tv, n_cls))
-    K.dense_cross_entropy(xv, x_stride, tv, t_stride, n_cls, loss, lse, gx.reshape(-1, n_cls), gt.reshape(-1, n_cls),
-                          acc(1.0 / opts["temperature"]), acc(opts["label_smoothing"]),
-                          _scale(opts["reduction"], n, acc), want_x, want_other, _workers())
+    kopts = (acc(1.0 / opts["temperature"]), acc(opts["label_smoothing"]), _scale(opts["reduction"], n, acc))
+    gx2, gt2 = gx.reshape(-1, n_cls), gt.reshape(-1, n_cls)
+    if plan.dense_path(n_cls, x_stride, t_stride) == "tiny":
+        K.dense_tiny(xv, tv, n_cls, loss, lse, gx2, gt2, kopts, want_x, want_other, _workers())
+    else:
+        K.dense_blocks(xv, x_stride, tv, t_stride, n_cls, loss, lse, gx2, gt2, kopts, want_x, want_other, _workers())
     value = _reduce(loss, opts["reduction"], n, acc, out, tuple(x.shape[:-1]))
     return (value, out.finish(gx_obj, name) if want_x else None,
             out.finish(gt_obj, tname) if want_other else None)
@@ -224,29 +226,25 @@ def _elementwise(kernel, extra):
         gt_obj, gt = out.empty(tuple(t.shape), tname) if want_other else (None, tv[:1])
         kernel(xv, tv, vals, partial, gx.reshape(-1), gt.reshape(-1), *extra(opts, acc),
                _scale(opts["reduction"], n, acc), want_vals, want_x, want_other)
-        if want_vals:
-            value = out.array(vals.reshape(tuple(x.shape)))
-        else:
-            total = np.sum(partial, dtype=np.float64)
-            if opts["reduction"] == "mean":
-                total = total / max(n, 1)
-            value = out.scalar(acc(total), acc)
+        # "none": the per-element values; otherwise the blocks' partial sums carry the total.
+        value = _reduce(vals if want_vals else partial, opts["reduction"], n, acc, out, tuple(x.shape))
         return (value, out.finish(gx_obj, name) if want_x else None,
                 out.finish(gt_obj, tname) if want_other else None)
     return run
 
 
 _RUNNERS = {
-    "sparse_softmax_cross_entropy": (_sparse, 1),
-    "softmax_cross_entropy": (_dense, 1),
-    "sigmoid_cross_entropy": (_elementwise(K.sigmoid_cross_entropy,
-                                           lambda o, acc: (acc(o["label_smoothing"]), K.SIGMOID_COEF)), 0),
-    "mean_squared_error": (_elementwise(K.squared_error, lambda o, acc: ()), 0),
+    "sparse_softmax_cross_entropy": _sparse,
+    "softmax_cross_entropy": _dense,
+    "sigmoid_cross_entropy": _elementwise(K.sigmoid_cross_entropy,
+                                          lambda o, acc: (acc(o["label_smoothing"]), K.SIGMOID_COEF)),
+    "mean_squared_error": _elementwise(K.squared_error, lambda o, acc: ()),
 }
 
 
 def _loss(name):
-    runner, row_ndim = _RUNNERS[name]
+    runner = _RUNNERS[name]
+    row_ndim = _adapter.ROW_NDIM[name]
 
     def call(x, other, opts):
         if _is_torch(x):
@@ -261,11 +259,10 @@ def _loss(name):
     return call
 
 
-LOSSES = {name: _loss(name) for name in _RUNNERS}
+LOSSES = _adapter.loss_table(_loss)
 
 
 def value_and_grad(name, x, other, opts):
     """(loss, d loss / d x) from one fused kernel call; torch tensors and NumPy arrays alike."""
-    runner, _ = _RUNNERS[name]
-    value, gx, _ = runner(x, other, opts, True, False)
+    value, gx, _ = _RUNNERS[name](x, other, opts, True, False)
     return value, gx

@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from ._validation import dtype_name, label_range_error
+from . import _adapter
 
 try:  # import errors surface through unavailable_reason()
     import triton
@@ -52,21 +52,21 @@ def _acc_dtype(x):
 def _params(values, reduction, count, device, dtype):
     """[*values, scale] in the accumulation dtype on the device; scale = d total / d row, from a
     count that may itself be a device tensor (no host sync)."""
+    if not isinstance(count, torch.Tensor):
+        return torch.tensor(list(values) + [_adapter.mean_scale(reduction, count)], device=device, dtype=dtype)
     head = torch.tensor(list(values) + [1.0], device=device, dtype=dtype)
     if reduction == "mean":
-        count = count if isinstance(count, torch.Tensor) else torch.tensor(count, device=device)
-        head[-1:] = 1.0 / count.clamp(min=1).to(dtype)
+        head[-1:] = 1.0 / _at_least_one(count).to(dtype)
     return head
 
 
+def _at_least_one(count):
+    return count.clamp(min=1) if isinstance(count, torch.Tensor) else max(count, 1)
+
+
 def _reduce(values, reduction, count, lead):
-    if reduction == "none":
-        return values.reshape(lead)
-    total = values.sum(dtype=torch.float64)
-    if reduction == "mean":
-        count = count if isinstance(count, torch.Tensor) else torch.tensor(count, device=values.device)
-        total = total / count.clamp(min=1)
-    return total.to(values.dtype)
+    value = _adapter.reduce(values, reduction, count, lead, lambda v: v.sum(dtype=torch.float64), _at_least_one)
+    return value if reduction == "none" else value.to(values.dtype)
 
 
 def _sparse(x, labels, opts, want_x, want_other, inplace=False):
@@ -81,9 +81,8 @@ def _sparse(x, labels, opts, want_x, want_other, inplace=False):
     y = labels.reshape(-1)
     n = x2.shape[0]
     ign = opts["ignore_index"]
-    bad = (y != ign) & ((y < 0) | (y >= n_cls))
-    if n and bool(bad.any()):  # eager contract: a clear error (one host sync, as torch's own check)
-        raise label_range_error(int(y[bad][0]), n_cls, ign)
+    if n:  # eager contract: a clear error (one host sync, as torch's own check)
+        _adapter.check_label_range(y, n_cls, ign)
     acc = _acc_dtype(x)
     loss = torch.empty(n, device=x.device, dtype=acc)
     lse = torch.empty(n, device=x.device, dtype=acc)
@@ -141,11 +140,8 @@ def _elementwise(kernel, extra):
             kernel[(n_prog,)](xf, tf, out, partial, gx, gt, params, n, BLOCK=K.ELEM_BLOCK,
                               WANT_OUT=want_out, ACC_F64=acc == torch.float64, num_warps=8,
                               **{kernel.arg_names[-3]: want_x, kernel.arg_names[-2]: want_other})
-        if want_out:
-            value = out.reshape(x.shape)
-        else:
-            total = partial.sum(dtype=torch.float64)
-            value = (total / max(n, 1) if opts["reduction"] == "mean" else total).to(acc)
+        # "none": the per-element values; otherwise the programs' partial sums carry the total.
+        value = _reduce(out if want_out else partial, opts["reduction"], n, tuple(x.shape))
         return value, (gx.reshape(x.shape) if want_x else None), (gt.reshape(t.shape) if want_other else None)
     return run
 
@@ -153,25 +149,24 @@ def _elementwise(kernel, extra):
 _RUNNERS = {}
 if _IMPORT_ERROR is None:
     _RUNNERS = {
-        "sparse_softmax_cross_entropy": (_sparse, 1),
-        "softmax_cross_entropy": (_dense, 1),
-        "sigmoid_cross_entropy": (_elementwise(K.sigmoid_ce_kernel, lambda o: (o["label_smoothing"],)), 0),
-        "mean_squared_error": (_elementwise(K.squared_error_kernel, lambda o: ()), 0),
+        "sparse_softmax_cross_entropy": _sparse,
+        "softmax_cross_entropy": _dense,
+        "sigmoid_cross_entropy": _elementwise(K.sigmoid_ce_kernel, lambda o: (o["label_smoothing"],)),
+        "mean_squared_error": _elementwise(K.squared_error_kernel, lambda o: ()),
     }
 
 
 def _loss(name):
     def call(x, other, opts):
         _check_device(x, other)
-        runner, row_ndim = _RUNNERS[name]
         from ._torch_autograd import FusedLoss
-        return FusedLoss.apply(x, other, lambda nx, no: runner(x, other, opts, nx, no), opts["reduction"], row_ndim)
+        return FusedLoss.apply(x, other, lambda nx, no: _RUNNERS[name](x, other, opts, nx, no), opts["reduction"],
+                               _adapter.ROW_NDIM[name])
     call.__name__ = name
     return call
 
 
-LOSSES = {name: _loss(name) for name in ("sparse_softmax_cross_entropy", "softmax_cross_entropy",
-                                         "sigmoid_cross_entropy", "mean_squared_error")}
+LOSSES = _adapter.loss_table(_loss)
 
 
 def sparse_inplace(x, labels, opts):
@@ -185,5 +180,5 @@ def sparse_inplace(x, labels, opts):
 
 def value_and_grad(name, x, other, opts):
     _check_device(x, other)
-    value, gx, _ = _RUNNERS[name][0](x, other, opts, True, False)
+    value, gx, _ = _RUNNERS[name](x, other, opts, True, False)
     return value, gx

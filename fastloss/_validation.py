@@ -136,11 +136,6 @@ def check_backend(value, arg: str = "backend"):
     return value
 
 
-def loss_dtype_name(input_dtype: str) -> str:
-    """Losses are float32 for 16/32-bit inputs and float64 for float64 inputs."""
-    return "float64" if input_dtype == "float64" else "float32"
-
-
 def label_range_error(bad_label, num_classes: int, ignore_index: int) -> ValueError:
     return ValueError(
         f"`labels` must be class indices in [0, {num_classes}) or `ignore_index` ({ignore_index}); "

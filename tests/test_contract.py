@@ -1,4 +1,4 @@
-"""Every clause of CONTRACT.md, run on every backend through tests/harness.py."""
+"""Every clause of docs/contract.md, run on every backend through tests/harness.py."""
 from __future__ import annotations
 
 import itertools

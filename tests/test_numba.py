@@ -15,19 +15,40 @@ from . import reference as R
 
 numba = pytest.importorskip("numba")
 from fastloss.kernels import numba_cpu as K  # noqa: E402
+from fastloss.kernels.numba_cpu import approx, base, halfio, intrinsics, plan, rowstats  # noqa: E402
 
 
-@numba.njit(fastmath=K.FASTMATH)
+def _sparse_ce(x, stride, c, y, loss, lse, g, inv_t, eps, ignore_index, z_loss, scale, want_grad, n_chunks,
+               n_workers, short_rows):
+    """One call naming the path: split rows (n_chunks > 1), short rows (tiny groups when C <= TINY_ROW
+    and rows are back to back) or the block-online path; returns the count of bad labels."""
+    opts = (inv_t, eps, z_loss, scale)
+    if n_chunks > 1:
+        return K.sparse_split(x, stride, c, y, loss, lse, g, opts, ignore_index, want_grad, n_chunks, n_workers)
+    if short_rows and c <= plan.TINY_ROW and stride == c:
+        return K.sparse_tiny(x, c, y, loss, lse, g, opts, ignore_index, want_grad, n_workers)
+    kernel = K.sparse_short if short_rows else K.sparse_blocks
+    return kernel(x, stride, c, y, loss, lse, g, opts, ignore_index, want_grad, n_workers)
+
+
+def _dense_ce(x, x_stride, t, t_stride, c, loss, lse, gx, gt, inv_t, eps, scale, want_gx, want_gt, n_workers):
+    opts = (inv_t, eps, scale)
+    if plan.dense_path(c, x_stride, t_stride) == "tiny":
+        return K.dense_tiny(x, t, c, loss, lse, gx, gt, opts, want_gx, want_gt, n_workers)
+    return K.dense_blocks(x, x_stride, t, t_stride, c, loss, lse, gx, gt, opts, want_gx, want_gt, n_workers)
+
+
+@numba.njit(fastmath=base.FASTMATH)
 def _apply(f, u, out):
     # Called from a fast-math loop, as the kernels call it (that is where constant folding bites),
     # in a function marked like the kernels' loops, so that 1/(1 + e) is the refined vrcpps estimate.
-    K._use_rcp_estimate()
+    intrinsics._use_rcp_estimate()
     for i in range(u.size):
         out[i] = f(u[i])
 
 
 def _apply_exp2(u, out):
-    _apply(K.exp2_32, u, out)
+    _apply(approx.exp2_32, u, out)
 
 
 def _ulp_error(got, ref):
@@ -38,13 +59,13 @@ def _ulp_error(got, ref):
 @numba.njit
 def _roundtrip_load(bits, out):
     for i in range(bits.size):
-        out[i] = K._load(bits[i])
+        out[i] = halfio._load(bits[i])
 
 
 @numba.njit
 def _roundtrip_store(vals, out):
     for i in range(vals.size):
-        out[i] = K._store(vals[i], out[i])
+        out[i] = halfio._store(vals[i], out[i])
 
 
 def test_exp2_ulp_error_over_dense_sweep():
@@ -76,7 +97,7 @@ def test_exp2_absolute_error_near_underflow():
 
 @numba.njit
 def _apply_block_max(a, lo, hi):
-    return K._block_max(a, lo, hi)
+    return rowstats._block_max(a, lo, hi)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.uint16, np.int16])
@@ -172,7 +193,7 @@ def test_split_rows_match_whole_rows(eps, z_loss):
         loss, lse = np.empty(3, np.float32), np.empty(3, np.float32)
         g = np.empty_like(x)
         f32 = np.float32
-        bad = K.sparse_cross_entropy(x.reshape(-1), x.shape[1], x.shape[1], y, loss, lse, g, f32(1 / 1.3), f32(eps), -100, f32(z_loss), f32(1.0), True,
+        bad = _sparse_ce(x.reshape(-1), x.shape[1], x.shape[1], y, loss, lse, g, f32(1 / 1.3), f32(eps), -100, f32(z_loss), f32(1.0), True,
                                      chunks, 2, False)
         assert bad == 0
         outs.append((loss, g))
@@ -202,7 +223,7 @@ def test_gradient_rows_at_every_alignment(dtype, n_cls, short_rows):
         buf = np.full(x.size + 8, np.nan, dtype)
         g = buf[offset:offset + x.size].reshape(x.shape)
         loss, lse = np.empty(5, dtype), np.empty(5, dtype)
-        K.sparse_cross_entropy(x.reshape(-1), n_cls, n_cls, y, loss, lse, g, dtype(1.0), dtype(0.1), -100, dtype(0.0), dtype(1.0), True, 1, 2,
+        _sparse_ce(x.reshape(-1), n_cls, n_cls, y, loss, lse, g, dtype(1.0), dtype(0.1), -100, dtype(0.0), dtype(1.0), True, 1, 2,
                                short_rows)
         np.testing.assert_allclose(g, ref_g, rtol=rtol, atol=rtol * 1e-3, err_msg=f"offset {offset}")
         assert np.isnan(buf[:offset]).all() and np.isnan(buf[offset + x.size:]).all()  # nothing outside
@@ -210,7 +231,7 @@ def test_gradient_rows_at_every_alignment(dtype, n_cls, short_rows):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("eps,z_loss,temperature", [(0.0, 0.0, 1.0), (0.1, 1e-3, 1.7)])
-@pytest.mark.parametrize("n_cls", [1, 13, 600, K.SHORT_ROW])
+@pytest.mark.parametrize("n_cls", [1, 13, 600, plan.SHORT_ROW])
 def test_short_row_path_matches_block_path(dtype, eps, z_loss, temperature, n_cls):
     # Rows with C <= SHORT_ROW take plain loops (_short_row); the block-online path must agree with
     # it, and both with the float64 reference, on masked, shifted, NaN, ignored and invalid rows.
@@ -232,7 +253,7 @@ def test_short_row_path_matches_block_path(dtype, eps, z_loss, temperature, n_cl
     for short, flat, stride in ((True, x.reshape(-1), n_cls), (False, x.reshape(-1), n_cls),
                                 (True, padded.reshape(-1)[:8 * (n_cls + 3) + n_cls], n_cls + 3)):
         loss, lse, g = np.empty(9, dtype), np.empty(9, dtype), np.full_like(x, 7.0)
-        bad = K.sparse_cross_entropy(flat, stride, n_cls, y, loss, lse, g, dtype(1 / temperature),
+        bad = _sparse_ce(flat, stride, n_cls, y, loss, lse, g, dtype(1 / temperature),
                                      dtype(eps), -100, dtype(z_loss), dtype(0.5), True, 1, 2, short)
         assert bad == 0
         outs.append((loss, g))
@@ -255,17 +276,17 @@ def test_short_row_path_matches_block_path(dtype, eps, z_loss, temperature, n_cl
             np.testing.assert_allclose(g_[7, y[7]], ref_g[7, y[7]] * 0.5, rtol=tight * 10)
     y[6] = n_cls                          # out of range: counted, NaN row
     loss, lse, g = np.empty(9, dtype), np.empty(9, dtype), np.empty_like(x)
-    assert K.sparse_cross_entropy(x.reshape(-1), n_cls, n_cls, y, loss, lse, g, dtype(1.0), dtype(0.0), -100,
+    assert _sparse_ce(x.reshape(-1), n_cls, n_cls, y, loss, lse, g, dtype(1.0), dtype(0.0), -100,
                                   dtype(0.0), dtype(1.0), True, 1, 2, True) == 1
     assert np.isnan(loss[6]) and np.isnan(g[6]).all()
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, "bfloat16"])
-@pytest.mark.parametrize("n_cls", [1, 7, K.TINY_ROW])
+@pytest.mark.parametrize("n_cls", [1, 7, plan.TINY_ROW])
 def test_tiny_rows_across_groups_and_workers(dtype, n_cls):
     # _tiny_rows works in groups of TINY_GROUP // C rows; rows near group and worker boundaries
     # (ignored, out-of-range, NaN, masked, confident) must come out as in the float64 reference.
-    rows = max(1, K.TINY_GROUP // n_cls)
+    rows = max(1, rowstats.TINY_GROUP // n_cls)
     n = 2 * rows + 5
     rng = np.random.default_rng(n_cls)
     x64 = rng.standard_normal((n, n_cls)) * 3
@@ -285,7 +306,7 @@ def test_tiny_rows_across_groups_and_workers(dtype, n_cls):
         x64 = flat.astype(np.float64).reshape(n, n_cls)
         acc, g = dtype, np.empty((n, n_cls), dtype)
     loss, lse = np.empty(n, acc), np.empty(n, acc)
-    assert K.sparse_cross_entropy(flat, n_cls, n_cls, y, loss, lse, g, acc(1.0), acc(0.0), -100, acc(0.0),
+    assert _sparse_ce(flat, n_cls, n_cls, y, loss, lse, g, acc(1.0), acc(0.0), -100, acc(0.0),
                                   acc(1.0), True, 1, 2, True) == 0
     if dtype == "bfloat16":
         g = (g.astype(np.uint32) << 16).view(np.float32)
@@ -300,20 +321,20 @@ def test_tiny_rows_across_groups_and_workers(dtype, n_cls):
         # (rtol 1e-9 for fp64: the reference forms p_y - 1 itself, to 1e-16 absolute of 1.6e-6)
         np.testing.assert_allclose(g[n - 1, y[n - 1]], ref_g[n - 1, y[n - 1]], rtol=max(tol * 10, 1e-9))
     y[rows + 1] = n_cls                     # out of range inside a group: counted, NaN row
-    assert K.sparse_cross_entropy(flat, n_cls, n_cls, y, loss, lse, g, acc(1.0), acc(0.0), -100, acc(0.0),
+    assert _sparse_ce(flat, n_cls, n_cls, y, loss, lse, g, acc(1.0), acc(0.0), -100, acc(0.0),
                                   acc(1.0), True, 1, 2, True) == 1
     assert np.isnan(loss[rows + 1])
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("eps,temperature", [(0.0, 1.0), (0.1, 1.7)])
-@pytest.mark.parametrize("n_cls", [1, 7, K.TINY_ROW])
+@pytest.mark.parametrize("n_cls", [1, 7, plan.TINY_ROW])
 def test_dense_tiny_rows_match_block_path_and_reference(dtype, eps, temperature, n_cls):
     # Dense CE rows of <= TINY_ROW classes back to back go through _dense_tiny_rows in groups of
     # TINY_GROUP // C rows; a row stride > C sends the same rows through _dense_row. Both must agree
     # with the float64 reference, gradients to logits and targets included, across group and
     # worker boundaries and on masked, NaN and shifted rows.
-    rows = max(1, K.TINY_GROUP // n_cls)
+    rows = max(1, rowstats.TINY_GROUP // n_cls)
     n = 2 * rows + 3
     rng = np.random.default_rng(n_cls)
     x = (rng.standard_normal((n, n_cls)) * 3).astype(dtype)
@@ -332,7 +353,7 @@ def test_dense_tiny_rows_match_block_path_and_reference(dtype, eps, temperature,
         tf = tp.reshape(-1)[:(n - 1) * stride + n_cls]
         loss, lse = np.empty(n, dtype), np.empty(n, dtype)
         gx, gt = np.full((n, n_cls), 7, dtype), np.full((n, n_cls), 7, dtype)
-        K.dense_cross_entropy(xf, stride, tf, stride, n_cls, loss, lse, gx, gt, dtype(1 / temperature), dtype(eps),
+        _dense_ce(xf, stride, tf, stride, n_cls, loss, lse, gx, gt, dtype(1 / temperature), dtype(eps),
                               dtype(0.5), True, True, 2)
         outs.append((loss, gx, gt))
     ref_loss, ref_gx, ref_gt = R.softmax_cross_entropy(x, t, temperature=temperature, label_smoothing=eps,
@@ -471,7 +492,7 @@ def test_kernels_are_cached_on_disk(tmp_path):
             "from fastloss.kernels import numba_cpu as K\n"
             "x = np.random.rand(3, 5).astype(np.float32); y = np.zeros(3, np.int64)\n"
             "fastloss.value_and_grad(fastloss.sparse_softmax_cross_entropy)(x, y)\n"
-            "print(sum(K.sparse_cross_entropy.stats.cache_hits.values()))\n")
+            "print(sum(K.sparse_tiny.stats.cache_hits.values()))\n")
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
     first = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     second = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
@@ -483,7 +504,7 @@ def test_log1p_01_ulp_error():
     e = np.concatenate([np.linspace(0, 1, 2_000_001, dtype=np.float32),
                         np.logspace(-45, 0, 100_000).astype(np.float32)])
     out = np.empty_like(e)
-    _apply(K.log1p_01, e, out)
+    _apply(approx.log1p_01, e, out)
     ref = np.log1p(e.astype(np.float64))
     ok = ref > 0
     err = _ulp_error(out[ok], ref[ok])
@@ -493,7 +514,7 @@ def test_log1p_01_ulp_error():
     assert err.max() <= 4.0, f"max error {err.max():.3f} ulp"
     assert out[e == 0].max() == 0.0
     nan = np.array([np.nan], np.float32)
-    _apply(K.log1p_01, nan, nan)
+    _apply(approx.log1p_01, nan, nan)
     assert np.isnan(nan[0])
 
 
@@ -501,7 +522,7 @@ def test_recip_1p_01_ulp_error():
     e = np.concatenate([np.linspace(0, 1, 2_000_001, dtype=np.float32),
                         np.logspace(-45, 0, 100_000).astype(np.float32), np.float32([np.nan])])
     out = np.empty_like(e)
-    _apply(K.recip_1p_01, e, out)
+    _apply(approx.recip_1p_01, e, out)
     ref = 1.0 / (1.0 + e[:-1].astype(np.float64))
     err = _ulp_error(out[:-1], ref)
     # One Newton step leaves -h^2 relative for the estimate's error h: |h| <= 3.2e-4 measured on Zen 1
@@ -518,6 +539,42 @@ def test_recip_uses_the_hardware_estimate():
     # attribute would make the kernel slower (never wrong); this test makes that visible.
     e = np.linspace(0, 1, 64, dtype=np.float32)
     out = np.empty_like(e)
-    _apply(K.recip_1p_01, e, out)
+    _apply(approx.recip_1p_01, e, out)
     asm = "\n".join(a for sig, a in _apply.inspect_asm().items() if "recip_1p_01" in str(sig[0]))
     assert "rcpps" in asm and "divps" not in asm
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="an x86 target")
+@pytest.mark.skipif(bool(os.environ.get("NUMBA_CPU_NAME")), reason="already running for a named target")
+def test_kernels_on_a_second_cpu_target(tmp_path):
+    # The machines this suite runs on change CPU (AVX2 one day, AVX-512 the next), and LLVM picks
+    # different instructions, vector widths and FMA contractions for each. Run this module's kernel
+    # tests once more, compiled for Haswell (AVX2 + FMA + F16C: the baseline the kernels are written
+    # for), in a fresh process with its own cache: on an AVX-512 host that is the AVX2 code path.
+    env = dict(os.environ, NUMBA_CPU_NAME="haswell", NUMBA_CPU_FEATURES="", NUMBA_CACHE_DIR=str(tmp_path))
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", __file__,
+           "-k", "not cached_on_disk and not second_cpu_target"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and " failed" not in proc.stdout
+
+
+def test_planner_picks_each_path_and_compiles_only_it(tmp_path):
+    assert plan.sparse_path(65536, 10, 10, 2) == ("tiny", 1)
+    assert plan.sparse_path(65536, 10, 16, 2) == ("short", 1)       # row-strided: not back to back
+    assert plan.sparse_path(4096, 1000, 1000, 2) == ("short", 1)
+    assert plan.sparse_path(4096, 32000, 32000, 2) == ("blocks", 1)
+    assert plan.sparse_path(1, 262144, 262144, 2) == ("split", 4)
+    assert plan.sparse_path(8, 262144, 262144, 8) == ("split", 2)
+    assert plan.dense_path(10, 10, 10) == "tiny" and plan.dense_path(10, 12, 10) == "blocks"
+    # A process compiles the entry point its shape takes, and no other.
+    code = ("import numpy as np, fastloss\n"
+            "from fastloss.kernels import numba_cpu as K\n"
+            "x = np.random.rand(4, 1000).astype(np.float32); y = np.zeros(4, np.int64)\n"
+            "fastloss.value_and_grad(fastloss.sparse_softmax_cross_entropy)(x, y)\n"
+            "print(sorted(k for k, f in K.SPARSE.items() if getattr(f, 'signatures', None)))\n")
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[-2] == "['short']"

@@ -1,0 +1,25 @@
+"""Numba CPU kernels: fused loss + gradient, parallel over rows, with a vectorisable exp.
+
+Every kernel computes per-row (or per-block) losses in the accumulation dtype (fp32, fp64 for fp64
+input), the log-sum-exp, and, when asked, the gradient already multiplied by ``scale`` = d total /
+d row, so a training step needs no second pass. Modules, bottom up:
+
+- ``base``: compiler flags and typing helpers; ``intrinsics``: LLVM IR building blocks;
+- ``approx``: branch-free exp2, reciprocal and log1p; ``halfio``: bfloat16/float16 loads and stores;
+- ``rowstats``: online row statistics, groups of short rows, gradient stores;
+- ``sparse_ce``, ``sparse_split``, ``dense_ce``, ``elementwise``: the kernels;
+- ``plan``: which entry point a shape and layout take (pure Python).
+
+docs/numba.md explains the design (what vectorises and why, the memory traffic of each pass).
+"""
+from . import plan
+from .approx import SIGMOID_COEF
+from .dense_ce import dense_blocks, dense_tiny
+from .elementwise import BLOCK, sigmoid_cross_entropy, squared_error
+from .sparse_ce import sparse_blocks, sparse_short, sparse_tiny
+from .sparse_split import sparse_split
+
+SPARSE = {"tiny": sparse_tiny, "short": sparse_short, "blocks": sparse_blocks, "split": sparse_split}
+DENSE = {"tiny": dense_tiny, "blocks": dense_blocks}
+
+__all__ = ["BLOCK", "DENSE", "SIGMOID_COEF", "SPARSE", "plan", "sigmoid_cross_entropy", "squared_error"]

@@ -1,0 +1,284 @@
+"""LLVM-level building blocks for the Numba kernels: bit casts, rounding, and two explicit vector loops.
+
+Everything here is an ``@intrinsic``: it emits LLVM IR directly, for the few operations that Numba
+cannot express or that LLVM will not vectorise well from scalar code:
+
+- bit casts between float32 and its bits, and float16 <-> float32 through LLVM's ``half`` type;
+- ``_rint32`` (``llvm.rint``, survives fast-math DAG combines) and ``_pow2_from_biased`` (2^k by
+  integer shifts) for the exp;
+- ``_block_max_vec``: a NaN-skipping vector max, one ``vmaxps`` per vector;
+- ``_nt_axpb`` and ``_store_fence``: non-temporal vector stores of a gradient, and the fence after;
+- ``_use_rcp_estimate``: lets LLVM emit the ``vrcpps`` estimate for a marked division;
+- ``_sign_bit_set`` and ``_relu_f32``: float selects done on integer bits.
+"""
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
+
+# ------------------------------------------------------------------------------- bit casts
+@intrinsic
+def _f32_from_bits(typingctx, bits):
+    """Reinterpret the low 32 bits of an integer as a float32 (Numba widens int32 arithmetic to
+    int64, so wider integers are truncated here rather than cast at every call site)."""
+    if not isinstance(bits, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        v = args[0]
+        if bits.bitwidth > 32:
+            v = builder.trunc(v, ir.IntType(32))
+        elif bits.bitwidth < 32:
+            v = builder.zext(v, ir.IntType(32))
+        return builder.bitcast(v, ir.FloatType())
+    return types.float32(bits), codegen
+
+
+@intrinsic
+def _bits_from_f32(typingctx, val):
+    if val != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+    return types.uint32(val), codegen
+
+
+@intrinsic
+def _sign_bit_set(typingctx, val):
+    """True where the float32's sign bit is set (x < 0, -0.0, a negative NaN), as an integer test. A
+    select on it is one vblendvps that reads the sign bit of x directly, with no vcmpps to make a
+    mask (the sigmoid's branch: one fewer multiply-port operation per vector on Zen 1)."""
+    if val != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        i32 = ir.IntType(32)
+        return builder.icmp_signed("<", builder.bitcast(args[0], i32), ir.Constant(i32, 0))
+    return types.boolean(val), codegen
+
+
+@intrinsic
+def _f32_from_f16(typingctx, bits):
+    """float16 bits (int16) -> float32 by LLVM's ``fpext half``: one vcvtph2ps per 8 elements on x86
+    with F16C (a libcall elsewhere), exact for every bit pattern."""
+    if bits != types.int16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+    return types.float32(bits), codegen
+
+
+@intrinsic
+def _f16_from_f32(typingctx, val):
+    """float32 -> float16 bits (int16) by LLVM's ``fptrunc``: round to nearest even, overflow to
+    inf, NaN stays NaN (vcvtps2ph with F16C)."""
+    if val != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+    return types.int16(val), codegen
+
+
+@intrinsic
+def _rint32(typingctx, x):
+    """Round to nearest integer (llvm.rint -> vroundps). An intrinsic call, unlike the
+    ``x + 1.5*2^23 - 1.5*2^23`` trick, survives fast-math DAG combines (which fold that to x)."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        fn = builder.module.declare_intrinsic("llvm.rint", [ir.FloatType()])
+        return builder.call(fn, [args[0]])
+    return types.float32(x), codegen
+
+
+@intrinsic
+def _pow2_from_biased(typingctx, w):
+    """2^k from w = k + (2^23 + 127), k integral in [-127, 0]: w's low mantissa bits hold the biased
+    exponent k + 127, and shifting them into the exponent field gives 2^k (+0.0 for k = -127).
+    Pure bit operations on i32: no float -> int conversion, which LLVM treats as poison for NaN and
+    Numba would widen to int64 (AVX2 cannot convert that in vector registers)."""
+    if w != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        i32 = ir.IntType(32)
+        bits = builder.bitcast(args[0], i32)
+        return builder.bitcast(builder.shl(bits, ir.Constant(i32, 23)), ir.FloatType())
+    return types.float32(w), codegen
+
+
+# ------------------------------------------------------------------------------ vector loops
+_VEC_BYTES = 32  # one AVX2 register (AVX2 is the baseline ISA); a vector non-temporal store's alignment
+
+
+def _vector_type(context, dtype):
+    """(element type, 32-byte vector type, lanes) in LLVM IR for a float32/float64 Numba dtype."""
+    ft = context.get_value_type(dtype)
+    width = _VEC_BYTES // (dtype.bitwidth // 8)
+    return ft, ir.VectorType(ft, width), width
+
+
+_MAX_UNROLL = 4  # independent vector accumulators: vmaxps latency is 3 cycles, throughput 1
+
+
+@intrinsic
+def _block_max_vec(typingctx, arr, lo, hi):
+    """max(arr[lo:hi]) ignoring NaN (-inf if empty or all NaN), for fp32/fp64 C arrays and
+    16-bit bits (bfloat16 as uint16, float16 as int16, widened to fp32 in registers), as an explicit
+    vector loop:
+    ``acc = v > acc ? v : acc`` on 8- or 4-wide vectors, 4 accumulators, then a scalar tail. This is
+    exactly one vmaxps per vector on x86. LLVM does not vectorise the scalar form of this reduction
+    without ``nnan``, and vectorises ``llvm.maxnum`` with a NaN check, blend and early-exit test per
+    vector (docs/performance.md has the measurements)."""
+    ok = (isinstance(arr, types.Array) and arr.layout == "C" and arr.ndim == 1
+          and arr.dtype in (types.float32, types.float64, types.uint16, types.int16)
+          and isinstance(lo, types.Integer) and isinstance(hi, types.Integer))
+    if not ok:
+        return None
+    bf16 = arr.dtype == types.uint16
+    f16 = arr.dtype == types.int16
+    out_t = types.float32 if bf16 or f16 else arr.dtype
+
+    def codegen(context, builder, sig, args):
+        from numba.core import cgutils
+        i32, i64 = ir.IntType(32), ir.IntType(64)
+        ft, vt, width = _vector_type(context, out_t)
+        data = context.make_array(sig.args[0])(context, builder, args[0]).data
+
+        def widen(v, n):
+            # 16-bit bits -> float32, as _load does: bfloat16 is the float's high half; float16
+            # goes through fpext (vcvtph2ps).
+            if f16:
+                ht = ir.HalfType() if n == 1 else ir.VectorType(ir.HalfType(), n)
+                return builder.fpext(builder.bitcast(v, ht), ft if n == 1 else vt)
+            if not bf16:
+                return v
+            if n == 1:
+                return builder.bitcast(builder.shl(builder.zext(v, i32), ir.Constant(i32, 16)), ft)
+            w = builder.shl(builder.zext(v, ir.VectorType(i32, n)), ir.Constant(ir.VectorType(i32, n), [16] * n))
+            return builder.bitcast(w, vt)
+        ld_t = ir.VectorType(ir.IntType(16), width) if bf16 or f16 else vt
+        ld_align = 2 if bf16 or f16 else sig.args[0].dtype.bitwidth // 8
+        lo_ = context.cast(builder, args[1], sig.args[1], types.int64)
+        hi_ = context.cast(builder, args[2], sig.args[2], types.int64)
+        ninf = ir.Constant(ft, float("-inf"))
+        step = width * _MAX_UNROLL
+        n_vec = builder.mul(builder.sdiv(builder.sub(hi_, lo_), ir.Constant(i64, step)), ir.Constant(i64, step))
+        vend = builder.add(lo_, n_vec)
+        accs = [cgutils.alloca_once_value(builder, ir.Constant(vt, [float("-inf")] * width))
+                for _ in range(_MAX_UNROLL)]
+        with cgutils.for_range_slice(builder, lo_, vend, ir.Constant(i64, step), i64) as (j, _):
+            for u, acc_p in enumerate(accs):
+                ptr = builder.gep(data, [builder.add(j, ir.Constant(i64, u * width))])
+                v = widen(builder.load(builder.bitcast(ptr, ld_t.as_pointer()), align=ld_align), width)
+                a = builder.load(acc_p)
+                builder.store(builder.select(builder.fcmp_ordered(">", v, a), v, a), acc_p)
+        vec = builder.load(accs[0])
+        for acc_p in accs[1:]:
+            a = builder.load(acc_p)
+            vec = builder.select(builder.fcmp_ordered(">", a, vec), a, vec)
+        best = cgutils.alloca_once_value(builder, ninf)
+        for lane in range(width):
+            e = builder.extract_element(vec, ir.Constant(ir.IntType(32), lane))
+            b = builder.load(best)
+            builder.store(builder.select(builder.fcmp_ordered(">", e, b), e, b), best)
+        with cgutils.for_range_slice(builder, vend, hi_, ir.Constant(i64, 1), i64) as (j, _):
+            e = widen(builder.load(builder.gep(data, [j])), 1)
+            b = builder.load(best)
+            builder.store(builder.select(builder.fcmp_ordered(">", e, b), e, b), best)
+        return builder.load(best)
+    return out_t(arr, lo, hi), codegen
+
+
+@intrinsic
+def _use_rcp_estimate(typingctx):
+    """Let LLVM lower ``1 / d`` (with arcp and ninf) to the vrcpps estimate in the calling function.
+
+    The attribute goes on the LLVM function being generated, so the call must sit in the function
+    whose loop does the division (a kernel's prange body, or a test's loop), not in a helper that
+    LLVM later inlines: inlining keeps the caller's attributes. Without it the division is an exact
+    vdivps (several cycles per element) and _recip_core's refinement does
+    nothing: slower, never wrong. llvmlite's attribute set only accepts names it knows, so the
+    string attribute is added to the underlying set directly."""
+    def codegen(context, builder, sig, args):
+        set.add(builder.function.attributes, '"reciprocal-estimates"="vec-divf:0,divf:0"')
+        return context.get_dummy_value()
+    return types.none(), codegen
+
+
+# ------------------------------------------------------------------- non-temporal stores
+@intrinsic
+def _address(typingctx, arr):
+    """The address of ``arr[0]`` as uint64 (to find the first vector-aligned element)."""
+    if not isinstance(arr, types.Array):
+        return None
+
+    def codegen(context, builder, sig, args):
+        data = context.make_array(sig.args[0])(context, builder, args[0]).data
+        return builder.ptrtoint(data, ir.IntType(64))
+    return types.uint64(arr), codegen
+
+
+@intrinsic
+def _nt_axpb(typingctx, out, src, j, a, b):
+    """out[j : j+W] = src[j : j+W] * a - b as one W-wide vector store marked ``!nontemporal``
+    (W = 32 bytes / itemsize; out + j must be 32-byte aligned, src + j need not be).
+
+    Why: a normal store to a line that is not in cache first reads it (read-for-ownership), so
+    writing a gradient costs two memory transfers per line instead of one. LLVM's vectoriser will
+    not widen a scalar non-temporal store it cannot prove aligned, so the vector is built here."""
+    ok = (isinstance(out, types.Array) and isinstance(src, types.Array) and out.layout == "C"
+          and src.layout == "C" and out.dtype == src.dtype == a == b
+          and out.dtype in (types.float32, types.float64) and isinstance(j, types.Integer))
+    if not ok:
+        return None
+
+    def codegen(context, builder, sig, args):
+        i32 = ir.IntType(32)
+        _, vt, width = _vector_type(context, sig.args[0].dtype)
+        out_a = context.make_array(sig.args[0])(context, builder, args[0])
+        src_a = context.make_array(sig.args[1])(context, builder, args[1])
+        j_ = args[2]
+        zeros = ir.Constant(ir.VectorType(i32, width), [0] * width)
+
+        def splat(x):
+            v = builder.insert_element(ir.Constant(vt, ir.Undefined), x, ir.Constant(i32, 0))
+            return builder.shuffle_vector(v, ir.Constant(vt, ir.Undefined), zeros)
+        v = builder.load(builder.bitcast(builder.gep(src_a.data, [j_]), vt.as_pointer()),
+                         align=sig.args[1].dtype.bitwidth // 8)
+        r = builder.fsub(builder.fmul(v, splat(args[3])), splat(args[4]))
+        st = builder.store(r, builder.bitcast(builder.gep(out_a.data, [j_]), vt.as_pointer()),
+                           align=_VEC_BYTES)
+        st.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(i32, 1)]))
+        return context.get_dummy_value()
+    return types.void(out, src, j, a, b), codegen
+
+
+@intrinsic
+def _store_fence(typingctx):
+    """A full fence (x86: mfence) after a row's non-temporal stores: they are weakly ordered, and
+    another thread may read the gradient as soon as the parallel region ends."""
+    def codegen(context, builder, sig, args):
+        builder.fence("seq_cst")
+        return context.get_dummy_value()
+    return types.void(), codegen
+
+
+@intrinsic
+def _relu_f32(typingctx, x):
+    """max(x, 0) for float32 by bits, x & ~(x >> 31): LLVM emits vpmaxsd, an integer op, where the
+    float select is a vmaxps on the multiply ports."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        i32 = ir.IntType(32)
+        b = builder.bitcast(args[0], i32)
+        return builder.bitcast(builder.and_(b, builder.not_(builder.ashr(b, ir.Constant(i32, 31)))), ir.FloatType())
+    return types.float32(x), codegen
+

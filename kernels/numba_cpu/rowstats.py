@@ -1,0 +1,240 @@
+"""Row statistics and gradient writes shared by the cross-entropy kernels.
+
+A row is processed while it sits in cache:
+
+    pass 1  max                      (reads a block of the row from memory)
+    pass 2  sum exp(z - m)           (block in L1; exps kept in a per-worker scratch row)
+    pass 3  gradient = p * a - b     (scratch in L2, non-temporal vector stores)
+
+which is the floor of one read of the logits and one write of the gradient. ``_online_stats`` does
+passes 1-2 a block at a time (an online softmax), ``_scaled_grad`` pass 3; ``_group_exp`` does
+passes 1-2 for many short rows at once. Exps are ``2^((x - m) k2)`` with ``k2 = log2(e) / T``.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, types
+from numba.extending import overload
+
+from .approx import fexp2
+from .base import JIT, _as, _padded, _u
+from .halfio import _load, _store
+from .intrinsics import _VEC_BYTES, _address, _block_max_vec, _nt_axpb
+
+_NT_MIN = 256  # shorter spans use ordinary stores: partial-line non-temporal writes are slow
+
+
+def _block_max(arr, lo, hi):
+    pass
+
+
+@overload(_block_max, jit_options=JIT)
+def _block_max_ov(arr, lo, hi):
+    """max(arr[lo:hi]) as an accumulation-dtype value, NaN ignored, -inf for an empty span."""
+    if arr.dtype in (types.float32, types.float64, types.uint16, types.int16):
+        return lambda arr, lo, hi: _block_max_vec(arr, lo, hi)
+    return None
+
+
+def _axpb(out, src, lo, hi, a, b):
+    pass
+
+
+@overload(_axpb, jit_options=JIT)
+def _axpb_ov(out, src, lo, hi, a, b):
+    """out[lo:hi] = _store(src[lo:hi] * a - b): vector non-temporal stores when out has the
+    accumulation dtype (fp32/fp64), an ordinary loop for 16-bit outputs."""
+    if out.dtype == src.dtype and out.dtype in (types.float32, types.float64):
+        itemsize = out.dtype.bitwidth // 8
+        width = _VEC_BYTES // itemsize
+
+        def nt_impl(out, src, lo, hi, a, b):
+            base = _address(out)
+            j = _u(lo)
+            end = _u(hi)
+            if base % _u(itemsize) == _u(0) and end - j >= _u(_NT_MIN):
+                # scalar head up to the first 32-byte aligned element, then whole vectors
+                head = ((_u(_VEC_BYTES) - (base + j * _u(itemsize)) % _u(_VEC_BYTES)) % _u(_VEC_BYTES)) // _u(itemsize)
+                jv = min(j + head, end)
+                for k in range(j, jv):
+                    out[k] = src[k] * a - b
+                j = jv
+                while j + _u(width) <= end:
+                    _nt_axpb(out, src, j, a, b)
+                    j += _u(width)
+            for k in range(j, end):
+                out[k] = src[k] * a - b
+        return nt_impl
+
+    def impl(out, src, lo, hi, a, b):
+        for k in range(_u(lo), _u(hi)):
+            out[k] = _store(src[k] * a - b, out[k])
+    return impl
+
+
+# ------------------------------------------------------------------------- row statistics
+# Elements per online-max block: 1 KiB of fp32, read from memory into L1 by the block max and then
+# exponentiated from there; the fastest of 128-2048 measured (docs/performance.md).
+STAT_BLOCK = 256
+
+
+@njit(**JIT)
+def _finite_or_zero(m, zero):
+    # The shift for a row/block max m: m itself when finite; 0 when m = -inf (all masked so far), so
+    # (-inf) - (-inf) never makes NaN; NaN when m is +inf or NaN, so that such rows give NaN (exp2_32
+    # is only defined for non-positive arguments, and +inf logits have no finite softmax anyway).
+    if m == m and (m - m) != zero:
+        return zero if m < zero else m - m
+    return m
+
+
+@njit(**JIT)
+def _online_stats(xr, lo, hi, k2, scratch, bstat, want_sz, zero):
+    """One streaming pass over xr[lo:hi]: max, Σ 2^((x - m) k2), and Σ (x - m).
+
+    Block-online softmax: each block of STAT_BLOCK elements is brought into L1 by its max, then
+    exponentiated against the running max m; when m grows the running sum is rescaled. The
+    exponentials go to ``scratch[lo:hi]``, the max each block used to ``bstat[0, b]`` and the block's
+    sum to ``bstat[1, b]``, so the gradient pass needs no second exp (it rescales per block).
+    Returns (m, s, sz) with m already made finite.
+    """
+    m = zero
+    seen = False
+    s = zero
+    sz = zero
+    nb = (hi - lo + STAT_BLOCK - 1) // STAT_BLOCK
+    for b in range(nb):
+        blo = lo + b * STAT_BLOCK
+        bhi = min(blo + STAT_BLOCK, hi)
+        bm = _finite_or_zero(_as(_block_max(xr, blo, bhi), zero), zero)
+        # s == 0 means every earlier element was -inf (a finite one contributes 2^0 = 1): then the
+        # shift may also move down, so a masked first block cannot pin m at 0 above the real max.
+        if not seen or bm > m or s == zero:
+            if seen:
+                if s > zero:
+                    s *= fexp2((m - bm) * k2)
+                sz += (m - bm) * _as(blo - lo, zero)
+            m = bm
+            seen = True
+        acc = zero
+        for j in range(_u(blo), _u(bhi)):
+            e = fexp2((_load(xr[j]) - m) * k2)
+            scratch[j] = e
+            acc += e
+        s += acc
+        if want_sz:
+            accz = zero
+            for j in range(_u(blo), _u(bhi)):
+                accz += _load(xr[j]) - m
+            sz += accz
+        bstat[0, b] = m
+        bstat[1, b] = acc
+    return m, s, sz
+
+
+@njit(**JIT)
+def _block_factor(bstat, blk, m, k2, zero):
+    # 2^((shift of block blk - m) k2). The block's shift exceeds m only after a downward reset,
+    # when that block's scratch is all 0: factor 1.
+    d = bstat[0, blk] - m
+    return fexp2((d if d < zero else zero) * k2)
+
+
+@njit(**JIT)
+def _scaled_grad(gr, scratch, bstat, lo, hi, m, k2, a, b):
+    """gr[j] = p_j * a - b with p_j = scratch[j] * 2^((bstat[0, blk] - m) k2) / s (the 1/s is in a)."""
+    zero = a - a
+    nb = (hi - lo + STAT_BLOCK - 1) // STAT_BLOCK
+    blk = 0
+    while blk < nb:
+        # One _axpb call per run of blocks that used the same shift (after the first few blocks of a
+        # row, usually all of them): fewer loop set-ups and alignment heads in the write stream.
+        end = blk + 1
+        while end < nb and bstat[0, end] == bstat[0, blk]:
+            end += 1
+        _axpb(gr, scratch, lo + blk * STAT_BLOCK, min(lo + end * STAT_BLOCK, hi),
+              a * _block_factor(bstat, blk, m, k2, zero), b)
+        blk = end
+
+
+@njit(**JIT)
+def _sum_except(scratch, lo, hi, skip, zero):
+    # Σ scratch[lo:hi] without scratch[skip] (summed directly: no subtraction, no cancellation).
+    acc = zero
+    for j in range(_u(lo), _u(skip)):
+        acc += scratch[j]
+    for j in range(_u(skip + 1), _u(hi)):
+        acc += scratch[j]
+    return acc
+
+
+@njit(**JIT)
+def _rest_sum(scratch, bstat, c, yi, m, k2, zero):
+    """Σ_{j != y} 2^((x_j - m) k2) from _online_stats' block sums; the label's block is re-summed
+    without the label (a subtraction would cancel exactly when p_y is close to 1)."""
+    rest = zero
+    nb = (c + STAT_BLOCK - 1) // STAT_BLOCK
+    by = yi // STAT_BLOCK
+    for blk in range(nb):
+        if blk == by:
+            part = _sum_except(scratch, blk * STAT_BLOCK, min(blk * STAT_BLOCK + STAT_BLOCK, c), yi, zero)
+        else:
+            part = bstat[1, blk]
+        if part != zero:
+            rest += part * _block_factor(bstat, blk, m, k2, zero)
+    return rest
+
+
+@njit(**JIT)
+def _fill(gr, lo, hi, val):
+    for j in range(_u(lo), _u(hi)):
+        gr[j] = _store(val, gr[j])
+
+
+# ------------------------------------------------------------------- groups of short rows
+# Short rows stored back to back are processed a group at a time: per-row scalar work (max, sum, log,
+# label) and flat vector loops over the whole group for the exp and the gradient. A loop over one
+# 10-element row never reaches LLVM's vector body (unrolled 4 x 8 wide): its exp would run scalar.
+TINY_GROUP = 1024  # elements per group: the group's x, exps, shifts and factors stay in L1
+
+
+@njit(**JIT)
+def _group_scratch(n_workers, c, dtype):
+    # Per worker: the exps, each element's row shift and each element's gradient factor of a group.
+    return np.empty((n_workers, 3, _padded(TINY_GROUP + c)), dtype=dtype)
+
+
+@njit(**JIT)
+def _group_exp(xg, c, rows, sc, sh, k2, zero):
+    """For ``rows`` rows of ``c`` elements back to back in ``xg``: each row's shift (its max, made
+    finite) into every element of ``sh``, then sc = 2^((x - sh) k2) in one vector loop over all of
+    them (a 10-element row on its own never reaches LLVM's 4 x 8 wide vector body)."""
+    for r in range(rows):
+        lo = r * c
+        # NaN ignored, as in _block_max (exp propagates it); four chains for latency
+        m0 = _as(-np.inf, zero)
+        m1 = m0
+        m2 = m0
+        m3 = m0
+        j = lo
+        while j + 4 <= lo + c:
+            v0 = _load(xg[j])
+            v1 = _load(xg[j + 1])
+            v2 = _load(xg[j + 2])
+            v3 = _load(xg[j + 3])
+            m0 = v0 if v0 > m0 else m0
+            m1 = v1 if v1 > m1 else m1
+            m2 = v2 if v2 > m2 else m2
+            m3 = v3 if v3 > m3 else m3
+            j += 4
+        while j < lo + c:
+            v0 = _load(xg[j])
+            m0 = v0 if v0 > m0 else m0
+            j += 1
+        m0 = m1 if m1 > m0 else m0
+        m2 = m3 if m3 > m2 else m2
+        m = _finite_or_zero(m2 if m2 > m0 else m0, zero)
+        for j in range(_u(lo), _u(lo + c)):
+            sh[j] = m
+    for j in range(_u(0), _u(rows * c)):
+        sc[j] = fexp2((_load(xg[j]) - sh[j]) * k2)
