@@ -44,7 +44,16 @@ def reduce(values, reduction: str, count, shape, total, at_least_one=lambda c: m
     return t if reduction == "sum" else t / at_least_one(count)
 
 
-def check_label_range(labels, n_cls: int, ignore_index: int) -> None:
+# The kernels' ignore_index when the user ignores no row (ignore_index=None): an int64 that no label
+# array of a real dataset holds (a label of exactly -2**63 would count as ignored, not as invalid).
+NO_IGNORE = -(2 ** 63)
+
+
+def kernel_ignore_index(ignore_index):
+    return NO_IGNORE if ignore_index is None else ignore_index
+
+
+def check_label_range(labels, n_cls: int, ignore_index) -> None:
     """ValueError naming the first label outside [0, C) that is not ``ignore_index``.
 
     For eager calls: ``labels`` is a NumPy array or a torch tensor (one host sync, as torch's own
@@ -52,7 +61,9 @@ def check_label_range(labels, n_cls: int, ignore_index: int) -> None:
     traced label cannot raise: the kernel's NaN row is the answer there.
     """
     y = labels
-    bad = (y != ignore_index) & ((y < 0) | (y >= n_cls))
+    bad = (y < 0) | (y >= n_cls)
+    if ignore_index is not None:
+        bad = bad & (y != ignore_index)
     if bool(bad.any()):
         first = y[bad].reshape(-1)[0]
         raise label_range_error(int(first.item() if hasattr(first, "item") else first), n_cls, ignore_index)

@@ -42,6 +42,12 @@ def input_kind(x) -> str:
     return "numpy"
 
 
+def framework_of(x) -> str:
+    """'jax', 'torch' or 'numpy' (NumPy arrays and anything else array-like)."""
+    kind = input_kind(x)
+    return "torch" if kind.startswith("torch") else kind
+
+
 def unavailable_reason(backend: str):
     """None if ``backend`` can run here, else why not. Imports the backend (call time only)."""
     try:

@@ -49,8 +49,10 @@ def _kernel_view(a):
         arr = a.numpy()
     else:
         arr = np.ascontiguousarray(a)
-    if name in _BITS:
-        arr = arr.view(_BITS[name])
+    arr = arr.view(_BITS[name]) if name in _BITS else arr.view()
+    # Inputs are read, never written: one read-only view type whether the caller's array is writable
+    # or not (np.asarray of a jax array is read-only), so each kernel compiles one specialisation.
+    arr.flags.writeable = False
     return arr
 
 
@@ -162,8 +164,9 @@ def _sparse(x, labels, opts, want_x, want_other):
     y = _kernel_view(labels).reshape(-1)
     if y.dtype != np.int64:
         y = y.astype(np.int64)
+        y.flags.writeable = False
     out = _Out(x)
-    ign = opts["ignore_index"]
+    ign = _adapter.kernel_ignore_index(opts["ignore_index"])
     count = int(np.count_nonzero(y != ign))
     loss = np.empty(n, acc)
     lse = np.empty(n, acc)
@@ -179,7 +182,7 @@ def _sparse(x, labels, opts, want_x, want_other):
     else:
         bad = K.SPARSE[path](xv, stride, n_cls, y, loss, lse, g2, kopts, ign, want_x, threads)
     if bad:
-        _adapter.check_label_range(y, n_cls, ign)
+        _adapter.check_label_range(y, n_cls, opts["ignore_index"])
     value = _reduce(loss, opts["reduction"], count, acc, out, tuple(x.shape[:-1]))
     return value, (out.finish(g_obj, name) if want_x else None), None
 
@@ -222,8 +225,9 @@ def _elementwise(kernel, extra):
         want_vals = opts["reduction"] == "none"
         vals = np.empty(n if want_vals else 1, acc)
         partial = np.empty((n + K.BLOCK - 1) // K.BLOCK, acc)
-        gx_obj, gx = out.empty(tuple(x.shape), name) if want_x else (None, xv[:1])
-        gt_obj, gt = out.empty(tuple(t.shape), tname) if want_other else (None, tv[:1])
+        # A forward-only call passes a typed 1-element output that the kernel never writes.
+        gx_obj, gx = out.empty(tuple(x.shape), name) if want_x else (None, np.empty(1, xv.dtype))
+        gt_obj, gt = out.empty(tuple(t.shape), tname) if want_other else (None, np.empty(1, tv.dtype))
         kernel(xv, tv, vals, partial, gx.reshape(-1), gt.reshape(-1), *extra(opts, acc),
                _scale(opts["reduction"], n, acc), want_vals, want_x, want_other)
         # "none": the per-element values; otherwise the blocks' partial sums carry the total.

@@ -39,7 +39,7 @@ def _check_device(x, other):
         if not isinstance(a, torch.Tensor):
             raise TypeError(f"the 'triton' backend takes torch tensors; received {type(a).__name__}.")
     if x.device != other.device:
-        raise ValueError(f"both inputs must be on one device; received {x.device} and {other.device}.")
+        raise TypeError(f"both inputs must be on one device; received {x.device} and {other.device}.")
     if x.device.type == "cpu" and not _interpret():
         raise RuntimeError("the 'triton' backend runs CPU tensors only under TRITON_INTERPRET=1; "
                            "move the tensors to CUDA or use backend='numba'.")
@@ -80,9 +80,9 @@ def _sparse(x, labels, opts, want_x, want_other, inplace=False):
                          f"gradient); received strides {tuple(x.stride())}.")
     y = labels.reshape(-1)
     n = x2.shape[0]
-    ign = opts["ignore_index"]
+    ign = _adapter.kernel_ignore_index(opts["ignore_index"])
     if n:  # eager contract: a clear error (one host sync, as torch's own check)
-        _adapter.check_label_range(y, n_cls, ign)
+        _adapter.check_label_range(y, n_cls, opts["ignore_index"])
     acc = _acc_dtype(x)
     loss = torch.empty(n, device=x.device, dtype=acc)
     lse = torch.empty(n, device=x.device, dtype=acc)

@@ -116,9 +116,12 @@ def check_z_loss(value) -> float:
     return z
 
 
-def check_ignore_index(value) -> int:
+def check_ignore_index(value):
+    """An int, or None for "no row is ignored" (Keras' ``ignore_class=None``)."""
+    if value is None:
+        return None
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"`ignore_index` must be an integer; received {value!r}.")
+        raise ValueError(f"`ignore_index` must be an integer or None; received {value!r}.")
     return int(value)
 
 
@@ -136,8 +139,8 @@ def check_backend(value, arg: str = "backend"):
     return value
 
 
-def label_range_error(bad_label, num_classes: int, ignore_index: int) -> ValueError:
-    return ValueError(
-        f"`labels` must be class indices in [0, {num_classes}) or `ignore_index` ({ignore_index}); "
-        f"received label {bad_label}."
-    )
+def label_range_error(bad_label, num_classes: int, ignore_index) -> ValueError:
+    allowed = f"class indices in [0, {num_classes})"
+    if ignore_index is not None:
+        allowed += f" or `ignore_index` ({ignore_index})"
+    return ValueError(f"`labels` must be {allowed}; received label {bad_label}.")

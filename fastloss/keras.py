@@ -84,6 +84,9 @@ def categorical_crossentropy(y_true, y_pred, from_logits=False, label_smoothing=
     temperature = check_temperature(temperature)
     y_pred = ops.convert_to_tensor(y_pred)
     y_true = ops.cast(y_true, y_pred.dtype)
+    if tuple(y_true.shape) != tuple(y_pred.shape):  # stock's check: a (N, 1) target never broadcasts
+        raise ValueError("Arguments `target` and `output` must have the same shape. Received: "
+                         f"target.shape={tuple(y_true.shape)}, output.shape={tuple(y_pred.shape)}")
     if not from_logits and temperature == 1.0:
         if label_smoothing:
             c = ops.cast(ops.shape(y_true)[axis], y_pred.dtype)
@@ -125,8 +128,7 @@ def sparse_categorical_crossentropy(y_true, y_pred, from_logits=False, ignore_cl
             res = -ops.squeeze(ops.take_along_axis(logp, ops.expand_dims(labels, -1), axis=-1), -1)
         else:
             # ignore_class becomes the kernel's ignore_index: loss 0 and gradient 0 for those rows.
-            # Without one, a sentinel the int32 labels cannot hold, so it matches no row.
-            ignore = int(ignore_class) if ignore_class is not None else -(2 ** 40)
+            ignore = int(ignore_class) if ignore_class is not None else None
             res = fastloss.sparse_softmax_cross_entropy(logits, y_true, temperature=temperature,
                                                         ignore_index=ignore, reduction="none")
     if valid is not None:
@@ -159,8 +161,12 @@ def binary_crossentropy(y_true, y_pred, from_logits=False, label_smoothing=0.0, 
 
 @keras.saving.register_keras_serializable(package="fastloss")
 def mean_squared_error(y_true, y_pred):
-    """``keras.losses.mean_squared_error`` on the fused MSE kernel: mean over the last axis."""
+    """``keras.losses.mean_squared_error`` on the fused MSE kernel: mean over the last axis.
+    Integer inputs are computed in ``keras.backend.floatx()`` (the kernels take floats; stock squares
+    the integers, with the same values)."""
     y_pred = ops.convert_to_tensor(y_pred)
+    if not keras.backend.is_float_dtype(y_pred.dtype):
+        y_pred = ops.cast(y_pred, keras.backend.floatx())
     y_true = ops.convert_to_tensor(y_true, dtype=y_pred.dtype)
     y_true, y_pred = squeeze_or_expand_to_same_rank(y_true, y_pred)
     if _kernel_backend() is None:

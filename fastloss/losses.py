@@ -17,6 +17,26 @@ def _as_array(x):
     return x if hasattr(x, "shape") and hasattr(x, "dtype") else np.asarray(x)
 
 
+def _pair(x, other, x_arg, other_arg):
+    """The two inputs as arrays of one framework. NumPy arrays and lists next to torch logits become
+    torch tensors on the logits' device (as torch's own losses accept only tensors, this is the one
+    conversion users expect); jax and NumPy mix freely (jax reads NumPy arrays). Any other mix, or
+    torch tensors on two devices, is a TypeError naming both arguments."""
+    x, other = _as_array(x), _as_array(other)
+    kx, ko = _dispatch.framework_of(x), _dispatch.framework_of(other)
+    if kx == "torch" and ko == "numpy":
+        import torch
+        return x, torch.as_tensor(np.asarray(other), device=x.device)
+    if kx == "torch" and ko == "torch" and x.device != other.device:
+        raise TypeError(f"`{x_arg}` and `{other_arg}` must be on one device; received `{x_arg}` on {x.device} "
+                        f"and `{other_arg}` on {other.device}.")
+    if kx != ko and "torch" in (kx, ko):
+        raise TypeError(f"`{x_arg}` and `{other_arg}` must come from one framework (NumPy arrays or lists may "
+                        f"go with torch `{x_arg}`); received `{x_arg}` of type {type(x).__module__}."
+                        f"{type(x).__name__} and `{other_arg}` of type {type(other).__module__}.{type(other).__name__}.")
+    return x, other
+
+
 def _call(loss, x, other, backend, opts):
     name = _dispatch.resolve(backend, x)
     return _dispatch.get(loss, name)(x, other, opts)
@@ -27,7 +47,7 @@ def _call(loss, x, other, backend, opts):
 
 def _validate_sparse(logits, labels, *, temperature=1.0, label_smoothing=0.0, ignore_index=-100,
                      z_loss=0.0, reduction="mean"):
-    logits, labels = _as_array(logits), _as_array(labels)
+    logits, labels = _pair(logits, labels, "logits", "labels")
     V.check_float_input(logits, "logits")
     V.check_class_axis(V.shape_of(logits))
     V.check_labels(labels, V.shape_of(logits))
@@ -39,7 +59,7 @@ def _validate_sparse(logits, labels, *, temperature=1.0, label_smoothing=0.0, ig
 
 
 def _validate_dense(logits, targets, *, temperature=1.0, label_smoothing=0.0, reduction="mean"):
-    logits, targets = _as_array(logits), _as_array(targets)
+    logits, targets = _pair(logits, targets, "logits", "targets")
     V.check_float_input(logits, "logits")
     V.check_float_input(targets, "targets")
     V.check_class_axis(V.shape_of(logits))
@@ -50,7 +70,7 @@ def _validate_dense(logits, targets, *, temperature=1.0, label_smoothing=0.0, re
 
 
 def _validate_sigmoid(logits, targets, *, label_smoothing=0.0, reduction="mean"):
-    logits, targets = _as_array(logits), _as_array(targets)
+    logits, targets = _pair(logits, targets, "logits", "targets")
     V.check_float_input(logits, "logits")
     V.check_float_input(targets, "targets")
     V.check_same_shape(logits, targets, "logits", "targets")
@@ -59,7 +79,7 @@ def _validate_sigmoid(logits, targets, *, label_smoothing=0.0, reduction="mean")
 
 
 def _validate_mse(predictions, targets, *, reduction="mean"):
-    predictions, targets = _as_array(predictions), _as_array(targets)
+    predictions, targets = _pair(predictions, targets, "predictions", "targets")
     V.check_float_input(predictions, "predictions")
     V.check_float_input(targets, "targets")
     V.check_same_shape(predictions, targets, "predictions", "targets")
@@ -91,7 +111,8 @@ def sparse_softmax_cross_entropy(logits, labels, *, temperature=1.0, label_smoot
         labels: integer array (...): class indices in [0, C), or ``ignore_index``.
         temperature: > 0; divides the logits (it does not rescale the loss by T^2).
         label_smoothing: ε in [0, 1], as in torch and Keras.
-        ignore_index: rows with this label have loss 0 and gradient 0, and are not counted by "mean".
+        ignore_index: rows with this label have loss 0 and gradient 0 (whatever their logits hold),
+            and are not counted by "mean"; None ignores no row.
         z_loss: weight of the lse^2 regulariser (PaLM), >= 0.
         reduction: "mean" (sum over non-ignored rows / their count, 0.0 when there are none),
             "sum", or "none" (per-row losses of shape (...)).

@@ -23,32 +23,37 @@ def _acc_dtype(x):
     return jnp.float64 if x.dtype == jnp.float64 else jnp.float32
 
 
-def _scaled(x, temperature):
-    z = x.astype(_acc_dtype(x))
-    return z if temperature == 1.0 else z / temperature
+def _zs(x, m, temperature):
+    """The shifted, scaled logits (x - m) / T in the accumulation dtype (m per row, unscaled).
+
+    The shift comes before the temperature: x / T alone overflows for a tiny T (x = 4, T = 1e-38),
+    while x - m <= 0 and its quotient at worst goes to -inf, whose exp is the exact limit 0."""
+    zs = x.astype(_acc_dtype(x)) - m[:, None]
+    return zs if temperature == 1.0 else zs / temperature
 
 
-def _shift(z):
-    """Row max ``m`` (made finite) and ``log s = log Σ exp(z - m)`` of a 2-D array; lse = m + log s.
+def _shift(x, temperature):
+    """Row max ``m`` of the unscaled logits (made finite) and ``log s = log Σ exp((x - m) / T)`` of
+    a 2-D array; lse = m / T + log s.
 
-    Losses are formed from shifted values ``z - m`` and ``log s``, never from ``lse - z``: with a
-    common offset of 1e5, fp32 ``lse`` is rounded by ~4e-3 and the difference would inherit it, while
-    ``z - m`` is exact (Sterbenz). The (N, C) shifted array is not returned: callers gather or reduce
-    ``z`` and subtract ``m`` per row, so XLA fuses every use into its own pass over the logits
-    instead of writing and re-reading an (N, C) intermediate. The max is a constant of the math
+    Losses are formed from shifted values and ``log s``, never from ``lse - z``: with a common
+    offset of 1e5, fp32 ``lse`` is rounded by ~4e-3 and the difference would inherit it, while
+    ``x - m`` is exact (Sterbenz). The (N, C) shifted array is not returned: callers gather or
+    reduce ``_zs`` per row, so XLA fuses every use into its own pass over the logits instead of
+    writing and re-reading an (N, C) intermediate. The max is a constant of the math
     (stop_gradient). A row whose max is not finite (all -inf, +inf, NaN) keeps 0 as the shift, so
     NaN propagates and an all-masked row gives lse = -inf rather than NaN from (-inf) - (-inf).
     """
-    m = lax.stop_gradient(jnp.max(z, axis=-1))
+    m = lax.stop_gradient(jnp.max(x.astype(_acc_dtype(x)), axis=-1))
     m = jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m))
-    return m, jnp.log(jnp.sum(jnp.exp(z - m[:, None]), axis=-1))
+    return m, jnp.log(jnp.sum(jnp.exp(_zs(x, m, temperature)), axis=-1))
 
 
 def _is_ignored(labels, ignore_index):
-    """labels == ignore_index, where an index the label dtype cannot hold matches nothing (comparing
-    would overflow the int32 labels JAX uses by default)."""
+    """labels == ignore_index, where None, or an index the label dtype cannot hold, matches nothing
+    (comparing would overflow the int32 labels JAX uses by default)."""
     info = jnp.iinfo(labels.dtype)
-    if not info.min <= ignore_index <= info.max:
+    if ignore_index is None or not info.min <= ignore_index <= info.max:
         return jnp.zeros(labels.shape, bool)
     return labels == ignore_index
 
@@ -69,15 +74,15 @@ def sparse_cross_entropy(logits, labels, temperature, label_smoothing, ignore_in
     return _sparse_fwd(logits, labels, temperature, label_smoothing, ignore_index, z_loss)[0]
 
 
-def _sparse_rows(z, m, labels, log_s, lse, label_smoothing, ignore_index, z_loss):
-    n_cls = z.shape[-1]
+def _sparse_rows(x, m, labels, log_s, lse, temperature, label_smoothing, ignore_index, z_loss):
+    n_cls = x.shape[-1]
     valid = (labels >= 0) & (labels < n_cls)
     # Gather the label's logit (a clamped index only to keep the gather in bounds; invalid rows are
     # overwritten with NaN below).
-    z_y = jnp.take_along_axis(z, jnp.clip(labels, 0, n_cls - 1)[:, None].astype(jnp.int32), axis=-1)[:, 0]
-    row = log_s - (z_y - m)
+    x_y = jnp.take_along_axis(x, jnp.clip(labels, 0, n_cls - 1)[:, None].astype(jnp.int32), axis=-1)
+    row = log_s - _zs(x_y, m, temperature)[:, 0]
     if label_smoothing:
-        row = (1.0 - label_smoothing) * row + label_smoothing * (log_s - jnp.mean(z - m[:, None], axis=-1))
+        row = (1.0 - label_smoothing) * row + label_smoothing * (log_s - jnp.mean(_zs(x, m, temperature), axis=-1))
     if z_loss:
         row = row + z_loss * lse * lse
     nan = jnp.full_like(row, jnp.nan)
@@ -85,20 +90,20 @@ def _sparse_rows(z, m, labels, log_s, lse, label_smoothing, ignore_index, z_loss
 
 
 def _sparse_fwd(logits, labels, temperature, label_smoothing, ignore_index, z_loss):
-    z = _scaled(logits, temperature)
-    m, log_s = _shift(z)
-    lse = m + log_s
-    loss = _sparse_rows(z, m, labels, log_s, lse, label_smoothing, ignore_index, z_loss)
+    m, log_s = _shift(logits, temperature)
+    lse = m / temperature + log_s
+    loss = _sparse_rows(logits, m, labels, log_s, lse, temperature, label_smoothing, ignore_index, z_loss)
     return (loss, lse), (logits, labels, m, log_s)
 
 
 def _sparse_bwd(temperature, label_smoothing, ignore_index, z_loss, res, cts):
     logits, labels, m, log_s = res
-    lse = m + log_s
+    lse = m / temperature + log_s
     g_loss, g_lse = cts
     n_cls = logits.shape[-1]
     valid = (labels >= 0) & (labels < n_cls)
-    scale = jnp.where(_is_ignored(labels, ignore_index), 0.0, jnp.where(valid, g_loss, jnp.nan)).astype(lse.dtype)
+    ignored = _is_ignored(labels, ignore_index)
+    scale = jnp.where(ignored, 0.0, jnp.where(valid, g_loss, jnp.nan)).astype(lse.dtype)
     # d loss/dz = p (1 + 2 z_loss lse) - q, q = (1-ε) onehot(y) + ε/C;  d lse/dz = p;  dz/dx = 1/T.
     # Per element that is one multiply-add, g = e a - b with e = exp(z - m) and per-row
     # a = (scale (1 + 2 z_loss lse) + g_lse) / (s T), b = scale ε / (C T); the label's -(1-ε) scale / T
@@ -107,12 +112,15 @@ def _sparse_bwd(temperature, label_smoothing, ignore_index, z_loss, res, cts):
     # the bottleneck). The saved residuals stay O(rows) either way.
     inv_t = 1.0 / temperature
     a = (scale * (1.0 + 2.0 * z_loss * lse) + g_lse) * jnp.exp(-log_s) * inv_t
-    e = jnp.exp(_scaled(logits, temperature) - m[:, None])
+    e = jnp.exp(_zs(logits, m, temperature))
     g = e * a[:, None]
     if label_smoothing:
         g = g - (scale * (label_smoothing / n_cls * inv_t))[:, None]
     rows = jnp.arange(logits.shape[0])
     g = g.at[rows, jnp.clip(labels, 0, n_cls - 1)].add(-(1.0 - label_smoothing) * inv_t * scale)
+    # An ignored row's gradient is exactly 0 even when its logits hold NaN or inf (padding): scale 0
+    # times a NaN softmax would be NaN. The select fuses into the same elementwise pass.
+    g = jnp.where(ignored[:, None], jnp.zeros_like(g), g)
     return g.astype(logits.dtype), None
 
 
@@ -142,17 +150,17 @@ def _smoothed(targets, label_smoothing, dtype):
 
 
 def _dense_fwd(logits, targets, temperature, label_smoothing):
-    z = _scaled(logits, temperature)
-    m, log_s = _shift(z)
-    q = _smoothed(targets, label_smoothing, z.dtype)
-    terms = jnp.where(q == 0, jnp.zeros_like(z), q * (log_s[:, None] - (z - m[:, None])))
-    return (jnp.sum(terms, axis=-1), m + log_s), (logits, targets, m, log_s)
+    m, log_s = _shift(logits, temperature)
+    zs = _zs(logits, m, temperature)
+    q = _smoothed(targets, label_smoothing, zs.dtype)
+    terms = jnp.where(q == 0, jnp.zeros_like(zs), q * (log_s[:, None] - zs))
+    return (jnp.sum(terms, axis=-1), m / temperature + log_s), (logits, targets, m, log_s)
 
 
 def _dense_bwd(temperature, label_smoothing, res, cts):
     logits, targets, m, log_s = res
     g_loss, g_lse = cts
-    zs = _scaled(logits, temperature) - m[:, None]
+    zs = _zs(logits, m, temperature)
     q = _smoothed(targets, label_smoothing, zs.dtype)
     p = jnp.exp(zs) * jnp.exp(-log_s)[:, None]  # shares exp(z - m) with the forward (see sparse)
     q_sum = jnp.sum(q, axis=-1)

@@ -60,8 +60,9 @@ def sparse_ce_kernel(X, stride_x, Y, LOSS, LSE, G, stride_g, PARAMS, n_cols, ign
     y = tl.load(Y + row).to(tl.int64)
     ignored = y == ignore_index
     valid = (y >= 0) & (y < n_cols)
-    # Pass 1: online max / sum (and Σ (z - m) for smoothing), one read of the row. s_rest is the sum
-    # without the label's term, for the label's gradient (see pass 2).
+    # Pass 1: online max / sum (and Σ zs for smoothing), one read of the row, with zs = (x - m) / T:
+    # the max is taken of the unscaled logits and the shift comes before the temperature, so a tiny
+    # T cannot overflow x / T. s_rest is the sum without the label's term (see pass 2).
     m = _const(-float("inf"), ACC_F64)
     s = _const(0.0, ACC_F64)
     s_rest = _const(0.0, ACC_F64)
@@ -69,25 +70,27 @@ def sparse_ce_kernel(X, stride_x, Y, LOSS, LSE, G, stride_g, PARAMS, n_cols, ign
     for off in range(0, n_cols, BLOCK):
         cols = off + tl.arange(0, BLOCK)
         mask = cols < n_cols
-        z = _acc(tl.load(x_row + cols, mask=mask, other=-float("inf")), ACC_F64) * inv_t
-        m_new = tl.maximum(m, tl.max(z, 0))
+        x = _acc(tl.load(x_row + cols, mask=mask, other=-float("inf")), ACC_F64)
+        m_new = tl.maximum(m, tl.max(x, 0))
         # A shift that is -inf (everything masked so far) becomes 0, so (-inf) - (-inf) never
-        # makes NaN; +inf or NaN stays, so such rows end up NaN.
+        # makes NaN; +inf or NaN stays, so such rows end up NaN. The old sum is rescaled by
+        # exp((m - m_safe) / T), which is exactly 0 while m is still -inf (s is 0 then: the form
+        # exp(0 - m_safe) would overflow to inf for a logit below -88 T and make 0 * inf = NaN).
         m_old_safe = tl.where(m == -float("inf"), 0.0, m)
         m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
-        rescale = tl.exp(m_old_safe - m_safe)
-        e = tl.where(mask, tl.exp(z - m_safe), 0.0)
+        rescale = tl.exp((m - m_safe) * inv_t)
+        e = tl.where(mask, tl.exp((x - m_safe) * inv_t), 0.0)
         s = s * rescale + tl.sum(e, 0)
         if WANT_GRAD:
             s_rest = s_rest * rescale + tl.sum(tl.where(cols == y, 0.0, e), 0)
         if HAS_SMOOTH:
-            sz = sz + (m_old_safe - m_safe) * off + tl.sum(tl.where(mask, z - m_safe, 0.0), 0)
+            sz = sz + (m_old_safe - m_safe) * inv_t * off + tl.sum(tl.where(mask, (x - m_safe) * inv_t, 0.0), 0)
         m = m_new
     m = tl.where(m == -float("inf"), 0.0, m)
     log_s = tl.log(s)
-    lse = m + log_s
+    lse = m * inv_t + log_s
     y_safe = tl.where(valid, y, 0)
-    zs_y = _acc(tl.load(x_row + y_safe), ACC_F64) * inv_t - m
+    zs_y = (_acc(tl.load(x_row + y_safe), ACC_F64) - m) * inv_t
     loss = (1.0 - eps) * (log_s - zs_y)
     if HAS_SMOOTH:
         loss += eps * (log_s - sz / n_cols)
@@ -107,10 +110,11 @@ def sparse_ce_kernel(X, stride_x, Y, LOSS, LSE, G, stride_g, PARAMS, n_cols, ign
         for off in range(0, n_cols, BLOCK):
             cols = off + tl.arange(0, BLOCK)
             mask = cols < n_cols
-            z = _acc(tl.load(x_row + cols, mask=mask, other=-float("inf")), ACC_F64) * inv_t
-            p = tl.exp(z - m - log_s)
+            x = _acc(tl.load(x_row + cols, mask=mask, other=-float("inf")), ACC_F64)
+            p = tl.exp((x - m) * inv_t - log_s)
             pq = tl.where(cols == y, eps - eps / n_cols - s_rest / s, p - eps / n_cols)
-            g = (pq + zc * p) * scale
+            # Ignored rows: exactly 0, even when their logits hold NaN or inf (0 * NaN would be NaN).
+            g = tl.where(ignored, 0.0, (pq + zc * p) * scale)
             tl.store(g_row + cols, g.to(G.dtype.element_ty), mask=mask)
 
 
@@ -127,30 +131,31 @@ def dense_ce_kernel(X, stride_x, T, stride_t, LOSS, LSE, GX, stride_gx, GT, stri
     m = _const(-float("inf"), ACC_F64)
     s = _const(0.0, ACC_F64)
     q_sum = _const(0.0, ACC_F64)
-    qz = _const(0.0, ACC_F64)   # Σ q (z - m), re-based when m grows
+    qz = _const(0.0, ACC_F64)   # Σ q zs, re-based when m grows; zs = (x - m) / T as in sparse_ce_kernel
     for off in range(0, n_cols, BLOCK):
         cols = off + tl.arange(0, BLOCK)
         mask = cols < n_cols
-        z = _acc(tl.load(x_row + cols, mask=mask, other=-float("inf")), ACC_F64) * inv_t
+        x = _acc(tl.load(x_row + cols, mask=mask, other=-float("inf")), ACC_F64)
         q = (1.0 - eps) * _acc(tl.load(t_row + cols, mask=mask, other=0.0), ACC_F64) + eps / n_cols
         q = tl.where(mask, q, 0.0)
-        m_new = tl.maximum(m, tl.max(z, 0))
+        m_new = tl.maximum(m, tl.max(x, 0))
         m_old_safe = tl.where(m == -float("inf"), 0.0, m)
         m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
-        s = s * tl.exp(m_old_safe - m_safe) + tl.sum(tl.where(mask, tl.exp(z - m_safe), 0.0), 0)
-        qz = qz + q_sum * (m_old_safe - m_safe) + tl.sum(tl.where(q == 0.0, 0.0, q * (z - m_safe)), 0)
+        s = s * tl.exp((m - m_safe) * inv_t) + tl.sum(tl.where(mask, tl.exp((x - m_safe) * inv_t), 0.0), 0)
+        qz = qz + q_sum * (m_old_safe - m_safe) * inv_t + \
+            tl.sum(tl.where(q == 0.0, 0.0, q * ((x - m_safe) * inv_t)), 0)
         q_sum += tl.sum(q, 0)
         m = m_new
     m = tl.where(m == -float("inf"), 0.0, m)
     log_s = tl.log(s)
     tl.store(LOSS + row, q_sum * log_s - qz)
-    tl.store(LSE + row, m + log_s)
+    tl.store(LSE + row, m * inv_t + log_s)
     if WANT_GX or WANT_GT:
         scale = tl.load(PARAMS + 2)
         for off in range(0, n_cols, BLOCK):
             cols = off + tl.arange(0, BLOCK)
             mask = cols < n_cols
-            zs = _acc(tl.load(x_row + cols, mask=mask, other=-float("inf")), ACC_F64) * inv_t - m
+            zs = (_acc(tl.load(x_row + cols, mask=mask, other=-float("inf")), ACC_F64) - m) * inv_t
             if WANT_GX:
                 q = (1.0 - eps) * _acc(tl.load(t_row + cols, mask=mask, other=0.0), ACC_F64) + eps / n_cols
                 p = tl.exp(zs - log_s)

@@ -223,3 +223,17 @@ def test_fallback_backend_warns_once_and_matches(monkeypatch):
         a = _np(mod.sparse_categorical_crossentropy(Y, X, from_logits=True, temperature=2.0))
     b = _np(keras.losses.sparse_categorical_crossentropy(Y, X / 2.0, from_logits=True))
     np.testing.assert_allclose(a, b, rtol=2e-5)
+
+
+def test_out_of_range_label_message_says_what_the_user_passed():
+    # Without ignore_class nothing is ignored: the message names the classes, no internal sentinel.
+    with pytest.raises(ValueError, match=r"class indices in \[0, 5\); received label 9\.") as info:
+        fk.SparseCategoricalCrossentropy(from_logits=True)(np.array([0, 9]), X[:2])
+    assert "ignore_index" not in str(info.value)
+
+
+def test_integer_inputs_and_target_shape_check_as_stock():
+    np.testing.assert_allclose(_np(fk.mean_squared_error(np.array([4, 8, 12]), np.array([[3], [0], [1]]))),
+                               [1.0, 64.0, 121.0])
+    with pytest.raises(ValueError, match="must have the same shape"):
+        fk.categorical_crossentropy(np.array([[0.0], [1.0], [0.0]]), PROBS[:3, :3])

@@ -53,7 +53,7 @@ def sparse_softmax_cross_entropy(logits, labels, temperature=1.0, label_smoothin
         yc = np.clip(y, 0, n_cls - 1)
         nll = log_s - zs[np.arange(n), yc]
         smooth = log_s - zs.mean(axis=-1) if label_smoothing else 0.0
-        row = (1 - label_smoothing) * nll + label_smoothing * smooth + z_loss * lse ** 2
+        row = (1 - label_smoothing) * nll + label_smoothing * smooth + (z_loss * lse ** 2 if z_loss else 0.0)
         row = np.where(ignored, 0.0, np.where(valid, row, np.nan))
         count = int(np.sum(~ignored))
         scale = _row_scale(n, reduction, count, cot)
@@ -70,7 +70,7 @@ def sparse_softmax_cross_entropy(logits, labels, temperature=1.0, label_smoothin
         rest = np.sum(np.where(onehot, 0.0, p), axis=-1)
         g[np.arange(n), yc] = (-rest + 2 * z_loss * lse * p[np.arange(n), yc]
                                + label_smoothing * (1 - 1 / n_cls))
-        g = g * scale[:, None] / temperature
+        g = np.where(ignored[:, None], 0.0, g * scale[:, None] / temperature)  # whatever the row holds
         return _reduce(row, reduction, count, lead), g.reshape(x.shape)
 
 

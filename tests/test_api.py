@@ -112,3 +112,71 @@ def test_triton_without_gpu_or_interpreter_says_why():
                  TRITON_INTERPRET=None)
     assert out.returncode != 0
     assert "RuntimeError" in out.stderr and "TRITON_INTERPRET" in out.stderr
+
+
+# ------------------------------------------------------------------- inputs from every framework
+LOSS_INPUTS = [
+    ("sparse_softmax_cross_entropy", np.array([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]], np.float32), np.array([1, 2])),
+    ("softmax_cross_entropy", np.array([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]], np.float32),
+     np.array([[0.2, 0.8, 0.0], [0.0, 0.0, 1.0]], np.float32)),
+    ("sigmoid_cross_entropy", np.array([1.0, -2.0, 0.5], np.float32), np.array([1.0, 0.0, 1.0], np.float32)),
+    ("mean_squared_error", np.array([1.0, -2.0, 0.5], np.float32), np.array([0.0, 0.0, 1.0], np.float32)),
+]
+
+
+@pytest.mark.parametrize("name,x,other", LOSS_INPUTS, ids=[c[0] for c in LOSS_INPUTS])
+def test_read_only_and_strided_numpy_inputs(name, x, other):
+    # np.asarray(jax_array) is read-only; x.T and x[:, :V] are strided. Every loss takes them all.
+    fn = getattr(fastloss, name)
+    want = fn(x.copy(), other.copy(), backend="numba")
+    ro_x, ro_o = x.copy(), other.copy()
+    ro_x.flags.writeable = False
+    ro_o.flags.writeable = False
+    np.testing.assert_allclose(fn(ro_x, ro_o, backend="numba"), want, rtol=1e-6)
+    val, g = fastloss.value_and_grad(fn)(ro_x, ro_o, backend="numba")
+    np.testing.assert_allclose(val, want, rtol=1e-6)
+    assert g.shape == x.shape and g.flags.writeable
+    wide = np.zeros(x.shape[:-1] + (x.shape[-1] + 5,), np.float32)
+    wide[..., :x.shape[-1]] = x
+    np.testing.assert_allclose(fn(wide[..., :x.shape[-1]], other, backend="numba"), want, rtol=1e-6)
+    np.testing.assert_allclose(fn(np.asfortranarray(x), other, backend="numba"), want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name,x,other", LOSS_INPUTS, ids=[c[0] for c in LOSS_INPUTS])
+def test_numpy_or_list_next_to_torch_is_converted(name, x, other):
+    torch = pytest.importorskip("torch")
+    fn = getattr(fastloss, name)
+    want = fn(x, other)
+    xt = torch.tensor(x, requires_grad=True)
+    for o in (other, other.tolist()):
+        out = fn(xt, o)
+        assert isinstance(out, torch.Tensor)
+        np.testing.assert_allclose(out.detach().numpy(), want, rtol=1e-6)
+    out.backward()
+    assert xt.grad is not None and xt.grad.shape == xt.shape
+
+
+def test_other_framework_mixes_are_type_errors_naming_both():
+    torch = pytest.importorskip("torch")
+    jnp = pytest.importorskip("jax.numpy")
+    x, y = LOSS_INPUTS[0][1], LOSS_INPUTS[0][2]
+    with pytest.raises(TypeError, match=r"`logits`.*torch.*`labels`.*jax"):
+        fastloss.sparse_softmax_cross_entropy(torch.tensor(x), jnp.asarray(y))
+    with pytest.raises(TypeError, match=r"`logits`.*jax.*`labels`.*torch"):
+        fastloss.sparse_softmax_cross_entropy(jnp.asarray(x), torch.tensor(y))
+    with pytest.raises(TypeError, match=r"`logits`.*numpy.*`labels`.*torch"):
+        fastloss.sparse_softmax_cross_entropy(x, torch.tensor(y))
+    with pytest.raises(TypeError, match=r"`predictions`.*`targets`"):
+        fastloss.mean_squared_error(torch.tensor(x), jnp.asarray(x))
+
+
+def test_label_error_without_ignore_index_names_no_sentinel():
+    x = LOSS_INPUTS[0][1]
+    with pytest.raises(ValueError, match=r"\[0, 3\); received label 7\.$"):
+        fastloss.sparse_softmax_cross_entropy(x, np.array([0, 7]), ignore_index=None)
+    with pytest.raises(ValueError, match=r"or `ignore_index` \(-100\); received label -5"):
+        fastloss.sparse_softmax_cross_entropy(x, np.array([-5, 1]))
+    # ignore_index=None ignores nothing: every row counts in the mean
+    y = np.array([1, 2])
+    np.testing.assert_allclose(fastloss.sparse_softmax_cross_entropy(x, y, ignore_index=None),
+                               fastloss.sparse_softmax_cross_entropy(x, y), rtol=1e-7)

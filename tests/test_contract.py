@@ -267,3 +267,65 @@ def test_out_of_range_labels_raise(harness):
         y2[2] = bad
         with pytest.raises(ValueError, match="labels"):
             harness.run(SPARSE, x, y2, "float32", dict())
+
+
+# ------------------------------------------------------------------- garbage, extremes, C = 1
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_ignored_rows_with_garbage_logits_are_exactly_zero(harness, dtype):
+    # Padding rows often hold NaN, inf or uninitialised memory: ignored, they must contribute loss 0
+    # and gradient exactly 0, and leave the other rows' loss and gradient as if they were absent.
+    x, y = make_inputs(SPARSE, (6, 40), seed=20)
+    x[1] = np.nan
+    x[2, ::3] = np.inf
+    x[3, ::2] = -np.inf
+    x[3, 1::2] = np.nan
+    x[4, :] = -np.inf
+    y[1:5] = -100
+    for reduction in ("mean", "sum", "none"):
+        res = check(harness, SPARSE, x, y, dtype, dict(reduction=reduction, label_smoothing=0.1, z_loss=1e-3))
+        if reduction == "none":
+            assert np.all(res.loss[1:5] == 0.0)
+        assert np.isfinite(res.loss).all()
+        if res.grad_x is not None:
+            assert np.all(res.grad_x[1:5] == 0.0) and np.isfinite(res.grad_x).all()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.05, 1e-6, 40.0])
+def test_single_class_is_zero_loss_at_any_temperature(harness, temperature):
+    x = np.array([[-1.5], [0.0], [2.0], [-100.0], [1e4]])
+    y = np.zeros(5, np.int64)
+    res = check(harness, SPARSE, x, y, "float32", dict(temperature=temperature, reduction="none"))
+    assert np.all(res.loss == 0.0)
+    if res.grad_x is not None:
+        assert np.all(res.grad_x == 0.0)
+    t = np.ones((5, 1))
+    res = check(harness, DENSE, x, t, "float32", dict(temperature=temperature, reduction="none"))
+    assert np.all(res.loss == 0.0)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_spread_near_the_dtype_range_is_finite(harness, dtype):
+    # Logits far apart (2e19, up to ±1e38 in fp32) have an exact, finite cross-entropy.
+    big = 1e38 if dtype == "float32" else 1e307
+    x = np.array([[0.0, 2e19, 1.0], [0.0, 2e19, 1.0], [-big, big, 0.0], [big, -big, 0.0], [-big, -big, big]])
+    y = np.array([1, 0, 1, 0, 2])
+    res = check(harness, SPARSE, x, y, dtype, dict(reduction="none"))
+    assert np.isfinite(res.loss).all() and (res.loss >= 0).all()
+    assert res.loss[0] == 0.0 and res.loss[2] == 0.0 and res.loss[4] == 0.0
+    if res.grad_x is not None:
+        assert np.isfinite(res.grad_x).all()
+
+
+@pytest.mark.parametrize("temperature", [1e-10, 1e-30, 3e-38])
+def test_tiny_temperatures_are_finite_and_non_negative(harness, temperature):
+    # z = x / T may overflow fp32 to inf: the loss must still be the finite limit (0 or the gap of
+    # the label below the max, divided by T, which overflows to +inf only when that is the answer).
+    x, y = make_inputs(SPARSE, (16, 11), seed=21)
+    y = np.argmax(x, axis=-1)                  # the label is the max: the exact loss is ~0
+    y[::4] = (y[::4] + 1) % 11                  # ... and some labels are not: a large positive loss
+    res = harness.run(SPARSE, x, y, "float32", dict(temperature=temperature, reduction="none"), grads=False)
+    assert not np.isnan(res.loss).any() and (res.loss >= 0).all()
+    assert np.all(res.loss[np.arange(16) % 4 != 0] == 0.0)
+    ref = R.sparse_softmax_cross_entropy(rounded(x, "float32"), y, temperature=temperature, reduction="none")[0]
+    both_finite = np.isfinite(ref) & np.isfinite(res.loss)
+    np.testing.assert_allclose(res.loss[both_finite], ref[both_finite], rtol=1e-5)

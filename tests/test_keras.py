@@ -1,5 +1,6 @@
-"""Runs tests/keras_cases.py under KERAS_BACKEND=jax and KERAS_BACKEND=torch, each in its own process
-(Keras fixes its backend at import)."""
+"""Runs tests/keras_cases.py (fastloss.keras against keras.losses) and tests/keras_stock_tests.py
+(Keras' own losses tests against fastloss.keras) under KERAS_BACKEND=jax and KERAS_BACKEND=torch,
+each backend in its own process (Keras fixes its backend at import)."""
 from __future__ import annotations
 
 import os
@@ -21,7 +22,8 @@ def test_keras_wrappers(backend):
             pytest.fail(f"not installed: {missing}")
         pytest.skip(f"not installed: {missing}")
     env = dict(os.environ, KERAS_BACKEND=backend)
-    proc = subprocess.run([sys.executable, "-m", "pytest", os.path.join(HERE, "keras_cases.py"), "-q", "-x",
+    proc = subprocess.run([sys.executable, "-m", "pytest", os.path.join(HERE, "keras_cases.py"),
+                           os.path.join(HERE, "keras_stock_tests.py"), "-q", "-x",
                            "-p", "no:cacheprovider", "-o", "addopts=", "-W", "ignore::DeprecationWarning"], capture_output=True, text=True, env=env,
                           cwd=os.path.dirname(HERE), timeout=1800)
     tail = proc.stdout[-4000:] + proc.stderr[-2000:]

@@ -62,7 +62,9 @@ def _sparse_loss(x_y, m, s, sz, rp):
     log_s = np.log(s)
     lse = m * inv_t + log_s
     zs_y = (x_y - m) * inv_t
-    row = (one - eps) * (log_s - zs_y) + z_loss * lse * lse
+    row = (one - eps) * (log_s - zs_y)
+    if z_loss != zero:  # lse² overflows fp32 for |lse| > 1.8e19, and 0 * inf is NaN
+        row += z_loss * lse * lse
     if eps != zero:
         row += eps * (log_s - sz * inv_t / cf)
     return row, lse, log_s

@@ -1,0 +1,55 @@
+"""Keras' own tests for the losses fastloss.keras provides, run against fastloss.keras.
+
+The test classes come from the installed Keras wheel (``keras/src/losses/losses_test.py``): nothing
+is copied. Their module's ``losses`` name is rebound to a namespace in which the four classes and
+four functions fastloss provides are fastloss's, and everything else stays stock. Run by
+tests/test_keras.py once per Keras backend (``KERAS_BACKEND=jax|torch``, one process each).
+
+A drop-in is judged by the original's tests; the few that pin stock behaviour a drop-in need not
+copy are skipped below, with the reason.
+"""
+from __future__ import annotations
+
+import types
+
+import pytest
+from keras.src.losses import losses as _stock_losses
+from keras.src.losses import losses_test as _stock_tests
+
+import fastloss.keras as fk
+
+PROVIDED = ("MeanSquaredError", "BinaryCrossentropy", "CategoricalCrossentropy", "SparseCategoricalCrossentropy",
+            "mean_squared_error", "binary_crossentropy", "categorical_crossentropy", "sparse_categorical_crossentropy")
+
+_ns = types.SimpleNamespace(**{k: v for k, v in vars(_stock_losses).items() if not k.startswith("__")})
+for _name in PROVIDED:
+    setattr(_ns, _name, getattr(fk, _name))
+_stock_tests.losses = _ns
+
+import keras  # noqa: E402
+
+BACKEND = keras.backend.backend()
+_AXIS_WHY = ("stock's JAX backend cannot take a class axis other than the last for these shapes and raises; "
+             "fastloss moves the axis and returns the loss stock's torch backend returns (checked in the torch run)")
+
+
+class TestMeanSquaredError(_stock_tests.MeanSquaredErrorTest):
+    pass
+
+
+class TestBinaryCrossentropy(_stock_tests.BinaryCrossentropyTest):
+    pass
+
+
+class TestCategoricalCrossentropy(_stock_tests.CategoricalCrossentropyTest):
+    pass
+
+
+class TestSparseCategoricalCrossentropy(_stock_tests.SparseCategoricalCrossentropyTest):
+    @pytest.mark.skipif(BACKEND == "jax", reason=_AXIS_WHY)
+    def test_binary_segmentation_different_axis(self):
+        super().test_binary_segmentation_different_axis()
+
+    @pytest.mark.skipif(BACKEND == "jax", reason=_AXIS_WHY)
+    def test_multi_class_segmentation_different_axis(self):
+        super().test_multi_class_segmentation_different_axis()
