@@ -41,11 +41,12 @@ def _shift(x, temperature):
     ``x - m`` is exact (Sterbenz). The (N, C) shifted array is not returned: callers gather or
     reduce ``_zs`` per row, so XLA fuses every use into its own pass over the logits instead of
     writing and re-reading an (N, C) intermediate. The max is a constant of the math
-    (stop_gradient). A row whose max is not finite (all -inf, +inf, NaN) keeps 0 as the shift, so
-    NaN propagates and an all-masked row gives lse = -inf rather than NaN from (-inf) - (-inf).
+    (stop_gradient). An all-masked row (max -inf) shifts by 0, so it gives lse = -inf rather than
+    NaN from (-inf) - (-inf); a row holding +inf or NaN keeps its max, so the row is NaN (as on the
+    Numba and Triton backends).
     """
     m = lax.stop_gradient(jnp.max(x.astype(_acc_dtype(x)), axis=-1))
-    m = jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m))
+    m = jnp.where(m == -jnp.inf, jnp.zeros_like(m), m)
     return m, jnp.log(jnp.sum(jnp.exp(_zs(x, m, temperature)), axis=-1))
 
 
@@ -154,7 +155,9 @@ def _dense_fwd(logits, targets, temperature, label_smoothing):
     zs = _zs(logits, m, temperature)
     q = _smoothed(targets, label_smoothing, zs.dtype)
     terms = jnp.where(q == 0, jnp.zeros_like(zs), q * (log_s[:, None] - zs))
-    return (jnp.sum(terms, axis=-1), m / temperature + log_s), (logits, targets, m, log_s)
+    # A row whose logits hold NaN or +inf is NaN whatever its targets (log s is NaN exactly then).
+    row = jnp.where(jnp.isnan(log_s), log_s, jnp.sum(terms, axis=-1))
+    return (row, m / temperature + log_s), (logits, targets, m, log_s)
 
 
 def _dense_bwd(temperature, label_smoothing, res, cts):

@@ -148,7 +148,8 @@ def dense_ce_kernel(X, stride_x, T, stride_t, LOSS, LSE, GX, stride_gx, GT, stri
         m = m_new
     m = tl.where(m == -float("inf"), 0.0, m)
     log_s = tl.log(s)
-    tl.store(LOSS + row, q_sum * log_s - qz)
+    # No target mass: 0 (an all-masked row has log s = -inf); NaN or +inf logits: NaN (s is NaN).
+    tl.store(LOSS + row, tl.where(q_sum == 0.0, 0.0, q_sum * log_s) - qz + (s - s))
     tl.store(LSE + row, m * inv_t + log_s)
     if WANT_GX or WANT_GT:
         scale = tl.load(PARAMS + 2)

@@ -6,6 +6,13 @@ if os.environ.get("FASTLOSS_TEST_DEVICE", "cpu") == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+# Fuzz profiles (tests/test_fuzz.py): "ci" runs a few hundred examples within CI's budget; "long"
+# runs 2,600 per loss (10,400 in all), by hand: --hypothesis-profile=long or FASTLOSS_FUZZ=long.
+settings.register_profile("ci", max_examples=60, deadline=None, derandomize=True)
+settings.register_profile("long", max_examples=2600, deadline=None)
+settings.load_profile(os.environ.get("FASTLOSS_FUZZ", "ci"))
 
 from fastloss import _dispatch  # noqa: E402
 

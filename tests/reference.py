@@ -30,8 +30,10 @@ def _reduce(values, reduction, count, lead_shape):
 
 
 def _shift(z):
+    # An all -inf (masked) row shifts by 0; a row holding +inf or NaN keeps its max, so the whole
+    # row is NaN (docs/numerics.md: +inf logits give NaN, as on every backend).
     m = np.max(z, axis=-1)
-    m = np.where(np.isfinite(m), m, 0.0)
+    m = np.where(m == -np.inf, 0.0, m)
     zs = z - m[:, None]
     return zs, m, np.log(np.sum(np.exp(zs), axis=-1))
 
@@ -86,7 +88,7 @@ def softmax_cross_entropy(logits, targets, temperature=1.0, label_smoothing=0.0,
         zs, m, log_s = _shift(z)
         q = (1 - label_smoothing) * t + label_smoothing / n_cls
         terms = np.where(q == 0, 0.0, q * (log_s[:, None] - zs))
-        row = terms.sum(axis=-1)
+        row = np.where(np.isnan(log_s), np.nan, terms.sum(axis=-1))  # NaN / +inf logits: a NaN row
         scale = _row_scale(n, reduction, n, cot)[:, None]
         p = np.exp(zs - log_s[:, None])
         g_x = (p * q.sum(axis=-1, keepdims=True) - q) * scale / temperature

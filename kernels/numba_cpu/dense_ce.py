@@ -44,6 +44,16 @@ def _masked_term(q, term, zero):
 
 
 @njit(**JIT)
+def _dense_loss(q_sum, log_s, qz, s):
+    """Σ q (log s - zs) = q_sum log s - qz, where a row without target mass is 0 (an all-masked row
+    has log s = -inf: 0 * -inf would be NaN), and a row whose logits hold NaN or +inf is NaN
+    whatever its targets (s is NaN exactly then). A select, not ``+ (s - s)``: reassociation may
+    cancel that sum away."""
+    row = _masked_term(q_sum, q_sum * log_s, q_sum - q_sum) - qz
+    return row if s == s else s
+
+
+@njit(**JIT)
 def _dense_row(xr, tr, loss, lse, gxr, gtr, i, sc, bm, dp, want_gx, want_gt):
     inv_t, k2, eps, eps_c, scale = dp
     zero = inv_t - inv_t
@@ -57,7 +67,7 @@ def _dense_row(xr, tr, loss, lse, gxr, gtr, i, sc, bm, dp, want_gx, want_gt):
         q_sum += q
         qz += _masked_term(q, q * ((_load(xr[j]) - m) * inv_t), zero)
     log_s = np.log(s)
-    loss[i] = q_sum * log_s - qz
+    loss[i] = _dense_loss(q_sum, log_s, qz, s)
     lse[i] = m * inv_t + log_s
     if want_gx:
         a = q_sum * scale * inv_t / s
@@ -95,7 +105,7 @@ def _dense_group_rows(xg, tg, g0, g1, c, loss, lse, gt, sc, sh, fa, dp, want_gt)
             q_sum += q
             qz += _masked_term(q, q * ((_load(xg[j]) - m) * inv_t), zero)
         log_s = np.log(s)
-        loss[i] = q_sum * log_s - qz
+        loss[i] = _dense_loss(q_sum, log_s, qz, s)
         lse[i] = m * inv_t + log_s
         a = q_sum * scale * inv_t / s
         for j in range(_u(lo), _u(lo + c)):
