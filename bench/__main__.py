@@ -25,6 +25,7 @@ ROOT = os.path.dirname(HERE)
 def _run_suite(mode, keras_backend, select, json_path):
     env = dict(os.environ, FASTLOSS_BENCH=mode, KERAS_BACKEND=keras_backend, PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "pytest", os.path.join(HERE, "test_losses.py"), os.path.join(HERE, "test_keras_fit.py"),
+           os.path.join(HERE, "test_torch_step.py"),
            "--benchmark-only",
            f"--benchmark-json={json_path}", "-p", "no:cacheprovider", "-o", "addopts=", "-q", "-rs",
            "--benchmark-disable-gc", "-k", select, "-v"]
@@ -53,7 +54,7 @@ def _rows(benchmarks):
     rows = []
     for b in benchmarks:
         info = b["extra_info"]
-        if info.get("kind") == "keras-fit":
+        if info.get("kind") in ("keras-fit", "torch-step"):
             continue
         med = b["stats"]["median"]
         floor = info["bytes"] / info["copy_bw"]
@@ -84,7 +85,16 @@ def _fit_lines(benchmarks):
         info = b["extra_info"]
         if info.get("kind") == "keras-fit":
             fits.setdefault(info["backend"], {})[info["provider"]] = (b["stats"]["median"], info["shape"])
+    steps = {b["extra_info"]["provider"]: (b["stats"]["median"], b["extra_info"]) for b in benchmarks
+             if b["extra_info"].get("kind") == "torch-step"}
     lines = []
+    if steps:
+        info = next(iter(steps.values()))[1]
+        batch, _, classes = info["shape"]
+        base = steps.get("torch-compiled", (float("nan"),))[0]
+        lines.append(f"PyTorch training step, Linear({info['shape'][1]}->{classes}) head, batch {batch}, "
+                     f"{info['device']}: " + ", ".join(
+                         f"{p} {t * 1e3:.1f} ms ({base / t:.2f}x torch-compiled)" for p, (t, _) in sorted(steps.items())))
     for backend, d in sorted(fits.items()):
         if "keras-stock" in d and "fastloss-keras" in d:
             (ts, shape), (tf, _) = d["keras-stock"], d["fastloss-keras"]

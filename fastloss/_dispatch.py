@@ -97,6 +97,18 @@ def resolve(backend, x) -> str:
     raise RuntimeError(f"no fastloss backend can handle {kind} input here ({'; '.join(reasons)})")
 
 
+def resolve_torch(backend, x) -> str:
+    """The backend for torch input. While Dynamo traces (``torch.compile``) nothing is imported or
+    probed: the name is the one asked for, or the default for the tensor's device, and the custom op
+    checks that it can run when it runs. Eagerly, as ``resolve``."""
+    import torch
+    if not torch.compiler.is_compiling():
+        return resolve(backend, x)
+    backend = check_backend(backend) or check_backend(os.environ.get("FASTLOSS_BACKEND") or None,
+                                                      arg="FASTLOSS_BACKEND")
+    return backend or ("numba" if x.device.type == "cpu" else "triton")
+
+
 def get(loss: str, backend: str):
     """The implementation registered for (loss, backend)."""
     return _module(backend).LOSSES[loss]

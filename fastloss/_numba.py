@@ -154,6 +154,12 @@ def _scale(reduction, count, acc):
     return acc(_adapter.mean_scale(reduction, count))
 
 
+def _grad_names(opts, *names):
+    """The gradients' storage dtypes: the inputs', or opts["grad_dtype"] (float32) when the caller
+    rescales them afterwards (fastloss._torch_ops, 16-bit inputs with reduction="none")."""
+    return tuple(opts.get("grad_dtype") or n for n in names)
+
+
 # ---------------------------------------------------------------------------- loss runners
 def _sparse(x, labels, opts, want_x, want_other):
     name = dtype_name(x)
@@ -170,7 +176,8 @@ def _sparse(x, labels, opts, want_x, want_other):
     count = int(np.count_nonzero(y != ign))
     loss = np.empty(n, acc)
     lse = np.empty(n, acc)
-    g_obj, g = out.empty(tuple(x.shape), name) if want_x else (None, _dummy_rows(xv, n_cls))
+    gname, = _grad_names(opts, name)
+    g_obj, g = out.empty(tuple(x.shape), gname) if want_x else (None, _dummy_rows(xv, n_cls))
     kopts = (acc(1.0 / opts["temperature"]), acc(opts["label_smoothing"]), acc(opts["z_loss"]),
              _scale(opts["reduction"], count, acc))
     path, chunks = plan.sparse_path(n, n_cls, stride, threads)
@@ -184,7 +191,7 @@ def _sparse(x, labels, opts, want_x, want_other):
     if bad:
         _adapter.check_label_range(y, n_cls, opts["ignore_index"])
     value = _reduce(loss, opts["reduction"], count, acc, out, tuple(x.shape[:-1]))
-    return value, (out.finish(g_obj, name) if want_x else None), None
+    return value, (out.finish(g_obj, gname) if want_x else None), None
 
 
 def _dummy_rows(xv, n_cls):
@@ -201,8 +208,9 @@ def _dense(x, t, opts, want_x, want_other):
     out = _Out(x)
     loss = np.empty(n, acc)
     lse = np.empty(n, acc)
-    gx_obj, gx = out.empty(tuple(x.shape), name) if want_x else (None, _dummy_rows(xv, n_cls))
-    gt_obj, gt = out.empty(tuple(t.shape), tname) if want_other else (None, _dummy_rows(tv, n_cls))
+    gname, gtname = _grad_names(opts, name, tname)
+    gx_obj, gx = out.empty(tuple(x.shape), gname) if want_x else (None, _dummy_rows(xv, n_cls))
+    gt_obj, gt = out.empty(tuple(t.shape), gtname) if want_other else (None, _dummy_rows(tv, n_cls))
     kopts = (acc(1.0 / opts["temperature"]), acc(opts["label_smoothing"]), _scale(opts["reduction"], n, acc))
     gx2, gt2 = gx.reshape(-1, n_cls), gt.reshape(-1, n_cls)
     if plan.dense_path(n_cls, x_stride, t_stride) == "tiny":
@@ -210,8 +218,8 @@ def _dense(x, t, opts, want_x, want_other):
     else:
         K.dense_blocks(xv, x_stride, tv, t_stride, n_cls, loss, lse, gx2, gt2, kopts, want_x, want_other, _workers())
     value = _reduce(loss, opts["reduction"], n, acc, out, tuple(x.shape[:-1]))
-    return (value, out.finish(gx_obj, name) if want_x else None,
-            out.finish(gt_obj, tname) if want_other else None)
+    return (value, out.finish(gx_obj, gname) if want_x else None,
+            out.finish(gt_obj, gtname) if want_other else None)
 
 
 def _elementwise(kernel, extra):
@@ -226,14 +234,15 @@ def _elementwise(kernel, extra):
         vals = np.empty(n if want_vals else 1, acc)
         partial = np.empty((n + K.BLOCK - 1) // K.BLOCK, acc)
         # A forward-only call passes a typed 1-element output that the kernel never writes.
-        gx_obj, gx = out.empty(tuple(x.shape), name) if want_x else (None, np.empty(1, xv.dtype))
-        gt_obj, gt = out.empty(tuple(t.shape), tname) if want_other else (None, np.empty(1, tv.dtype))
+        gname, gtname = _grad_names(opts, name, tname)
+        gx_obj, gx = out.empty(tuple(x.shape), gname) if want_x else (None, np.empty(1, xv.dtype))
+        gt_obj, gt = out.empty(tuple(t.shape), gtname) if want_other else (None, np.empty(1, tv.dtype))
         kernel(xv, tv, vals, partial, gx.reshape(-1), gt.reshape(-1), *extra(opts, acc),
                _scale(opts["reduction"], n, acc), want_vals, want_x, want_other)
         # "none": the per-element values; otherwise the blocks' partial sums carry the total.
         value = _reduce(vals if want_vals else partial, opts["reduction"], n, acc, out, tuple(x.shape))
-        return (value, out.finish(gx_obj, name) if want_x else None,
-                out.finish(gt_obj, tname) if want_other else None)
+        return (value, out.finish(gx_obj, gname) if want_x else None,
+                out.finish(gt_obj, gtname) if want_other else None)
     return run
 
 
@@ -246,18 +255,16 @@ _RUNNERS = {
 }
 
 
+def run(name, x, other, opts, want_x, want_other):
+    """(loss, grad_x | None, grad_other | None) from one kernel call, for NumPy arrays or CPU tensors
+    (torch tensors come here through fastloss._torch_ops, which adds autograd)."""
+    return _RUNNERS[name](x, other, opts, want_x, want_other)
+
+
 def _loss(name):
     runner = _RUNNERS[name]
-    row_ndim = _adapter.ROW_NDIM[name]
 
     def call(x, other, opts):
-        if _is_torch(x):
-            from ._torch_autograd import FusedLoss
-            return FusedLoss.apply(x, other, lambda nx, no: runner(x, other, opts, nx, no),
-                                   opts["reduction"], row_ndim)
-        if _is_torch(other):
-            raise TypeError("the 'numba' backend takes NumPy arrays or CPU torch tensors, not a mix: the "
-                            "first argument is a NumPy array and the second a torch.Tensor.")
         return runner(x, other, opts, False, False)[0]
     call.__name__ = name
     return call

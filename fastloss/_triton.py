@@ -34,7 +34,7 @@ def unavailable_reason():
             "imported to run the Triton kernels on CPU tensors through the interpreter)")
 
 
-def _check_device(x, other):
+def check_device(x, other):
     for a in (x, other):
         if not isinstance(a, torch.Tensor):
             raise TypeError(f"the 'triton' backend takes torch tensors; received {type(a).__name__}.")
@@ -58,6 +58,12 @@ def _params(values, reduction, count, device, dtype):
     if reduction == "mean":
         head[-1:] = 1.0 / _at_least_one(count).to(dtype)
     return head
+
+
+def _grad_dtype(opts, like):
+    """The gradient's storage dtype: the input's, or float32 when the caller asks (fastloss._torch_ops
+    does for 16-bit inputs with reduction="none", whose gradients it rescales per row afterwards)."""
+    return getattr(torch, opts["grad_dtype"]) if opts.get("grad_dtype") else like.dtype
 
 
 def _at_least_one(count):
@@ -88,7 +94,7 @@ def _sparse(x, labels, opts, want_x, want_other, inplace=False):
     lse = torch.empty(n, device=x.device, dtype=acc)
     # In place: pass 2 of each row reads a block of logits, then overwrites it with its gradient
     # (the label's logit is read in pass 1), so the (N, C) gradient costs no new memory.
-    g = x2 if (inplace and want_x) else torch.empty_like(x2) if want_x else x2[:1]
+    g = x2 if (inplace and want_x) else torch.empty_like(x2, dtype=_grad_dtype(opts, x2)) if want_x else x2[:1]
     count = (y != ign).sum()
     params = _params((1.0 / opts["temperature"], opts["label_smoothing"], opts["z_loss"]), opts["reduction"],
                      count, x.device, acc)
@@ -110,8 +116,8 @@ def _dense(x, t, opts, want_x, want_other):
     acc = _acc_dtype(x)
     loss = torch.empty(n, device=x.device, dtype=acc)
     lse = torch.empty(n, device=x.device, dtype=acc)
-    gx = torch.empty_like(x2) if want_x else x2[:1]
-    gt = torch.empty_like(t2) if want_other else t2[:1]
+    gx = torch.empty_like(x2, dtype=_grad_dtype(opts, x2)) if want_x else x2[:1]
+    gt = torch.empty_like(t2, dtype=_grad_dtype(opts, t2)) if want_other else t2[:1]
     params = _params((1.0 / opts["temperature"], opts["label_smoothing"]), opts["reduction"], n, x.device, acc)
     if n:
         block = K.row_block(n_cls, x.device.type == "cpu")
@@ -133,8 +139,8 @@ def _elementwise(kernel, extra):
         out = torch.empty(n if want_out else 1, device=x.device, dtype=acc)
         n_prog = triton.cdiv(n, K.ELEM_BLOCK)
         partial = torch.zeros(max(n_prog, 1), device=x.device, dtype=acc)
-        gx = torch.empty_like(xf) if want_x else xf[:1]
-        gt = torch.empty_like(tf) if want_other else tf[:1]
+        gx = torch.empty_like(xf, dtype=_grad_dtype(opts, xf)) if want_x else xf[:1]
+        gt = torch.empty_like(tf, dtype=_grad_dtype(opts, tf)) if want_other else tf[:1]
         params = _params(extra(opts), opts["reduction"], n, x.device, acc)
         if n:
             kernel[(n_prog,)](xf, tf, out, partial, gx, gt, params, n, BLOCK=K.ELEM_BLOCK,
@@ -156,12 +162,17 @@ if _IMPORT_ERROR is None:
     }
 
 
+def run(name, x, other, opts, want_x, want_other):
+    """(loss, grad_x | None, grad_other | None) from one kernel launch (torch tensors come here
+    through fastloss._torch_ops, which adds autograd)."""
+    return _RUNNERS[name](x, other, opts, want_x, want_other)
+
+
 def _loss(name):
     def call(x, other, opts):
-        _check_device(x, other)
-        from ._torch_autograd import FusedLoss
-        return FusedLoss.apply(x, other, lambda nx, no: _RUNNERS[name](x, other, opts, nx, no), opts["reduction"],
-                               _adapter.ROW_NDIM[name])
+        from ._torch_ops import call as op_call  # explicit backend="triton" reached through the registry
+        check_device(x, other)
+        return op_call(name, x, other, opts, "triton")
     call.__name__ = name
     return call
 
@@ -173,12 +184,12 @@ def sparse_inplace(x, labels, opts):
     """Sparse CE whose gradient is written into ``x``'s memory (Liger-style, saves an (N, C) buffer).
     Returns the loss; ``x`` holds d loss / d logits afterwards (for reduction "mean"/"sum" as is,
     for "none" per-row weights 1)."""
-    _check_device(x, labels)
+    check_device(x, labels)
     value, _, _ = _sparse(x, labels, opts, True, False, inplace=True)
     return value
 
 
 def value_and_grad(name, x, other, opts):
-    _check_device(x, other)
+    check_device(x, other)
     value, gx, _ = _RUNNERS[name](x, other, opts, True, False)
     return value, gx

@@ -38,7 +38,13 @@ def _pair(x, other, x_arg, other_arg):
 
 
 def _call(loss, x, other, backend, opts):
-    name = _dispatch.resolve(backend, x)
+    if _dispatch.framework_of(x) == "torch":
+        name = _dispatch.resolve_torch(backend, x)
+        if name != "jax":  # "jax" raises its TypeError below
+            from . import _torch_ops
+            return _torch_ops.call(loss, x, other, opts, name)
+    else:
+        name = _dispatch.resolve(backend, x)
     return _dispatch.get(loss, name)(x, other, opts)
 
 

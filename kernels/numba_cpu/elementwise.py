@@ -12,7 +12,7 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 from .approx import _coef_scalars, _sigmoid_parts
-from .base import JIT, _as, _u
+from .base import EXP_JIT, JIT, _as, _u
 from .halfio import _load, _store
 from .intrinsics import _relu_f32, _store_fence, _use_rcp_estimate
 from .rowstats import _axpb
@@ -31,9 +31,11 @@ def _relu_ov(x):
     return lambda x: x if x > 0.0 else 0.0
 
 
-@njit(**JIT)
+@njit(**EXP_JIT)
 def _bce(xv, tv, sp, zero):
     # max(x, 0) - x t + log1p(exp(-|x|)): never log(sigmoid), which is -inf once sigmoid underflows.
+    # Compiled without ``reassoc``: the block's ``acc += v`` may not be re-associated into
+    # (acc + max(x, 0)) - x t, which rounds acc to the spacing of |x| (3e4: ~2e-3) and loses the sum.
     return _relu(xv) - xv * tv + sp
 
 

@@ -109,7 +109,9 @@ def _online_stats(xr, lo, hi, k2, scratch, bstat, want_sz, zero):
         bm = _finite_or_zero(_as(_block_max(xr, blo, bhi), zero), zero)
         # s == 0 means every earlier element was -inf (a finite one contributes 2^0 = 1): then the
         # shift may also move down, so a masked first block cannot pin m at 0 above the real max.
-        if not seen or bm > m or s == zero:
+        # bm is NaN when the block holds +inf (_finite_or_zero): it becomes the shift, so the whole
+        # row is NaN, as it is when +inf sits in the first block.
+        if not seen or bm > m or s == zero or bm != bm:
             if seen:
                 if s > zero:
                     s *= fexp2((m - bm) * k2)

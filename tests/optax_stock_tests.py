@@ -1,0 +1,148 @@
+"""optax's own tests for the losses fastloss provides, run against fastloss.
+
+The test classes come from the installed optax wheel (``optax/losses/_classification_test.py`` and
+``_regression_test.py``): nothing is copied. Their modules' ``_classification`` / ``_regression``
+names are rebound to namespaces whose softmax_cross_entropy, softmax_cross_entropy_with_integer_labels,
+sigmoid_binary_cross_entropy and squared_error call fastloss (optax's signatures: ``axis``, and
+``where`` as masked logits), everything else stock. Run by tests/test_optax.py once per backend
+(``FASTLOSS_OPTAX_BACKEND=jax|numba``, one process each): jax arrays on the "jax" backend, and
+NumPy arrays on "numba" (there only the tests that trace nothing can run: the Numba kernels inside
+``jax.jit`` are a separate issue).
+"""
+from __future__ import annotations
+
+import os
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from optax.losses import _classification, _classification_test, _regression, _regression_test
+
+import fastloss
+
+BACKEND = os.environ.get("FASTLOSS_OPTAX_BACKEND", "jax")
+
+
+def _array(x):
+    return jnp.asarray(x) if BACKEND == "jax" else np.asarray(x)
+
+
+def _classes_last(x, axis):
+    """``x`` with the class axis (or axes, flattened in order) moved last."""
+    xp = jnp if BACKEND == "jax" else np
+    if isinstance(axis, int):
+        return xp.moveaxis(x, axis, -1)
+    axes = tuple(a % x.ndim for a in axis)
+    rest = tuple(a for a in range(x.ndim) if a not in axes)
+    x = xp.transpose(x, rest + axes)
+    return x.reshape(x.shape[:len(rest)] + (-1,))
+
+
+def _masked(logits, where, axis):
+    """optax's ``where``: excluded logits leave the softmax, i.e. become -inf (fastloss's masked
+    classes); returns the logits and the mask broadcast to them."""
+    xp = jnp if BACKEND == "jax" else np
+    where = xp.asarray(where)
+    if where.ndim != logits.ndim:
+        where = xp.expand_dims(where, axis)
+    where = xp.broadcast_to(where, logits.shape)
+    return xp.where(where, logits, -xp.inf), where
+
+
+def softmax_cross_entropy(logits, labels, axis=-1, where=None):
+    logits, labels = _array(logits), _array(labels)
+    if where is not None:
+        logits, where = _masked(logits, where, axis)
+        labels = (jnp if BACKEND == "jax" else np).where(where, labels, 0)
+    return fastloss.softmax_cross_entropy(_classes_last(logits, axis), _classes_last(labels, axis),
+                                          reduction="none", backend=BACKEND)
+
+
+def softmax_cross_entropy_with_integer_labels(logits, labels, axis=-1, where=None):
+    xp = jnp if BACKEND == "jax" else np
+    logits, labels = _array(logits), _array(labels)
+    if where is not None:
+        logits, where = _masked(logits, where, axis)
+        # a row with nothing left in it is excluded: loss 0, as optax's masked sum
+        labels = xp.where(xp.any(_classes_last(where, axis), axis=-1), labels, -100)
+    return fastloss.sparse_softmax_cross_entropy(_classes_last(logits, axis), labels, reduction="none",
+                                                 backend=BACKEND)
+
+
+def sigmoid_binary_cross_entropy(logits, labels):
+    logits = _array(logits)
+    return fastloss.sigmoid_cross_entropy(logits, _array(labels).astype(logits.dtype), reduction="none",
+                                          backend=BACKEND)
+
+
+def squared_error(predictions, targets=None):
+    predictions = _array(predictions)
+    targets = (jnp if BACKEND == "jax" else np).zeros_like(predictions) if targets is None else _array(targets)
+    return fastloss.mean_squared_error(predictions, targets, reduction="none", backend=BACKEND)
+
+
+def _rebind(module, name, stock, **ours):
+    ns = types.SimpleNamespace(**{k: v for k, v in vars(stock).items() if not k.startswith("__")})
+    for k, v in ours.items():
+        setattr(ns, k, v)
+    setattr(module, name, ns)
+
+
+_rebind(_classification_test, "_classification", _classification,
+        softmax_cross_entropy=softmax_cross_entropy,
+        softmax_cross_entropy_with_integer_labels=softmax_cross_entropy_with_integer_labels,
+        sigmoid_binary_cross_entropy=sigmoid_binary_cross_entropy)
+_rebind(_regression_test, "_regression", _regression, squared_error=squared_error)
+
+_FORWARD_MODE = ("check_grads also runs forward mode (jvp), which fastloss's custom-VJP JAX kernels do not "
+                 "support yet (the JAX-on-CPU issue); strict: this test fails once that lands")
+_TRACES = "traces under jax.jit or jax.grad: the Numba kernels inside jit are the JAX-on-CPU issue"
+
+
+def _numba_skip(test):
+    return pytest.mark.skipif(BACKEND == "numba", reason=_TRACES)(test)
+
+
+class TestSoftmaxCrossEntropy(_classification_test.SoftmaxCrossEntropyTest):
+    test_scalar = _numba_skip(_classification_test.SoftmaxCrossEntropyTest.test_scalar)
+    test_batched = _numba_skip(_classification_test.SoftmaxCrossEntropyTest.test_batched)
+
+    @pytest.mark.skipif(BACKEND == "numba", reason=_TRACES)
+    @pytest.mark.xfail(BACKEND == "jax", reason=_FORWARD_MODE, strict=True)
+    def test_gradient(self):
+        super().test_gradient()
+
+
+class TestSoftmaxCrossEntropyWithIntegerLabels(_classification_test.SoftmaxCrossEntropyWithIntegerLabelsTest):
+    _base = _classification_test.SoftmaxCrossEntropyWithIntegerLabelsTest
+    test_consistent_with_softmax_cross_entropy_scalar = _numba_skip(
+        _base.test_consistent_with_softmax_cross_entropy_scalar)
+    test_consistent_with_softmax_cross_entropy_batched = _numba_skip(
+        _base.test_consistent_with_softmax_cross_entropy_batched)
+
+    @pytest.mark.skipif(BACKEND == "numba", reason=_TRACES)
+    @pytest.mark.xfail(BACKEND == "jax", reason=_FORWARD_MODE, strict=True)
+    def test_gradient(self):
+        super().test_gradient()
+
+
+class TestSigmoidCrossEntropy(_classification_test.SigmoidCrossEntropyTest):
+    pass
+
+
+class TestSquaredError(_regression_test.SquaredErrorTest):
+    test_scalar = _numba_skip(_regression_test.SquaredErrorTest.test_scalar)
+    test_batched = _numba_skip(_regression_test.SquaredErrorTest.test_batched)
+    test_shape_mismatch = _numba_skip(_regression_test.SquaredErrorTest.test_shape_mismatch)
+
+
+def test_shim_really_calls_fastloss(monkeypatch):
+    calls = []
+    real = fastloss.sparse_softmax_cross_entropy
+    monkeypatch.setattr(fastloss, "sparse_softmax_cross_entropy", lambda *a, **k: calls.append(k) or real(*a, **k))
+    _classification_test._classification.softmax_cross_entropy_with_integer_labels(
+        np.zeros((2, 3), np.float32), np.array([0, 1]))
+    assert calls and calls[0]["backend"] == BACKEND
+    assert jax  # imported for the stock tests' module state
