@@ -194,9 +194,17 @@ def _rescale(name, grad, g, reduction):
     if reduction == "none":
         w = g.to(acc).reshape(g.shape + (1,) * _ROW[name])
         return (grad.to(acc) * w).to(grad.dtype)
-    if not torch.compiler.is_compiling() and g.device.type == "cpu" and g.dim() == 0 and float(g) == 1.0:
-        return grad  # the common training step: nothing to rescale
-    return (grad.to(acc) * g.to(acc)).to(grad.dtype)
+    torch.ops.fastloss.scale_(grad, g)  # in place, and nothing at all for the usual g = 1
+    return grad
+
+
+def _scale_in_place(grad, g):
+    """grad *= g for a scalar g, skipped when g is 1 (a loss that is the root of backward): an opaque
+    op, so a compiled backward makes the same run-time check instead of a pass over the gradient.
+    It mutates only the fused gradient buffer, which nothing else holds."""
+    if not (g.dim() == 0 and g.device.type == "cpu" and float(g) == 1.0):
+        acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
+        grad.copy_(grad.to(acc) * g.to(acc))
 
 
 # --------------------------------------------------------------------------------- vmap
@@ -235,6 +243,10 @@ def _count(name, x, other, opts):
         count = torch.full((size,), per, device=x.device)
     return count.clamp(min=1)
 
+
+_LIB.define("scale_(Tensor(a!) grad, Tensor g) -> ()")
+torch.library.impl("fastloss::scale_", ("cpu", "cuda"), lib=_LIB)(_scale_in_place)
+torch.library.register_fake("fastloss::scale_", lambda grad, g: None, lib=_LIB)
 
 for _name in _ROW:
     _LIB.define(_name + _SCHEMA)

@@ -211,3 +211,23 @@ def test_compiled_training_step_fullgraph_in_a_fresh_process(name, backend, tmp_
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "graph breaks 0" in proc.stdout
     assert np.isfinite(0.0)
+
+
+@pytest.mark.parametrize("k", [0.5, 1.0, 3.0])
+def test_compiled_gradient_with_an_upstream_gradient_other_than_one(k):
+    # The fused gradient is rescaled in place by an opaque op that skips the pass when the upstream
+    # gradient is 1: under torch.compile that must still scale by k.
+    torch._dynamo.config.trace_autograd_ops = True
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 6)
+    h, y = torch.randn(16, 8), torch.randint(0, 6, (16,))
+    t = torch.softmax(torch.randn(16, 6), -1)
+
+    def grads(h, y, t):
+        loss = k * fastloss.sparse_softmax_cross_entropy(head(h), y) + \
+            k * fastloss.softmax_cross_entropy(head(h), t, temperature=2.0)
+        return torch.autograd.grad(loss, [head.weight, head.bias])
+
+    compiled = torch.compile(grads, fullgraph=True)
+    for a, b in zip(compiled(h, y, t), grads(h, y, t)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
