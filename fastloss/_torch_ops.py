@@ -104,15 +104,21 @@ def _weights(name, x, other, opts, g):
         return g.reshape(g.shape + (1,) * _ROW[name])
     if opts["reduction"] == "sum":
         return g
-    if name == "sparse_softmax_cross_entropy":
-        ign = opts["ignore_index"]
-        count = other.numel() if ign is None else (other != ign).sum()
-    elif _ROW[name]:
-        count = x.numel() // max(x.shape[-1], 1)
+    return g / _mean_count(name, x, other, opts).to(acc)
+
+
+def _mean_count(name, x, other, opts, batch_axes=0):
+    """The count "mean" divides by, at least 1: of the whole input, or per index of its first
+    ``batch_axes`` axes (the vmap rule). Non-ignored rows for sparse CE, rows for dense CE,
+    elements for the elementwise losses."""
+    lead = tuple(x.shape[:batch_axes])
+    if name == "sparse_softmax_cross_entropy" and opts["ignore_index"] is not None:
+        kept = other != opts["ignore_index"]
+        count = kept.reshape(lead + (-1,)).sum(-1)
     else:
-        count = x.numel()
-    count = torch.as_tensor(count, device=x.device).clamp(min=1).to(acc)
-    return g / count
+        per = x[(0,) * batch_axes].numel() // (max(x.shape[-1], 1) if _ROW[name] else 1)
+        count = torch.full(lead, per, device=x.device)
+    return count.clamp(min=1)
 
 
 def _unfused_grads(name, x, other, opts, w):
@@ -190,7 +196,7 @@ class _Fused(torch.autograd.Function):
 
 def _rescale(name, grad, g, reduction):
     """The fused gradient (for an upstream gradient of 1) times the actual upstream gradient."""
-    acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    acc = _acc(grad)
     if reduction == "none":
         w = g.to(acc).reshape(g.shape + (1,) * _ROW[name])
         return (grad.to(acc) * w).to(grad.dtype)
@@ -203,7 +209,7 @@ def _scale_in_place(grad, g):
     op, so a compiled backward makes the same run-time check instead of a pass over the gradient.
     It mutates only the fused gradient buffer, which nothing else holds."""
     if not (g.dim() == 0 and g.device.type == "cpu" and float(g) == 1.0):
-        acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
+        acc = _acc(grad)
         grad.copy_(grad.to(acc) * g.to(acc))
 
 
@@ -222,7 +228,7 @@ def _vmap(name):
             flat = value.reshape(size, -1)
             total = flat.sum(-1, dtype=torch.float64).to(value.dtype)
             if reduction == "mean":
-                count = _count(name, x, other, opts).to(value.dtype)
+                count = _mean_count(name, x, other, opts, batch_axes=1).to(value.dtype)
                 total = total / count
                 scale = (1.0 / count).reshape((size,) + (1,) * (x.dim() - 1))
                 gx = (gx.to(scale.dtype) * scale).to(gx.dtype) if want_x else gx
@@ -231,17 +237,6 @@ def _vmap(name):
             value = total
         return (value, gx, go), (0, 0 if want_x else None, 0 if want_other else None)
     return rule
-
-
-def _count(name, x, other, opts):
-    """Per batch element (axis 0): the count "mean" divides by, at least 1."""
-    size = x.shape[0]
-    if name == "sparse_softmax_cross_entropy" and opts["ignore_index"] is not None:
-        count = (other != opts["ignore_index"]).reshape(size, -1).sum(-1)
-    else:
-        per = x[0].numel() // (max(x.shape[-1], 1) if _ROW[name] else 1)
-        count = torch.full((size,), per, device=x.device)
-    return count.clamp(min=1)
 
 
 _LIB.define("scale_(Tensor(a!) grad, Tensor g) -> ()")
