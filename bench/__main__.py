@@ -22,8 +22,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 
+# Large CPU buffers backed by transparent huge pages, for every provider alike: XLA:CPU hands each
+# execution fresh memory, and 4 KiB page faults on a 0.5 GB gradient cost more than the kernel
+# (docs/jax.md, "Memory on CPU"). A GLIBC_TUNABLES already set by the user is kept as it is.
+HUGEPAGES = "glibc.malloc.hugetlb=1"
+
+
 def _run_suite(mode, keras_backend, select, json_path):
     env = dict(os.environ, FASTLOSS_BENCH=mode, KERAS_BACKEND=keras_backend, PYTHONUNBUFFERED="1")
+    env.setdefault("GLIBC_TUNABLES", HUGEPAGES)
     cmd = [sys.executable, "-m", "pytest", os.path.join(HERE, "test_losses.py"), os.path.join(HERE, "test_keras_fit.py"),
            os.path.join(HERE, "test_torch_step.py"),
            "--benchmark-only",
@@ -183,7 +190,9 @@ def main(argv=None):
     with open(stem + ".md", "w") as f:
         f.write(f"# {title}\n\nMedian (and min) of {3 if args.quick else 5} runs of loss + gradient; ratios and floor "
                 f"fractions use the median; floor = bytes moved / `np.copyto` bandwidth measured in the same run, "
-                f"just before each case's providers (best of 5).\n\n{table}")
+                f"just before each case's providers (best of 5). JAX providers run `jit(value_and_grad)` with the logits "
+                f"donated (a fresh copy each round, outside the timing), as a training loop's dead intermediate; every "
+                f"provider runs with `GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', HUGEPAGES)}`.\n\n{table}")
     _chart(rows, stem + ".png", title)
     print("\n" + table)
     bad = [r for r in rows if not r["correct"]]

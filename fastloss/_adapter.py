@@ -19,6 +19,10 @@ ROW_NDIM = {
 }
 LOSS_NAMES = tuple(ROW_NDIM)
 
+# Elements per partial sum of the elementwise losses when only their total is needed (the Numba
+# kernels' block; the XLA formulation sums the same blocks so both return one shape).
+PARTIAL_BLOCK = 4096
+
 
 def loss_table(make):
     """{loss name: make(name)}: the ``LOSSES`` registry entry of an adapter."""

@@ -68,6 +68,12 @@ def _raise_unavailable(backend: str, reason: str):
     raise RuntimeError(f"fastloss backend {backend!r} cannot run here: {reason}")
 
 
+def explicit(backend):
+    """The backend asked for by ``backend=`` or ``FASTLOSS_BACKEND``, or None."""
+    return check_backend(backend) or check_backend(os.environ.get("FASTLOSS_BACKEND") or None,
+                                                   arg="FASTLOSS_BACKEND")
+
+
 def resolve(backend, x) -> str:
     """The backend name to use for input ``x``."""
     backend = check_backend(backend)

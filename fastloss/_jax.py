@@ -1,18 +1,33 @@
-"""The "jax" backend: reshapes, reductions and eager checks around ``fastloss.kernels.jax_xla``.
+"""The JAX adapter: jax arrays (and tracers) on the XLA formulation or, on CPU, the Numba kernels.
 
-Takes jax arrays (and tracers, so it works under ``jit``/``vmap``/``grad``) and NumPy arrays. NumPy
-input gives NumPy output; float64 NumPy input is computed in float64 (x64 is switched on for the call
-only), so automatic fallback to this backend never changes the numbers.
+Each loss is one ``jax.custom_jvp`` function over a fused kernel that returns the values and the
+gradient together (``fastloss.kernels.jax_xla`` in XLA operations, or the Numba kernels through
+the XLA FFI, ``fastloss._jax_ffi``):
+
+- the primal alone (no differentiation) asks for no gradient;
+- the JVP rule gets the gradient in the same kernel call and contracts it with the tangents, so
+  forward mode (``jvp``, ``jacfwd``) and reverse mode (``grad``: JAX transposes the contraction into
+  ``gradient * cotangent``) both work, and ``hessian`` too: the Numba kernel's own derivative is
+  that of the XLA formulation. In reverse mode the saved residual is the gradient itself, computed
+  in the forward's pass over the logits; with a cotangent of 1 (``grad`` of the loss) XLA drops the
+  multiplication, so a training step makes one pass over the logits. No softmax is saved.
+- the options (temperature, label smoothing, z-loss) are array values: jax scalars and tracers
+  work under ``jit`` without recompiling, and the loss is differentiable with respect to them.
+
+NumPy input gives NumPy output; float64 NumPy input is computed in float64 (x64 is switched on for
+the call only), so automatic fallback to this backend never changes the numbers.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.custom_derivatives import SymbolicZero
 
 from fastloss.kernels import jax_xla as K
 
@@ -48,42 +63,173 @@ def _out(value, numpy_in):
     return jax.tree_util.tree_map(np.asarray, value)
 
 
-def _reduce(values, count, reduction, lead_shape):
-    return _adapter.reduce(values.reshape(-1) if reduction != "none" else values, reduction, count, lead_shape,
-                           K.accurate_sum, lambda c: jnp.maximum(c, 1))
+# ----------------------------------------------------------------------------- the kernels
+# loss -> (XLA kernel, XLA option derivatives, FFI kernel name, option names in params order)
+_OPTIONS = {
+    "sparse_softmax_cross_entropy": ("temperature", "label_smoothing", "z_loss"),
+    "softmax_cross_entropy": ("temperature", "label_smoothing"),
+    "sigmoid_cross_entropy": ("label_smoothing",),
+    "mean_squared_error": (),
+}
+_XLA = {
+    "sparse_softmax_cross_entropy": (K.sparse_cross_entropy, K.sparse_option_grads),
+    "softmax_cross_entropy": (K.softmax_cross_entropy, K.softmax_option_grads),
+    "sigmoid_cross_entropy": (K.sigmoid_cross_entropy, K.sigmoid_option_grads),
+    "mean_squared_error": (K.squared_error, None),
+}
+_FFI = {"sparse_softmax_cross_entropy": "sparse_cross_entropy", "softmax_cross_entropy": "softmax_cross_entropy",
+        "sigmoid_cross_entropy": "sigmoid_cross_entropy", "mean_squared_error": "squared_error"}
 
 
-# Whole-loss functions, jitted so eager calls run as one XLA program (inlined under an outer jit).
-@partial(jax.jit, static_argnames=("temperature", "label_smoothing", "ignore_index", "z_loss", "reduction"))
-def _sparse(logits, labels, *, temperature, label_smoothing, ignore_index, z_loss, reduction):
-    n_cls = logits.shape[-1]
-    lead = logits.shape[:-1]
-    x2 = logits.reshape(-1, n_cls)
-    y1 = labels.reshape(-1)
-    rows, _ = K.sparse_cross_entropy(x2, y1, temperature, label_smoothing, ignore_index, z_loss)
-    count = jnp.sum(~K._is_ignored(y1, ignore_index))
-    return _reduce(rows, count, reduction, lead)
+def _elementwise(name):
+    return _adapter.ROW_NDIM[name] == 0
 
 
-@partial(jax.jit, static_argnames=("temperature", "label_smoothing", "reduction"))
-def _dense(logits, targets, *, temperature, label_smoothing, reduction):
-    n_cls = logits.shape[-1]
-    lead = logits.shape[:-1]
-    rows, _ = K.dense_cross_entropy(logits.reshape(-1, n_cls), targets.reshape(-1, n_cls),
-                                    temperature, label_smoothing)
-    return _reduce(rows, rows.shape[0], reduction, lead)
+def _kwargs(spec):
+    name, ignore_index, reduction, _ = spec
+    kw = {}
+    if name == "sparse_softmax_cross_entropy":
+        kw["ignore_index"] = ignore_index
+    return kw
 
 
-@partial(jax.jit, static_argnames=("label_smoothing", "reduction"))
-def _sigmoid(logits, targets, *, label_smoothing, reduction):
-    vals = K.sigmoid_cross_entropy(logits.reshape(-1), targets.reshape(-1), label_smoothing)
-    return _reduce(vals, vals.shape[0], reduction, logits.shape)
+def _xla_kernel(spec, x, other, params, want_x, want_other):
+    name, _, reduction, _ = spec
+    values, gx, go = _XLA[name][0](x, other, params, **_kwargs(spec), want_x=want_x, want_other=want_other)
+    if _elementwise(name) and reduction != "none":
+        values = _block_sums(values)  # the shape the Numba kernel returns (see _blocks)
+    return values, gx, go
 
 
-@partial(jax.jit, static_argnames=("reduction",))
-def _mse(predictions, targets, *, reduction):
-    vals = K.squared_error(predictions.reshape(-1), targets.reshape(-1))
-    return _reduce(vals, vals.shape[0], reduction, predictions.shape)
+def _block_sums(values):
+    """Per-block sums over PARTIAL_BLOCK elements: what the Numba elementwise kernels return when
+    only the total is needed (no per-element store), computed the same way here so the two kernels
+    are interchangeable inside one program."""
+    b = _adapter.PARTIAL_BLOCK
+    pad = (-values.shape[0]) % b
+    if pad:
+        values = jnp.concatenate([values, jnp.zeros((pad,), values.dtype)])
+    return jnp.sum(values.reshape(-1, b), axis=-1)
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(0, 4, 5))
+def _numba_kernel(spec, x, other, params, want_x, want_other):
+    from . import _jax_ffi
+    name, _, reduction, _ = spec
+    kw = _kwargs(spec)
+    if _elementwise(name):
+        kw["want_values"] = reduction == "none"
+    return getattr(_jax_ffi, _FFI[name])(x, other, params, **kw, want_x=want_x, want_other=want_other)
+
+
+@_numba_kernel.defjvp
+def _numba_kernel_jvp(spec, want_x, want_other, primals, tangents):
+    # Second order (a derivative of the gradient): that of the XLA formulation, the same math.
+    return jax.jvp(lambda a, b, c: _xla_kernel(spec, a, b, c, want_x, want_other), primals, tangents)
+
+
+def _kernel(spec, x, other, params, want_x, want_other):
+    """The fused kernel ``spec`` asks for: (values, grad_x | None, grad_other | None)."""
+    provider = spec[3]
+    if provider == "xla":
+        return _xla_kernel(spec, x, other, params, want_x, want_other)
+    if provider == "numba":
+        return _numba_kernel(spec, x, other, params, want_x, want_other)
+    # Automatic: the Numba kernel where the program runs on CPU, XLA anywhere else; XLA picks the
+    # branch when it compiles for a platform, so one traced program stays portable.
+    return jax.lax.platform_dependent(
+        x, other, params,
+        cpu=lambda a, b, c: _numba_kernel(spec, a, b, c, want_x, want_other),
+        default=lambda a, b, c: _xla_kernel(spec, a, b, c, want_x, want_other))
+
+
+# ------------------------------------------------------------------------------- the loss
+def _finish(values, params, spec):
+    """The loss from the kernel's values: per row for "none", else the accurate total, times the
+    mean's 1/count (``params[-1]``, 1 for "sum")."""
+    reduction = spec[2]
+    if reduction == "none":
+        return values
+    total = K.accurate_sum(values)
+    return total * params[-1] if reduction == "mean" else total
+
+
+def _is_zero(t):
+    return type(t) is SymbolicZero
+
+
+def _contract(g, dv, spec):
+    """<g, dv> in the accumulation dtype: over the class axis per row for "none", else in full."""
+    acc = K.acc_dtype(g)
+    prod = g.astype(acc) * dv.astype(acc)
+    if spec[2] != "none":
+        return jnp.sum(prod)
+    return prod if _elementwise(spec[0]) else jnp.sum(prod, axis=-1)
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _loss(spec, x, other, params):
+    values, _, _ = _kernel(spec, x, other, params, False, False)
+    return _finish(values, params, spec)
+
+
+@partial(_loss.defjvp, symbolic_zeros=True)
+def _loss_jvp(spec, primals, tangents):
+    x, other, params = primals
+    dx, d_other, d_params = tangents
+    name = spec[0]
+    want_x = not _is_zero(dx)
+    want_other = not _is_zero(d_other) and name != "sparse_softmax_cross_entropy"
+    values, gx, go = _kernel(spec, x, other, params, want_x, want_other)
+    out = _finish(values, params, spec)
+    tangent = jnp.zeros_like(out)
+    if want_x:
+        tangent = tangent + _contract(gx, dx, spec)
+    if want_other:
+        tangent = tangent + _contract(go, d_other, spec)
+    n_opts = len(_OPTIONS[name])
+    if n_opts and not _is_zero(d_params):
+        # d loss / d option: per-row derivatives (XLA, one more pass, only when an option is
+        # being differentiated) weighted like the rows.
+        rows = _XLA[name][1](x, other, params, **_kwargs(spec)) @ d_params[:n_opts].astype(out.dtype)
+        tangent = tangent + (rows if spec[2] == "none" else jnp.sum(rows) * params[-1])
+    return out, tangent
+
+
+# ---------------------------------------------------------------------------- the adapter
+def _option(value, name, acc):
+    """An option as an array in the accumulation dtype. A traced value cannot raise, so one
+    outside its range makes the loss NaN (as a traced out-of-range label does); Python and
+    concrete values were checked eagerly already."""
+    v = jnp.asarray(value, dtype=acc)
+    if isinstance(value, (int, float)):
+        return v
+    ok = {"temperature": (v > 0) & jnp.isfinite(v),
+          "label_smoothing": (v >= 0) & (v <= 1),
+          "z_loss": (v >= 0) & jnp.isfinite(v)}[name]
+    return jnp.where(ok, v, jnp.nan)
+
+
+@partial(jax.jit, static_argnames=("spec",))
+def _core(x, other, options, *, spec):
+    """The whole loss, jitted so eager calls run as one XLA program (inlined under an outer jit)."""
+    name, ignore_index, reduction, _ = spec
+    row_ndim = _adapter.ROW_NDIM[name]
+    lead = x.shape[:x.ndim - row_ndim]
+    if row_ndim:
+        x2 = x.reshape(-1, x.shape[-1])
+        o2 = other.reshape(-1) if name == "sparse_softmax_cross_entropy" else other.reshape(-1, x.shape[-1])
+    else:
+        x2, o2 = x.reshape(-1), other.reshape(-1)
+    acc = K.acc_dtype(x)
+    if name == "sparse_softmax_cross_entropy":
+        count = jnp.sum(~K.is_ignored(o2, ignore_index))
+    else:
+        count = math.prod(lead)
+    scale = 1.0 / jnp.maximum(count, 1).astype(acc) if reduction == "mean" else jnp.ones((), acc)
+    params = jnp.stack([*[_option(v, k, acc) for k, v in zip(_OPTIONS[name], options)], scale]).astype(acc)
+    out = _loss(spec, x2, o2, params)
+    return out.reshape(lead) if reduction == "none" else out
 
 
 def _check_labels_eagerly(labels, n_cls, ignore_index):
@@ -93,37 +239,49 @@ def _check_labels_eagerly(labels, n_cls, ignore_index):
         _adapter.check_label_range(np.asarray(labels), n_cls, ignore_index)
 
 
-_CORES = {
-    "sparse_softmax_cross_entropy": _sparse,
-    "softmax_cross_entropy": _dense,
-    "sigmoid_cross_entropy": _sigmoid,
-    "mean_squared_error": _mse,
-}
+def _provider(backend):
+    """"xla" for backend="jax", "numba" for backend="numba" (checked now: an explicit choice raises
+    its failure), "auto" for no choice: Numba on CPU where it can run inside XLA, XLA elsewhere."""
+    if backend == "jax":
+        return "xla"
+    from . import _jax_ffi
+    if backend == "numba":
+        _jax_ffi.check_available()
+        return "numba"
+    return "auto" if _jax_ffi.unavailable_reason() is None else "xla"
 
 
-def _run(name, x, other, opts, with_grad):
+def _run(name, x, other, opts, with_grad, backend=None):
     _check_not_torch(x, "logits" if name != "mean_squared_error" else "predictions")
     _check_not_torch(other, "labels/targets")
     if name == "sparse_softmax_cross_entropy":
         _check_labels_eagerly(other, x.shape[-1], opts["ignore_index"])
+    spec = (name, opts.get("ignore_index"), opts["reduction"], _provider(backend))
+    options = tuple(opts[k] for k in _OPTIONS[name])
     ctx, numpy_in = _context(x, other)
     with ctx:
         xj, oj = jnp.asarray(x), jnp.asarray(other)
-        core = partial(_CORES[name], **opts)
+        core = partial(_core, spec=spec)
         if with_grad:
-            return _out(jax.value_and_grad(core)(xj, oj), numpy_in)
-        return _out(core(xj, oj), numpy_in)
+            return _out(jax.value_and_grad(core)(xj, oj, options), numpy_in)
+        return _out(core(xj, oj, options), numpy_in)
 
 
-def _loss(name):
-    def call(x, other, opts):
-        return _run(name, x, other, opts, with_grad=False)
-    call.__name__ = name
-    return call
+def call(name, x, other, opts, backend=None):
+    """The loss of jax (or NumPy) input on ``backend`` ("jax": the XLA formulation; "numba": the
+    Numba kernels through the XLA FFI; None: automatic)."""
+    return _run(name, x, other, opts, False, backend)
 
 
-LOSSES = _adapter.loss_table(_loss)
+def _loss_entry(name):
+    def entry(x, other, opts):
+        return _run(name, x, other, opts, with_grad=False, backend="jax")
+    entry.__name__ = name
+    return entry
 
 
-def value_and_grad(name, x, other, opts):
-    return _run(name, x, other, opts, with_grad=True)
+LOSSES = _adapter.loss_table(_loss_entry)
+
+
+def value_and_grad(name, x, other, opts, backend="jax"):
+    return _run(name, x, other, opts, with_grad=True, backend=backend)

@@ -6,6 +6,7 @@ a torch tensor and a NumPy array are all described by ``describe(x)``.
 from __future__ import annotations
 
 import math
+import sys
 import numbers
 
 import numpy as np
@@ -86,7 +87,23 @@ def check_class_axis(shape: tuple, arg: str = "logits") -> None:
         )
 
 
-def _finite_float(value, arg: str) -> float:
+def _is_tracer(value) -> bool:
+    jax = sys.modules.get("jax")
+    return jax is not None and isinstance(value, jax.core.Tracer)
+
+
+def _finite_float(value, arg: str):
+    """A Python float from a real number or a 0-d array of any framework (a jax scalar, a NumPy
+    scalar); a jax tracer (an option under ``jit``: a schedule, a learnable temperature) is
+    returned as it is, to be range-checked inside the program (out of range -> NaN loss)."""
+    if _is_tracer(value):
+        if tuple(value.shape) != () or not _is_float_or_int(dtype_name(value)):
+            raise ValueError(f"`{arg}` must be a real scalar; received a traced array of shape "
+                             f"{tuple(value.shape)} and dtype {dtype_name(value)}.")
+        return value
+    if hasattr(value, "shape") and hasattr(value, "dtype") and tuple(value.shape) == () \
+            and _is_float_or_int(dtype_name(value)):
+        value = float(value)  # a concrete 0-d array: jnp.float32(2.0), np.float32(2.0), torch.tensor(2.0)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"`{arg}` must be a real number; received {value!r} of type {type(value).__name__}.")
     value = float(value)
@@ -95,23 +112,27 @@ def _finite_float(value, arg: str) -> float:
     return value
 
 
-def check_temperature(value) -> float:
+def _is_float_or_int(name: str) -> bool:
+    return name.startswith(("float", "bfloat", "int", "uint"))
+
+
+def check_temperature(value):
     t = _finite_float(value, "temperature")
-    if t <= 0.0:
+    if not _is_tracer(t) and t <= 0.0:
         raise ValueError(f"`temperature` must be a finite number > 0; received {value!r}.")
     return t
 
 
-def check_label_smoothing(value) -> float:
+def check_label_smoothing(value):
     e = _finite_float(value, "label_smoothing")
-    if not 0.0 <= e <= 1.0:
+    if not _is_tracer(e) and not 0.0 <= e <= 1.0:
         raise ValueError(f"`label_smoothing` must be in [0, 1]; received {value!r}.")
     return e
 
 
-def check_z_loss(value) -> float:
+def check_z_loss(value):
     z = _finite_float(value, "z_loss")
-    if z < 0.0:
+    if not _is_tracer(z) and z < 0.0:
         raise ValueError(f"`z_loss` must be a finite number >= 0; received {value!r}.")
     return z
 

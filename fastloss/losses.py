@@ -43,8 +43,12 @@ def _call(loss, x, other, backend, opts):
         if name != "jax":  # "jax" raises its TypeError below
             from . import _torch_ops
             return _torch_ops.call(loss, x, other, opts, name)
-    else:
-        name = _dispatch.resolve(backend, x)
+    elif _dispatch.framework_of(x) == "jax" or any(V._is_tracer(v) for v in opts.values()):
+        choice = _dispatch.explicit(backend)
+        if choice in (None, "jax", "numba"):
+            from . import _jax
+            return _jax.call(loss, x, other, opts, choice)
+    name = _dispatch.resolve(backend, x)
     return _dispatch.get(loss, name)(x, other, opts)
 
 
@@ -268,6 +272,11 @@ def value_and_grad(loss_fn):
         if opts["reduction"] == "none":
             raise ValueError("`reduction` must be 'mean' or 'sum' under value_and_grad (the loss must "
                              "be a scalar); received 'none'.")
+        if _dispatch.framework_of(x) == "jax":
+            choice = _dispatch.explicit(backend)
+            if choice in (None, "jax", "numba"):
+                from . import _jax
+                return _jax.value_and_grad(name, x, other, opts, choice)
         chosen = _dispatch.resolve(backend, x)
         return _dispatch.get_value_and_grad(chosen)(name, x, other, opts)
 

@@ -1,6 +1,6 @@
 """fastloss.kernels: the compute kernels, one family per module, no user-facing defaults.
 
-- ``jax_xla``: jax.custom_vjp functions (XLA), any device jax runs on.
+- ``jax_xla``: fused loss-and-gradient formulations in XLA operations, any device jax runs on.
 - ``numba_cpu``: Numba parallel CPU kernels with a vectorisable exp.
 - ``triton_gpu``: Triton kernels for torch tensors (CUDA, or the interpreter on CPU).
 

@@ -1,24 +1,29 @@
-"""JAX kernels: custom-VJP losses with closed-form backward passes.
+"""JAX kernels in XLA operations: fused loss and gradient, options as (possibly traced) arrays.
 
-Each function takes 2-D ``(rows, C)`` (cross-entropies) or same-shape (elementwise losses) arrays and
-returns fp32 per-row / per-element losses (fp64 for fp64 input). Options are static Python floats
-(``nondiff_argnums``), so each option combination compiles once.
+Every loss has one function ``<loss>(x, other, params, *static, want_x, want_other)`` returning
+``(values, grad_x | None, grad_other | None)``:
 
-Why custom VJPs: autodiff through ``log_softmax`` keeps the (rows, C) softmax or log-softmax alive
-for the backward pass and runs extra passes over it. Here the forward saves only the per-row
-log-sum-exp (O(rows)); the backward re-reads the logits once and writes the gradient once:
-``softmax(z) = exp(z - lse)`` is recomputed inside that single fused elementwise pass.
+- ``values``: fp32 per-row (cross-entropies) or per-element losses (fp64 for fp64 input);
+- the gradients are those of ``scale * Σ values`` (``scale`` is the last entry of ``params``: 1/count
+  for "mean", else 1), in the input's dtype, computed in the same XLA program as the values, so XLA
+  fuses them into the passes that compute the row statistics (one exp per element on CPU);
+- ``params`` is a 1-D array in the accumulation dtype holding the loss's options (temperature,
+  label smoothing, z-loss, scale; see each function). Options are values, not compile-time
+  constants: a new temperature does not recompile, and a traced one (a schedule, a learnable
+  temperature) works under ``jit``.
+
+These functions are plain JAX: differentiating them (second order, forward mode) is exact. The
+public layer (``fastloss._jax``) wraps them, or the Numba kernels reached through the XLA FFI, in
+one ``custom_jvp`` per loss; ``option_grads`` gives the derivatives with respect to the options.
 """
 from __future__ import annotations
-
-from functools import partial
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 
-def _acc_dtype(x):
+def acc_dtype(x):
     # fp32 accumulation for 16/32-bit inputs, fp64 for fp64 input.
     return jnp.float64 if x.dtype == jnp.float64 else jnp.float32
 
@@ -28,8 +33,7 @@ def _zs(x, m, temperature):
 
     The shift comes before the temperature: x / T alone overflows for a tiny T (x = 4, T = 1e-38),
     while x - m <= 0 and its quotient at worst goes to -inf, whose exp is the exact limit 0."""
-    zs = x.astype(_acc_dtype(x)) - m[:, None]
-    return zs if temperature == 1.0 else zs / temperature
+    return (x.astype(acc_dtype(x)) - m[:, None]) / temperature
 
 
 def _shift(x, temperature):
@@ -38,19 +42,17 @@ def _shift(x, temperature):
 
     Losses are formed from shifted values and ``log s``, never from ``lse - z``: with a common
     offset of 1e5, fp32 ``lse`` is rounded by ~4e-3 and the difference would inherit it, while
-    ``x - m`` is exact (Sterbenz). The (N, C) shifted array is not returned: callers gather or
-    reduce ``_zs`` per row, so XLA fuses every use into its own pass over the logits instead of
-    writing and re-reading an (N, C) intermediate. The max is a constant of the math
-    (stop_gradient). An all-masked row (max -inf) shifts by 0, so it gives lse = -inf rather than
-    NaN from (-inf) - (-inf); a row holding +inf or NaN keeps its max, so the row is NaN (as on the
-    Numba and Triton backends).
+    ``x - m`` is exact (Sterbenz). The max is a constant of the math (stop_gradient: every result
+    is invariant to it). An all-masked row (max -inf) shifts by 0, so it gives lse = -inf rather
+    than NaN from (-inf) - (-inf); a row holding +inf or NaN keeps its max, so the row is NaN (as
+    on the Numba and Triton backends).
     """
-    m = lax.stop_gradient(jnp.max(x.astype(_acc_dtype(x)), axis=-1))
+    m = lax.stop_gradient(jnp.max(x.astype(acc_dtype(x)), axis=-1))
     m = jnp.where(m == -jnp.inf, jnp.zeros_like(m), m)
     return m, jnp.log(jnp.sum(jnp.exp(_zs(x, m, temperature)), axis=-1))
 
 
-def _is_ignored(labels, ignore_index):
+def is_ignored(labels, ignore_index):
     """labels == ignore_index, where None, or an index the label dtype cannot hold, matches nothing
     (comparing would overflow the int32 labels JAX uses by default)."""
     info = jnp.iinfo(labels.dtype)
@@ -59,170 +61,166 @@ def _is_ignored(labels, ignore_index):
     return labels == ignore_index
 
 
+def _weighted(w, term):
+    """w * term, 0 where w == 0: a disabled option never turns a row with a -inf mean or lse into
+    NaN (0 * inf)."""
+    return jnp.where(w == 0, jnp.zeros_like(term), w * term)
+
+
 # ----------------------------------------------------------------------------------- sparse CE
-@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
-def sparse_cross_entropy(logits, labels, temperature, label_smoothing, ignore_index, z_loss):
-    """Per-row sparse softmax cross-entropy.
+def _sparse_parts(x, labels, params, ignore_index):
+    t, eps, z_loss = params[0], params[1], params[2]
+    n_cls = x.shape[-1]
+    m, log_s = _shift(x, t)
+    lse = m / t + log_s
+    # Gather the label's logit (a clamped index only to keep the gather in bounds; invalid rows are
+    # overwritten with NaN).
+    idx = jnp.clip(labels, 0, n_cls - 1)[:, None].astype(jnp.int32)
+    zs_y = _zs(jnp.take_along_axis(x, idx, axis=-1), m, t)[:, 0]
+    mean_zs = jnp.mean(_zs(x, m, t), axis=-1)
+    valid = (labels >= 0) & (labels < n_cls)
+    ignored = is_ignored(labels, ignore_index)
+    return m, log_s, lse, zs_y, mean_zs, valid, ignored
+
+
+def _by_row_kind(values, valid, ignored):
+    """0 on ignored rows, NaN on rows with a label outside [0, C), ``values`` elsewhere."""
+    nan = jnp.full_like(values, jnp.nan)
+    return jnp.where(ignored, jnp.zeros_like(values), jnp.where(valid, values, nan))
+
+
+def sparse_cross_entropy(x, labels, params, ignore_index, *, want_x=True, want_other=False):
+    """Per-row sparse softmax cross-entropy and its gradient.
 
     Args:
-        logits: (N, C) float array. labels: (N,) integer array.
-        temperature, label_smoothing, ignore_index, z_loss: static Python scalars.
+        x: (N, C) float logits. labels: (N,) integers. params: [T, ε, z_loss, scale].
+        ignore_index: a static int or None.
 
     Returns:
-        (loss, lse): both (N,) in the accumulation dtype. ``loss`` is 0 for ignored rows and NaN for
-        labels outside [0, C) (never clamped to a valid class); ``lse`` is lse(logits / T).
+        (loss (N,), grad (N, C) | None, None). ``loss`` is 0 for ignored rows and NaN for labels
+        outside [0, C) (never clamped to a valid class); so are the rows of the gradient.
+
+    With z = x / T, q = (1-ε) onehot(y) + ε/C:
+        row = (1-ε)(lse - z_y) + ε(lse - mean z) + z_loss lse²
+        d row / dx = (softmax(z)(1 + 2 z_loss lse) - q) / T
     """
-    return _sparse_fwd(logits, labels, temperature, label_smoothing, ignore_index, z_loss)[0]
-
-
-def _sparse_rows(x, m, labels, log_s, lse, temperature, label_smoothing, ignore_index, z_loss):
+    t, eps, z_loss, scale = params[0], params[1], params[2], params[3]
     n_cls = x.shape[-1]
-    valid = (labels >= 0) & (labels < n_cls)
-    # Gather the label's logit (a clamped index only to keep the gather in bounds; invalid rows are
-    # overwritten with NaN below).
-    x_y = jnp.take_along_axis(x, jnp.clip(labels, 0, n_cls - 1)[:, None].astype(jnp.int32), axis=-1)
-    row = log_s - _zs(x_y, m, temperature)[:, 0]
-    if label_smoothing:
-        row = (1.0 - label_smoothing) * row + label_smoothing * (log_s - jnp.mean(_zs(x, m, temperature), axis=-1))
-    if z_loss:
-        row = row + z_loss * lse * lse
-    nan = jnp.full_like(row, jnp.nan)
-    return jnp.where(_is_ignored(labels, ignore_index), jnp.zeros_like(row), jnp.where(valid, row, nan))
+    m, log_s, lse, zs_y, mean_zs, valid, ignored = _sparse_parts(x, labels, params, ignore_index)
+    row = (1.0 - eps) * (log_s - zs_y) + _weighted(eps, log_s - mean_zs) + _weighted(z_loss, lse * lse)
+    loss = _by_row_kind(row, valid, ignored)
+    if not want_x:
+        return loss, None, None
+    # Per element one multiply-add, g = e a - b, with e = exp(z - m) (XLA shares it with the sum
+    # above), per-row a = scale (1 + 2 z_loss lse) / (s T) and b = scale ε / (C T); the label's
+    # -(1-ε) scale / T is one scatter-add of N values (in place). An ignored row's gradient is
+    # exactly 0 even when its logits hold NaN or inf (padding): the select fuses into the same pass.
+    a = scale * (1.0 + _weighted(z_loss, 2.0 * lse)) * jnp.exp(-log_s) / t
+    g = jnp.exp(_zs(x, m, t)) * a[:, None] - scale * eps / (n_cls * t)
+    rows = jnp.arange(x.shape[0])
+    g = g.at[rows, jnp.clip(labels, 0, n_cls - 1)].add(-(1.0 - eps) * scale / t)
+    bad = jnp.where(valid, jnp.zeros_like(row), jnp.full_like(row, jnp.nan))
+    g = jnp.where(ignored[:, None], jnp.zeros_like(g), g + bad[:, None])
+    return loss, g.astype(x.dtype), None
 
 
-def _sparse_fwd(logits, labels, temperature, label_smoothing, ignore_index, z_loss):
-    m, log_s = _shift(logits, temperature)
-    lse = m / temperature + log_s
-    loss = _sparse_rows(logits, m, labels, log_s, lse, temperature, label_smoothing, ignore_index, z_loss)
-    return (loss, lse), (logits, labels, m, log_s)
+def sparse_option_grads(x, labels, params, ignore_index):
+    """d row / d (T, ε, z_loss), shape (N, 3), with z = x / T and g_z = p(1 + 2 z_loss lse) - q:
 
+        d row / dT = -(1/T) Σ_c g_z,c z_c
+                   = -(1/T) [(1 + 2 z_loss lse) Σ p zs - (1-ε) zs_y - ε mean zs + 2 z_loss lse m / T]
+        d row / dε = zs_y - mean zs,    d row / d z_loss = lse²
 
-def _sparse_bwd(temperature, label_smoothing, ignore_index, z_loss, res, cts):
-    logits, labels, m, log_s = res
-    lse = m / temperature + log_s
-    g_loss, g_lse = cts
-    n_cls = logits.shape[-1]
-    valid = (labels >= 0) & (labels < n_cls)
-    ignored = _is_ignored(labels, ignore_index)
-    scale = jnp.where(ignored, 0.0, jnp.where(valid, g_loss, jnp.nan)).astype(lse.dtype)
-    # d loss/dz = p (1 + 2 z_loss lse) - q, q = (1-ε) onehot(y) + ε/C;  d lse/dz = p;  dz/dx = 1/T.
-    # Per element that is one multiply-add, g = e a - b with e = exp(z - m) and per-row
-    # a = (scale (1 + 2 z_loss lse) + g_lse) / (s T), b = scale ε / (C T); the label's -(1-ε) scale / T
-    # is then one scatter-add of N values into the gradient (in place), as autodiff does. Under one
-    # jit with the forward, XLA shares e with the forward's sum (one exp per element: on CPU exp is
-    # the bottleneck). The saved residuals stay O(rows) either way.
-    inv_t = 1.0 / temperature
-    a = (scale * (1.0 + 2.0 * z_loss * lse) + g_lse) * jnp.exp(-log_s) * inv_t
-    e = jnp.exp(_zs(logits, m, temperature))
-    g = e * a[:, None]
-    if label_smoothing:
-        g = g - (scale * (label_smoothing / n_cls * inv_t))[:, None]
-    rows = jnp.arange(logits.shape[0])
-    g = g.at[rows, jnp.clip(labels, 0, n_cls - 1)].add(-(1.0 - label_smoothing) * inv_t * scale)
-    # An ignored row's gradient is exactly 0 even when its logits hold NaN or inf (padding): scale 0
-    # times a NaN softmax would be NaN. The select fuses into the same elementwise pass.
-    g = jnp.where(ignored[:, None], jnp.zeros_like(g), g)
-    return g.astype(logits.dtype), None
-
-
-sparse_cross_entropy.defvjp(_sparse_fwd, _sparse_bwd)
+    (zs = z - m/T: Σ g_z = 2 z_loss lse carries the shift, so large offsets cancel exactly.)"""
+    t, eps, z_loss = params[0], params[1], params[2]
+    m, log_s, lse, zs_y, mean_zs, valid, ignored = _sparse_parts(x, labels, params, ignore_index)
+    zs = _zs(x, m, t)
+    p = jnp.exp(zs - log_s[:, None])
+    p_zs = jnp.sum(jnp.where(p == 0, jnp.zeros_like(zs), p * zs), axis=-1)  # 0 * -inf of masked classes
+    zl_lse = _weighted(z_loss, 2.0 * lse)
+    d_t = -((1.0 + zl_lse) * p_zs - (1.0 - eps) * zs_y - _weighted(eps, mean_zs) + _weighted(zl_lse, m / t)) / t
+    d = jnp.stack([d_t, zs_y - mean_zs, lse * lse], axis=-1)
+    return _by_row_kind(d, valid[:, None], ignored[:, None])
 
 
 # ------------------------------------------------------------------------------------ dense CE
-@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def dense_cross_entropy(logits, targets, temperature, label_smoothing):
-    """Per-row softmax cross-entropy with dense targets.
+def _dense_parts(x, targets, params):
+    t, eps = params[0], params[1]
+    m, log_s = _shift(x, t)
+    zs = _zs(x, m, t)
+    q = (1.0 - eps) * targets.astype(zs.dtype) + eps / x.shape[-1]
+    return m, log_s, zs, q
+
+
+def softmax_cross_entropy(x, targets, params, *, want_x=True, want_other=False):
+    """Per-row softmax cross-entropy with dense targets and its gradients.
 
     Args:
-        logits, targets: (N, C) float arrays. temperature, label_smoothing: static Python floats.
+        x, targets: (N, C) floats. params: [T, ε, scale].
 
     Returns:
-        (loss, lse), both (N,) in the accumulation dtype. Terms with target mass 0 contribute 0
-        (so a masked -inf class with zero target does not turn the row into NaN).
+        (loss (N,), grad x | None, grad targets | None). With q = (1-ε) t + ε/C:
+        row = Σ_c q_c (lse - z_c) (terms with q_c == 0 contribute 0, so a masked -inf class with
+        zero target keeps the row finite); d/dx = (p Σq - q) / T; d/dt = (1-ε)(lse - z).
     """
-    return _dense_fwd(logits, targets, temperature, label_smoothing)[0]
-
-
-def _smoothed(targets, label_smoothing, dtype):
-    q = targets.astype(dtype)
-    if label_smoothing:
-        q = (1.0 - label_smoothing) * q + label_smoothing / targets.shape[-1]
-    return q
-
-
-def _dense_fwd(logits, targets, temperature, label_smoothing):
-    m, log_s = _shift(logits, temperature)
-    zs = _zs(logits, m, temperature)
-    q = _smoothed(targets, label_smoothing, zs.dtype)
-    terms = jnp.where(q == 0, jnp.zeros_like(zs), q * (log_s[:, None] - zs))
+    t, eps, scale = params[0], params[1], params[2]
+    m, log_s, zs, q = _dense_parts(x, targets, params)
+    nll = log_s[:, None] - zs
+    terms = jnp.where(q == 0, jnp.zeros_like(zs), q * nll)
     # A row whose logits hold NaN or +inf is NaN whatever its targets (log s is NaN exactly then).
-    row = jnp.where(jnp.isnan(log_s), log_s, jnp.sum(terms, axis=-1))
-    return (row, m / temperature + log_s), (logits, targets, m, log_s)
+    loss = jnp.where(jnp.isnan(log_s), log_s, jnp.sum(terms, axis=-1))
+    gx = gt = None
+    if want_x:
+        p = jnp.exp(zs) * jnp.exp(-log_s)[:, None]  # shares exp(z - m) with the forward's sum
+        gx = ((p * jnp.sum(q, axis=-1)[:, None] - q) * (scale / t)).astype(x.dtype)
+    if want_other:
+        gt = ((1.0 - eps) * scale * nll).astype(targets.dtype)
+    return loss, gx, gt
 
 
-def _dense_bwd(temperature, label_smoothing, res, cts):
-    logits, targets, m, log_s = res
-    g_loss, g_lse = cts
-    zs = _zs(logits, m, temperature)
-    q = _smoothed(targets, label_smoothing, zs.dtype)
-    p = jnp.exp(zs) * jnp.exp(-log_s)[:, None]  # shares exp(z - m) with the forward (see sparse)
-    q_sum = jnp.sum(q, axis=-1)
-    g_logits = ((p * q_sum[:, None] - q) * g_loss[:, None] + p * g_lse[:, None]) / temperature
-    g_targets = (1.0 - label_smoothing) * (log_s[:, None] - zs) * g_loss[:, None]
-    return g_logits.astype(logits.dtype), g_targets.astype(targets.dtype)
-
-
-dense_cross_entropy.defvjp(_dense_fwd, _dense_bwd)
+def softmax_option_grads(x, targets, params):
+    """d row / d (T, ε), shape (N, 2): -(1/T)(Σq Σ p zs - Σ q zs) and Σ (1/C - t)(lse - z)."""
+    t = params[0]
+    m, log_s, zs, q = _dense_parts(x, targets, params)
+    p = jnp.exp(zs - log_s[:, None])
+    p_zs = jnp.sum(jnp.where(p == 0, jnp.zeros_like(zs), p * zs), axis=-1)
+    q_zs = jnp.sum(jnp.where(q == 0, jnp.zeros_like(zs), q * zs), axis=-1)
+    d_t = -(jnp.sum(q, axis=-1) * p_zs - q_zs) / t
+    d_eps = jnp.sum((1.0 / x.shape[-1] - targets.astype(zs.dtype)) * (log_s[:, None] - zs), axis=-1)
+    return jnp.stack([d_t, d_eps], axis=-1)
 
 
 # ---------------------------------------------------------------------------------- sigmoid CE
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
-def sigmoid_cross_entropy(logits, targets, label_smoothing):
-    """Elementwise binary cross-entropy from logits: max(x,0) - x t' + log1p(exp(-|x|)),
-    t' = t (1-ε) + ε/2. Returns the per-element loss in the accumulation dtype."""
-    return _sigmoid_fwd(logits, targets, label_smoothing)[0]
+def _smoothed_target(targets, eps, dtype):
+    return targets.astype(dtype) * (1.0 - eps) + 0.5 * eps
 
 
-def _sigmoid_fwd(logits, targets, label_smoothing):
-    x = logits.astype(_acc_dtype(logits))
-    t = targets.astype(x.dtype) * (1.0 - label_smoothing) + 0.5 * label_smoothing
-    loss = jnp.maximum(x, 0.0) - x * t + jnp.log1p(jnp.exp(-jnp.abs(x)))
-    return loss, (logits, targets)
+def sigmoid_cross_entropy(x, targets, params, *, want_x=True, want_other=False):
+    """Elementwise binary cross-entropy from logits, max(x,0) - x t' + log1p(exp(-|x|)) with
+    t' = t(1-ε) + ε/2; params [ε, scale]; gradients sigmoid(x) - t' and -(1-ε) x."""
+    eps, scale = params[0], params[1]
+    xa = x.astype(acc_dtype(x))
+    ts = _smoothed_target(targets, eps, xa.dtype)
+    loss = jnp.maximum(xa, 0.0) - xa * ts + jnp.log1p(jnp.exp(-jnp.abs(xa)))
+    gx = ((jax.nn.sigmoid(xa) - ts) * scale).astype(x.dtype) if want_x else None
+    gt = (-(1.0 - eps) * scale * xa).astype(targets.dtype) if want_other else None
+    return loss, gx, gt
 
 
-def _sigmoid_bwd(label_smoothing, res, g):
-    logits, targets = res
-    x = logits.astype(_acc_dtype(logits))
-    t = targets.astype(x.dtype) * (1.0 - label_smoothing) + 0.5 * label_smoothing
-    g_x = (jax.nn.sigmoid(x) - t) * g
-    g_t = -(1.0 - label_smoothing) * x * g
-    return g_x.astype(logits.dtype), g_t.astype(targets.dtype)
-
-
-sigmoid_cross_entropy.defvjp(_sigmoid_fwd, _sigmoid_bwd)
+def sigmoid_option_grads(x, targets, params):
+    """d loss / dε per element, (n, 1): -x (1/2 - t)."""
+    xa = x.astype(acc_dtype(x))
+    return (-xa * (0.5 - targets.astype(xa.dtype)))[:, None]
 
 
 # ------------------------------------------------------------------------------------------ MSE
-@jax.custom_vjp
-def squared_error(predictions, targets):
-    """Elementwise (p - t)^2 in the accumulation dtype; gradients 2(p - t) and -2(p - t)."""
-    return _mse_fwd(predictions, targets)[0]
-
-
-def _mse_fwd(predictions, targets):
-    acc = _acc_dtype(predictions)
-    d = predictions.astype(acc) - targets.astype(acc)
-    return d * d, (predictions, targets)
-
-
-def _mse_bwd(res, g):
-    predictions, targets = res
-    acc = _acc_dtype(predictions)
-    d2 = 2.0 * (predictions.astype(acc) - targets.astype(acc)) * g
-    return d2.astype(predictions.dtype), (-d2).astype(targets.dtype)
-
-
-squared_error.defvjp(_mse_fwd, _mse_bwd)
+def squared_error(p, targets, params, *, want_x=True, want_other=False):
+    """Elementwise (p - t)^2; params [scale]; gradients 2(p - t) and -2(p - t)."""
+    acc = acc_dtype(p)
+    d = p.astype(acc) - targets.astype(acc)
+    two_d = 2.0 * params[0] * d
+    return (d * d, two_d.astype(p.dtype) if want_x else None,
+            (-two_d).astype(targets.dtype) if want_other else None)
 
 
 # ------------------------------------------------------------------------------------ reduction

@@ -18,7 +18,7 @@ from fastloss import _dispatch  # noqa: E402
 
 from . import harness as H  # noqa: E402
 
-HARNESSES = ("jax", "numba", "numba-torch", "triton")
+HARNESSES = ("jax", "numba-jax", "numba", "numba-torch", "triton")
 
 
 def _backend_of(name):

@@ -44,10 +44,16 @@ def _f64(a):
 
 
 class JaxHarness:
-    name = "jax"
+    """jax arrays; ``backend`` "jax" (the XLA formulation, eagerly) or "numba" (the Numba kernels
+    through the XLA FFI, called inside ``jax.jit`` as a training loop calls them)."""
     grads_for_none = True     # can take a vjp of per-row losses
     grads_for_other = True    # gradient to float targets
     max_elements = None
+
+    def __init__(self, backend="jax"):
+        self.backend = backend
+        self.name = "jax" if backend == "jax" else f"{backend}-jax"
+        self.traced = backend != "jax"  # labels are tracers: out-of-range ones give NaN, cannot raise
 
     def _ctx(self, dtype):
         import contextlib
@@ -64,7 +70,9 @@ class JaxHarness:
                 oj = jnp.asarray(np.asarray(other).astype(np_dtype(dtype)))
             else:
                 oj = jnp.asarray(other)
-            out = fn(xj, oj, **opts)
+            opts = dict(opts, backend=self.backend)
+            wrap = jax.jit if self.backend != "jax" else (lambda f, **kw: f)
+            out = wrap(lambda a, b: fn(a, b, **opts))(xj, oj)
             res = Result(_f64(out), out.dtype.name)
             if not grads:
                 return res
@@ -74,7 +82,7 @@ class JaxHarness:
                 val = fn(a, b, **opts)
                 return jnp.sum(val * jnp.asarray(cot, val.dtype)) if opts.get("reduction") == "none" else val
 
-            g = jax.grad(objective, argnums=argnums)(xj, oj)
+            g = wrap(jax.grad(objective, argnums=argnums))(xj, oj)
             res.grad_x, res.grad_x_dtype = _f64(g[0]), g[0].dtype.name
             if len(g) > 1:
                 res.grad_other, res.grad_other_dtype = _f64(g[1]), g[1].dtype.name
@@ -149,6 +157,8 @@ class TorchHarness:
 def make(name):
     if name == "jax":
         return JaxHarness()
+    if name == "numba-jax":
+        return JaxHarness("numba")
     if name == "numba":
         return NumbaNumpyHarness()
     if name == "numba-torch":

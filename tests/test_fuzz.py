@@ -23,7 +23,7 @@ from fastloss import _dispatch
 from . import harness as H
 from .test_contract import DENSE, MSE, SIGMOID, SPARSE, check
 
-_AVAILABLE = [name for name in ("jax", "numba", "numba-torch", "triton")
+_AVAILABLE = [name for name in ("jax", "numba-jax", "numba", "numba-torch", "triton")
               if _dispatch.unavailable_reason(name.split("-")[0]) is None]
 HARNESSES = {name: H.make(name) for name in _AVAILABLE}
 
@@ -132,5 +132,5 @@ test_fuzz_mean_squared_error = _fuzz(MSE)
 
 def test_every_backend_is_fuzzed():
     if os.environ.get("FASTLOSS_REQUIRE_ALL_BACKENDS"):
-        assert set(HARNESSES) == {"jax", "numba", "numba-torch", "triton"}
+        assert set(HARNESSES) == {"jax", "numba-jax", "numba", "numba-torch", "triton"}
     assert HARNESSES

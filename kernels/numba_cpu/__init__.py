@@ -8,7 +8,9 @@ d row, so a training step needs no second pass. Modules, bottom up:
 - ``approx``: branch-free exp2, reciprocal and log1p; ``halfio``: bfloat16/float16 loads and stores;
 - ``rowstats``: online row statistics, groups of short rows, gradient stores;
 - ``sparse_ce``, ``sparse_split``, ``dense_ce``, ``elementwise``: the kernels;
-- ``plan``: which entry point a shape and layout take (pure Python).
+- ``plan``: which entry point a shape and layout take (pure Python);
+- ``xla_ffi``: C handlers through which XLA calls these kernels inside ``jax.jit`` (imported only by
+  ``fastloss._jax_ffi``, at the first trace that needs it).
 
 docs/numba.md explains the design (what vectorises and why, the memory traffic of each pass).
 """

@@ -1,0 +1,175 @@
+"""The Numba kernels inside ``jax.jit`` on CPU, through XLA's typed FFI.
+
+Each call below emits one XLA custom call whose handler (``fastloss.kernels.numba_cpu.xla_ffi``)
+runs the Numba kernel on XLA's own buffers: no copy in, no copy out, no Python at run time, so it
+works inside ``jit``, ``grad``, ``vmap`` (one call per batch element), ``shard_map`` and the
+persistent compilation cache. Handlers are built and registered at the first trace that needs
+them (~1.5 s per signature and process, the kernels themselves coming from Numba's disk cache);
+importing fastloss builds nothing.
+
+The functions have the signature of their ``fastloss.kernels.jax_xla`` counterparts and return
+the same values (within fp32 rounding): ``(values, grad_x | None, grad_other | None)`` with the
+gradients of ``scale * Σ values``. They are not differentiable themselves; ``fastloss._jax`` gives
+them derivatives (the gradient they return, and the XLA formulation for second order).
+"""
+from __future__ import annotations
+
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fastloss.kernels.numba_cpu import BLOCK, plan
+
+from . import _adapter
+
+_LOCK = threading.Lock()
+_HANDLERS = {}  # target name -> cfunc; kept alive for the process: XLA holds raw pointers to them
+_STATE = {}
+
+# jax dtype name -> the element type the Numba kernels use (16-bit floats as raw bits).
+_STORAGE = {"float32": np.float32, "float64": np.float64, "bfloat16": np.uint16, "float16": np.int16,
+            "int32": np.int32, "int64": np.int64}
+
+
+def unavailable_reason():
+    """None when the Numba kernels can run inside XLA here, else why not.
+
+    XLA calls a handler from several of its threads at once. Numba's ``omp`` and ``tbb`` threading
+    layers take concurrent parallel launches; its fallback ``workqueue`` layer aborts the process
+    on them, so it rules the FFI path out (automatic dispatch then uses the XLA formulation)."""
+    if "reason" not in _STATE:
+        _STATE["reason"] = _probe()
+    return _STATE["reason"]
+
+
+def _probe():
+    try:
+        import numba
+        from numba.np.ufunc import parallel
+    except ImportError:
+        return "it needs the package 'numba', which is not installed (pip install numba)"
+    if np.dtype(np.intp).itemsize != 8 or np.little_endian is False:
+        return "the XLA FFI handlers assume a 64-bit little-endian machine"
+    parallel._launch_threads()
+    layer = numba.threading_layer()
+    if layer not in ("omp", "tbb"):
+        return (f"Numba's threading layer is {layer!r}, which cannot run kernels called from several "
+                f"XLA threads at once; install tbb (pip install tbb) or provide libgomp")
+    return None
+
+
+def check_available():
+    reason = unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(f"fastloss backend 'numba' cannot run inside jax here: {reason}")
+
+
+def _threads():
+    import numba
+    return numba.get_num_threads()
+
+
+def _storage(dtype):
+    return _STORAGE[jnp.dtype(dtype).name]
+
+
+def _target(key, build):
+    """Register (once) the handler that ``build()`` makes, under a name derived from ``key``."""
+    name = "fastloss_" + "_".join(str(k) for k in key)
+    with _LOCK:
+        if name not in _HANDLERS:
+            check_available()
+            handler = build()
+            jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(handler.address), platform="cpu")
+            _HANDLERS[name] = handler
+    return name
+
+
+def _labels(labels):
+    # The handler reads int32 or int64 labels; other integer types (uint8, int16...) are widened.
+    return labels if labels.dtype in (jnp.int32, jnp.int64) else labels.astype(jnp.int32)
+
+
+def _acc(x):
+    return np.float64 if x.dtype == jnp.float64 else np.float32
+
+
+def _call(name, outs, args, alias_grad, **attrs):
+    # alias_grad only for kernels that read each logit before writing its gradient and never after
+    # (the callers say which): the gradient takes the logits' buffer (input 0 -> output 1) when XLA can give it: in a
+    # training step the logits are a dead intermediate by then, so the (N, C) gradient needs no fresh
+    # memory (XLA:CPU maps fresh pages for every execution: ~128,000 page faults for a 0.5 GB
+    # gradient, as long as the kernel itself). Where the logits stay live, XLA copies them first.
+    aliases = {0: 1} if alias_grad else {}
+    res = jax.ffi.ffi_call(name, outs, vmap_method="sequential", input_output_aliases=aliases)(
+        *args, **{k: np.int64(v) for k, v in attrs.items()})
+    return [_varying_like(r, args) for r in res]
+
+
+def _varying_like(out, args):
+    """Inside ``shard_map`` the results vary over the mesh axes their inputs vary over. The FFI call
+    does not say so by itself, and a JVP whose tangent varies while its primal does not is
+    rejected: declare it."""
+    axes = frozenset().union(*(jax.typeof(a).manual_axis_type.varying for a in args))
+    missing = tuple(sorted(axes - jax.typeof(out).manual_axis_type.varying))
+    return jax.lax.pcast(out, missing, to="varying") if missing else out
+
+
+def sparse_cross_entropy(x, labels, params, ignore_index, *, want_x=True, want_other=False):
+    from fastloss.kernels.numba_cpu import xla_ffi
+    labels = _labels(labels)
+    n, c = x.shape
+    threads = _threads()
+    path, chunks = plan.sparse_path(n, c, c, threads)
+    acc = _acc(x)
+    xs, ys = _storage(x.dtype), _storage(labels.dtype)
+    key = ("sparse", path, np.dtype(xs).name, np.dtype(ys).name, np.dtype(acc).name, int(want_x))
+    name = _target(key, lambda: xla_ffi.sparse_handler(path, xs, ys, acc, want_x))
+    outs = [jax.ShapeDtypeStruct((n,), acc)] + ([jax.ShapeDtypeStruct(x.shape, x.dtype)] if want_x else [])
+    # In place only on the paths that never read a logit after writing its row's gradient.
+    res = _call(name, outs, (x, labels, params.astype(acc)), want_x and path in ("short", "blocks"),
+                ignore_index=_adapter.kernel_ignore_index(ignore_index), n_chunks=chunks, threads=threads)
+    return res[0], (res[1] if want_x else None), None
+
+
+def _with_other(kind, build, x, other, params, want_x, want_other, outs0, in_place, **attrs):
+    acc = _acc(x)
+    xs, ts = _storage(x.dtype), _storage(other.dtype)
+    key = (kind, np.dtype(xs).name, np.dtype(ts).name, np.dtype(acc).name, int(want_x), int(want_other))
+    name = _target(key, lambda: build(xs, ts, acc))
+    outs = ([outs0] + ([jax.ShapeDtypeStruct(x.shape, x.dtype)] if want_x else [])
+            + ([jax.ShapeDtypeStruct(other.shape, other.dtype)] if want_other else []))
+    res = _call(name, outs, (x, other, params.astype(acc)), want_x and in_place, **attrs)
+    gx = res[1] if want_x else None
+    go = res[1 + want_x] if want_other else None
+    return res[0], gx, go
+
+
+def softmax_cross_entropy(x, targets, params, *, want_x=True, want_other=False):
+    from fastloss.kernels.numba_cpu import xla_ffi
+    n, c = x.shape
+    path = plan.dense_path(c, c, c)
+    return _with_other(f"dense_{path}", lambda xs, ts, acc: xla_ffi.dense_handler(path, xs, ts, acc, want_x,
+                                                                                 want_other),
+                       x, targets, params, want_x, want_other, jax.ShapeDtypeStruct((n,), _acc(x)),
+                       path == "blocks" and not want_other, threads=_threads())
+
+
+def _elementwise(loss):
+    def run(x, targets, params, *, want_x=True, want_other=False, want_values=True):
+        from fastloss.kernels.numba_cpu import xla_ffi
+        n = x.shape[0]
+        first = jax.ShapeDtypeStruct((n if want_values else -(-n // BLOCK),), _acc(x))
+        return _with_other(f"{loss}_{int(want_values)}",
+                           lambda xs, ts, acc: xla_ffi.elementwise_handler(loss, xs, ts, acc, want_values, want_x,
+                                                                          want_other),
+                           x, targets, params, want_x, want_other, first,
+                           loss == "squared_error" or not want_other)
+    run.__name__ = loss
+    return run
+
+
+sigmoid_cross_entropy = _elementwise("sigmoid_cross_entropy")
+squared_error = _elementwise("squared_error")

@@ -1,0 +1,273 @@
+"""Inside JAX programs: options as traced values, forward mode, vmap, threads and shard_map, on the
+XLA formulation ("jax") and on the Numba kernels through the XLA FFI ("numba")."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+
+import numpy as np
+import pytest
+
+import fastloss
+
+from . import reference as R
+
+jax = pytest.importorskip("jax")
+jnp = jax.numpy
+
+BACKENDS = ["jax", "numba"]
+LOSSES = ["sparse_softmax_cross_entropy", "softmax_cross_entropy", "sigmoid_cross_entropy", "mean_squared_error"]
+OPTIONS = {"sparse_softmax_cross_entropy": ("temperature", "label_smoothing", "z_loss"),
+           "softmax_cross_entropy": ("temperature", "label_smoothing"),
+           "sigmoid_cross_entropy": ("label_smoothing",), "mean_squared_error": ()}
+
+
+def _inputs(loss, n=5, c=37, seed=0):
+    rng = np.random.default_rng(seed)
+    if loss.startswith(("sparse", "softmax")):
+        x = (rng.standard_normal((n, c)) * 3).astype(np.float32)
+        other = rng.integers(0, c, n) if loss.startswith("sparse") else rng.dirichlet(np.ones(c), n).astype(np.float32)
+    else:
+        x = (rng.standard_normal((n, c)) * 3).astype(np.float32)
+        other = rng.random((n, c)).astype(np.float32)
+    return x, other
+
+
+def _reference_jnp(loss, x, other, temperature=1.0, label_smoothing=0.0, z_loss=0.0):
+    """The textbook formulas in plain jnp (autodiff of these is the second reference)."""
+    if loss == "mean_squared_error":
+        return jnp.mean((x - other) ** 2)
+    if loss == "sigmoid_cross_entropy":
+        t = other * (1 - label_smoothing) + 0.5 * label_smoothing
+        return jnp.mean(jnp.maximum(x, 0) - x * t + jnp.log1p(jnp.exp(-jnp.abs(x))))
+    z = x / temperature
+    lse = jax.nn.logsumexp(z, axis=-1)
+    c = x.shape[-1]
+    if loss == "softmax_cross_entropy":
+        q = (1 - label_smoothing) * other + label_smoothing / c
+        return jnp.mean(jnp.sum(q * (lse[:, None] - z), axis=-1))
+    z_y = jnp.take_along_axis(z, other[:, None], axis=-1)[:, 0]
+    row = (1 - label_smoothing) * (lse - z_y) + label_smoothing * (lse - jnp.mean(z, axis=-1)) + z_loss * lse ** 2
+    return jnp.mean(row)
+
+
+# --------------------------------------------------------------------------- traced options
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_new_temperature_does_not_recompile(backend):
+    x, y = _inputs("sparse_softmax_cross_entropy")
+    f = jax.jit(lambda a, b, t: fastloss.sparse_softmax_cross_entropy(a, b, temperature=t, backend=backend))
+    for t in (0.5, 1.0, 2.0, 7.5):
+        got = float(f(jnp.asarray(x), jnp.asarray(y), t))
+        ref = R.sparse_softmax_cross_entropy(x, y, temperature=t)[0]
+        np.testing.assert_allclose(got, ref, rtol=2e-6)
+    assert f._cache_size() == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_jax_scalar_options_are_accepted_eagerly(backend):
+    x, y = _inputs("sparse_softmax_cross_entropy")
+    got = fastloss.sparse_softmax_cross_entropy(jnp.asarray(x), jnp.asarray(y), temperature=jnp.float32(2.0),
+                                                label_smoothing=jnp.asarray(0.1), backend=backend)
+    np.testing.assert_allclose(float(got), R.sparse_softmax_cross_entropy(x, y, temperature=2.0,
+                                                                          label_smoothing=0.1)[0], rtol=2e-6)
+    with pytest.raises(ValueError, match="temperature"):
+        fastloss.sparse_softmax_cross_entropy(jnp.asarray(x), jnp.asarray(y), temperature=jnp.float32(-1.0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_traced_option_out_of_range_is_nan(backend):
+    x, y = _inputs("sparse_softmax_cross_entropy")
+    f = jax.jit(lambda t: fastloss.sparse_softmax_cross_entropy(jnp.asarray(x), jnp.asarray(y), temperature=t,
+                                                                backend=backend))
+    assert np.isnan(float(f(-1.0))) and np.isnan(float(f(0.0)))
+
+
+def _option_fd(loss, x, other, opts, name, h=1e-5):
+    """Central difference of the float64 reference with respect to one option."""
+    fn = getattr(R, loss)
+    lo, hi = dict(opts), dict(opts)
+    lo[name] -= h
+    hi[name] += h
+    x64 = x.astype(np.float64)
+    o64 = other if loss.startswith("sparse") else other.astype(np.float64)
+    return (fn(x64, o64, **hi)[0] - fn(x64, o64, **lo)[0]) / (2 * h)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss", LOSSES[:3])
+def test_gradient_with_respect_to_options(backend, loss):
+    x, other = _inputs(loss, seed=3)
+    opts = {"temperature": 1.7, "label_smoothing": 0.2, "z_loss": 0.01}
+    opts = {k: opts[k] for k in OPTIONS[loss]}
+    fn = getattr(fastloss, loss)
+
+    def f(vals):
+        return fn(jnp.asarray(x), jnp.asarray(other), **dict(zip(opts, vals)), backend=backend)
+
+    grads = jax.jit(jax.grad(f))(tuple(jnp.float32(v) for v in opts.values()))
+    for name, g in zip(opts, grads):
+        np.testing.assert_allclose(float(g), _option_fd(loss, x, other, opts, name), rtol=2e-4, atol=1e-5,
+                                   err_msg=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_learnable_temperature_with_large_offset(backend):
+    # d/dT from shifted statistics: a common offset of 1e4 cancels exactly, as in the loss itself.
+    x, y = _inputs("sparse_softmax_cross_entropy", seed=4)
+    g = jax.grad(lambda t: fastloss.sparse_softmax_cross_entropy(jnp.asarray(x + 1e4), jnp.asarray(y),
+                                                                 temperature=t, backend=backend))(2.0)
+    np.testing.assert_allclose(float(g), _option_fd("sparse_softmax_cross_entropy", x, y, {"temperature": 2.0},
+                                                    "temperature"), rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------ forward mode
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss", LOSSES)
+def test_jvp_and_jacfwd_match_autodiff_of_the_formula(backend, loss):
+    x, other = _inputs(loss, seed=5)
+    opts = {k: v for k, v in {"temperature": 1.3, "label_smoothing": 0.1, "z_loss": 1e-3}.items()
+            if k in OPTIONS[loss]}
+    fn = getattr(fastloss, loss)
+    xj, oj = jnp.asarray(x), jnp.asarray(other)
+    ours = lambda a: fn(a, oj, **opts, backend=backend)  # noqa: E731
+    ref = lambda a: _reference_jnp(loss, a, oj, **opts)  # noqa: E731
+    dx = jnp.asarray(np.random.default_rng(6).standard_normal(x.shape).astype(np.float32))
+    (v, t), (rv, rt) = jax.jvp(ours, (xj,), (dx,)), jax.jvp(ref, (xj,), (dx,))
+    np.testing.assert_allclose(float(v), float(rv), rtol=1e-5)
+    np.testing.assert_allclose(float(t), float(rt), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(jax.jit(jax.jacfwd(ours))(xj)), np.asarray(jax.jacfwd(ref)(xj)),
+                               rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss", LOSSES)
+def test_hessian_matches_autodiff_of_the_formula(backend, loss):
+    x, other = _inputs(loss, n=3, c=6, seed=7)
+    opts = {"temperature": 0.8} if "temperature" in OPTIONS[loss] else {}
+    fn = getattr(fastloss, loss)
+    oj = jnp.asarray(other)
+    h = jax.hessian(lambda a: fn(a, oj, **opts, backend=backend))(jnp.asarray(x))
+    hr = jax.hessian(lambda a: _reference_jnp(loss, a, oj, **opts))(jnp.asarray(x))
+    np.testing.assert_allclose(np.asarray(h), np.asarray(hr), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_jvp_with_respect_to_dense_targets_and_temperature(backend):
+    x, t = _inputs("softmax_cross_entropy", seed=8)
+    xj, tj = jnp.asarray(x), jnp.asarray(t)
+    ours = lambda a, b, temp: fastloss.softmax_cross_entropy(a, b, temperature=temp, backend=backend)  # noqa: E731
+    ref = lambda a, b, temp: _reference_jnp("softmax_cross_entropy", a, b, temperature=temp)  # noqa: E731
+    tangents = (jnp.ones_like(xj) * 0.1, jnp.ones_like(tj) * 0.01, jnp.float32(0.3))
+    _, got = jax.jvp(ours, (xj, tj, jnp.float32(1.5)), tangents)
+    _, want = jax.jvp(ref, (xj, tj, jnp.float32(1.5)), tangents)
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_checkpoint_and_scan_over_minibatches(backend):
+    x, y = _inputs("sparse_softmax_cross_entropy", n=12, c=50, seed=11)
+    xs, ys = jnp.asarray(x.reshape(3, 4, 50)), jnp.asarray(y.reshape(3, 4))
+    loss = jax.checkpoint(lambda a, b: fastloss.sparse_softmax_cross_entropy(a, b, reduction="sum", backend=backend))
+
+    def total(a):
+        return jax.lax.scan(lambda acc, ab: (acc + loss(*ab), None), jnp.float32(0), (a, ys))[0]
+
+    v, g = jax.jit(jax.value_and_grad(total))(xs)
+    np.testing.assert_allclose(float(v), R.sparse_softmax_cross_entropy(x, y, reduction="sum")[0], rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(g).reshape(12, 50),
+                               R.sparse_softmax_cross_entropy(x, y, reduction="sum")[1], rtol=1e-4, atol=1e-7)
+
+
+# ------------------------------------------------------------------------ vmap and threads
+@pytest.mark.parametrize("loss", LOSSES)
+def test_vmap_on_the_numba_kernels_matches_a_loop(loss):
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((3, 4, 40)).astype(np.float32)
+    other = rng.integers(0, 40, (3, 4)) if loss.startswith("sparse") else rng.random((3, 4, 40)).astype(np.float32)
+    fn = getattr(fastloss, loss)
+    per = lambda a, b: fn(a, b, backend="numba")  # noqa: E731
+    v, g = jax.jit(jax.vmap(jax.value_and_grad(per)))(jnp.asarray(x), jnp.asarray(other))
+    for i in range(3):
+        vi, gi = jax.value_and_grad(lambda a: fn(a, jnp.asarray(other[i]), backend="jax"))(jnp.asarray(x[i]))
+        np.testing.assert_allclose(float(v[i]), float(vi), rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(g[i]), np.asarray(gi), rtol=1e-5, atol=1e-7)
+
+
+def test_several_python_threads_call_jitted_losses_at_once():
+    # XLA runs each call on the caller's thread: the Numba kernels are entered from several threads
+    # at once (Numba's workqueue layer would abort the process here; omp and tbb take it).
+    x, y = _inputs("sparse_softmax_cross_entropy", n=64, c=3000, seed=10)
+    f = jax.jit(jax.value_and_grad(lambda a, b: fastloss.sparse_softmax_cross_entropy(a, b, backend="numba")))
+    want_v, want_g = f(jnp.asarray(x), jnp.asarray(y))
+    errors = []
+
+    def work():
+        try:
+            for _ in range(20):
+                v, g = f(jnp.asarray(x), jnp.asarray(y))
+                assert float(v) == float(want_v) and np.array_equal(np.asarray(g), np.asarray(want_g))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+
+
+def test_explicit_numba_backend_in_jit_outside_cpu_lowering_is_clear():
+    # The automatic choice lowers for any platform (XLA decides at compile time); the CUDA lowering
+    # of an automatic program holds no CPU custom call.
+    x, y = _inputs("sparse_softmax_cross_entropy")
+    f = jax.jit(jax.grad(lambda a: fastloss.sparse_softmax_cross_entropy(a, jnp.asarray(y))))
+    text = f.trace(jnp.asarray(x)).lower(lowering_platforms=("cuda",)).as_text()
+    assert "fastloss_" not in text
+    cpu = f.trace(jnp.asarray(x)).lower(lowering_platforms=("cpu",)).as_text()
+    assert "fastloss_sparse" in cpu
+
+
+# ------------------------------------------------------------------------------- shard_map
+_SHARDED = textwrap.dedent("""
+    import os
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    import numpy as np, jax, jax.numpy as jnp
+    from jax.sharding import Mesh, PartitionSpec as P, NamedSharding
+    import fastloss
+    assert len(jax.devices()) == 8
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((64, 300)).astype(np.float32) * 3)
+    y = jnp.asarray(rng.integers(0, 300, 64))
+    mesh = Mesh(np.array(jax.devices()), ("batch",))
+
+    def local(a, b):  # per shard: the sum over its rows; psum makes the global mean
+        s = fastloss.sparse_softmax_cross_entropy(a, b, reduction="sum", backend="numba")
+        return jax.lax.psum(s, "batch") / 64
+
+    sharded = jax.shard_map(local, mesh=mesh, in_specs=(P("batch"), P("batch")), out_specs=P())
+    step = jax.jit(jax.value_and_grad(sharded))
+    xs = jax.device_put(x, NamedSharding(mesh, P("batch")))
+    ys = jax.device_put(y, NamedSharding(mesh, P("batch")))
+    v, g = step(xs, ys)
+    v1, g1 = jax.value_and_grad(lambda a: fastloss.sparse_softmax_cross_entropy(a, y, backend="jax"))(x)
+    np.testing.assert_allclose(float(v), float(v1), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(g), np.asarray(g1), rtol=1e-5, atol=1e-9)
+    hlo = step.lower(xs, ys).compile().as_text()
+    assert "all-gather" not in hlo, "the logits were gathered"
+    # Automatic dispatch on a batch-sharded jit (no shard_map): XLA partitions around the call.
+    auto = jax.jit(jax.value_and_grad(lambda a, b: fastloss.sparse_softmax_cross_entropy(a, b)))
+    v2, g2 = auto(xs, ys)
+    np.testing.assert_allclose(float(v2), float(v1), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(g2), np.asarray(g1), rtol=1e-5, atol=1e-9)
+    print("ok")
+""")
+
+
+def test_shard_map_on_eight_simulated_devices():
+    proc = subprocess.run([sys.executable, "-c", _SHARDED], capture_output=True, text=True, timeout=600,
+                          cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-3000:] + proc.stderr[-3000:]
