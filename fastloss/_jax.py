@@ -135,6 +135,9 @@ def _kernel(spec, x, other, params, want_x, want_other):
         return _xla_kernel(spec, x, other, params, want_x, want_other)
     if provider == "numba":
         return _numba_kernel(spec, x, other, params, want_x, want_other)
+    from . import _jax_ffi
+    if not _jax_ffi.preferred(spec[0], x):
+        return _xla_kernel(spec, x, other, params, want_x, want_other)
     # Automatic: the Numba kernel where the program runs on CPU, XLA anywhere else; XLA picks the
     # branch when it compiles for a platform, so one traced program stays portable.
     return jax.lax.platform_dependent(
