@@ -97,7 +97,7 @@ def _xla_kernel(spec, x, other, params, want_x, want_other):
     name, _, reduction, _ = spec
     values, gx, go = _XLA[name][0](x, other, params, **_kwargs(spec), want_x=want_x, want_other=want_other)
     if _elementwise(name) and reduction != "none":
-        values = _block_sums(values)  # the shape the Numba kernel returns (see _blocks)
+        values = _block_sums(values)  # the shape the Numba kernel returns
     return values, gx, go
 
 
@@ -203,10 +203,8 @@ def _loss_jvp(spec, primals, tangents):
 def _option(value, name, acc):
     """An option as an array in the accumulation dtype. A traced value cannot raise, so one
     outside its range makes the loss NaN (as a traced out-of-range label does); Python and
-    concrete values were checked eagerly already."""
+    concrete values were checked eagerly already, so for them the select is a no-op."""
     v = jnp.asarray(value, dtype=acc)
-    if isinstance(value, (int, float)):
-        return v
     ok = {"temperature": (v > 0) & jnp.isfinite(v),
           "label_smoothing": (v >= 0) & (v <= 1),
           "z_loss": (v >= 0) & jnp.isfinite(v)}[name]

@@ -14,6 +14,8 @@ them derivatives (the gradient they return, and the XLA formulation for second o
 """
 from __future__ import annotations
 
+import atexit
+import sys
 import threading
 
 import jax
@@ -50,7 +52,7 @@ def _probe():
         from numba.np.ufunc import parallel
     except ImportError:
         return "it needs the package 'numba', which is not installed (pip install numba)"
-    if np.dtype(np.intp).itemsize != 8 or np.little_endian is False:
+    if np.dtype(np.intp).itemsize != 8 or sys.byteorder != "little":
         return "the XLA FFI handlers assume a 64-bit little-endian machine"
     parallel._launch_threads()
     layer = numba.threading_layer()
@@ -85,12 +87,36 @@ def _storage(dtype):
     return _STORAGE[jnp.dtype(dtype).name]
 
 
+def _at_exit():
+    """Keep XLA's CPU client from being destroyed at interpreter exit.
+
+    Once a Numba kernel has run inside XLA, the CPU client's thread pool has threads that ran
+    OpenMP regions, and its destructor, run when Python tears down its modules, could wait for one
+    of them forever: the process hung at exit (every time, for a script that ended while its last
+    jitted step was still in flight). So first the live results are waited for, then the client
+    is given one extra reference, so that the destructor never runs; the operating system reclaims
+    its memory and threads when the process ends, as it does for any process."""
+    import ctypes
+    for arr in jax.live_arrays():
+        try:
+            arr.block_until_ready()
+        except Exception:  # noqa: BLE001 - a deleted or failed array has nothing left to wait for
+            pass
+    try:
+        client = jax.devices("cpu")[0].client
+    except Exception:  # noqa: BLE001 - no CPU backend was ever created: nothing to keep
+        return
+    ctypes.pythonapi.Py_IncRef(ctypes.py_object(client))
+
+
 def _target(key, build):
     """Register (once) the handler that ``build()`` makes, under a name derived from ``key``."""
     name = "fastloss_" + "_".join(str(k) for k in key)
     with _LOCK:
         if name not in _HANDLERS:
             check_available()
+            if not _HANDLERS:
+                atexit.register(_at_exit)
             handler = build()
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(handler.address), platform="cpu")
             _HANDLERS[name] = handler

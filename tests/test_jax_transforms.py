@@ -271,3 +271,19 @@ def test_shard_map_on_eight_simulated_devices():
     proc = subprocess.run([sys.executable, "-c", _SHARDED], capture_output=True, text=True, timeout=600,
                           cwd=os.path.dirname(os.path.dirname(__file__)))
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+_EXIT_IN_FLIGHT = textwrap.dedent("""
+    import jax, jax.numpy as jnp, fastloss
+    x = jnp.ones((256, 3000)); y = jnp.zeros(256, jnp.int32)
+    f = jax.jit(jax.value_and_grad(lambda a: fastloss.sparse_softmax_cross_entropy(a, y, backend="numba")))
+    kept = f(x)
+    f(x + 1)  # results dropped, still in flight when the interpreter starts to exit
+""")
+
+
+def test_process_exits_with_a_kernel_still_in_flight():
+    # Regression: the process hung at exit in XLA's CPU client destructor (fastloss/_jax_ffi._at_exit).
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, "-c", _EXIT_IN_FLIGHT], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-3000:]

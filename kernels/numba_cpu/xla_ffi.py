@@ -32,12 +32,11 @@ from numba import carray, cfunc, njit, types
 from numba.core.imputils import impl_ret_borrowed
 from numba.extending import intrinsic
 
+from .approx import SIGMOID_COEF
 from .dense_ce import dense_blocks, dense_tiny
 from .elementwise import BLOCK, sigmoid_cross_entropy, squared_error
-from .approx import SIGMOID_COEF
-from .sparse_ce import sparse_blocks, sparse_short, sparse_tiny
+from .sparse_ce import _row_params, sparse_blocks, sparse_short, sparse_tiny
 from .sparse_split import _chunk_grads, _chunk_stats, _combine_rows
-from .sparse_ce import _row_params
 
 # Word offsets in the call frame (see the module docstring).
 _EXT, _STAGE, _ARGS, _RETS, _ATTRS = 1, 4, 9, 14, 20
@@ -136,7 +135,7 @@ def sparse_handler(path, x_dtype, y_dtype, acc, want_grad):
     """Handler for sparse CE: args (x (..., C), labels (...), params [T, ε, z_loss, scale]),
     attributes (ignore_index, n_chunks, threads), results (loss (...), [grad (..., C)]).
     ``path`` comes from ``plan.sparse_path`` at trace time (the shape is static there)."""
-    kernel = {"tiny": sparse_tiny, "short": sparse_short, "blocks": sparse_blocks}.get(path)
+    kernel = sparse_short if path == "short" else sparse_blocks  # for "short" / "blocks"; see run
 
     def run(frame):
         _, n, c = _buffer(frame, _ARGS, 0)
