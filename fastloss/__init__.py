@@ -6,6 +6,7 @@ first call that needs them, and no device is probed before then.
 from ._buffers import empty_cache
 from ._dispatch import available_backends
 from .losses import (
+    distillation_loss,
     mean_squared_error,
     sigmoid_cross_entropy,
     softmax_cross_entropy,
@@ -17,6 +18,7 @@ from .losses import (
 __version__ = "0.1.0"
 __all__ = [
     "available_backends",
+    "distillation_loss",
     "empty_cache",
     "mean_squared_error",
     "sigmoid_cross_entropy",

@@ -286,3 +286,114 @@ LOSSES = _adapter.loss_table(_loss_entry)
 
 def value_and_grad(name, x, other, opts, backend="jax"):
     return _run(name, x, other, opts, with_grad=True, backend=backend)
+
+
+# ---------------------------------------------------------------------------- distillation
+# spec = (divergence, ignore_index, has_labels, reduction, provider); params = [T, α, β, scale].
+def _distill_xla(spec, s, t, labels, params, want_s, want_t):
+    divergence, ignore_index, has_labels, _, _ = spec
+    return K.distillation(s, t, labels, params, divergence, ignore_index, has_labels, want_s=want_s, want_t=want_t)
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(0, 5, 6))
+def _distill_numba(spec, s, t, labels, params, want_s, want_t):
+    from . import _jax_ffi
+    divergence, ignore_index, has_labels, _, _ = spec
+    return _jax_ffi.distillation(s, t, labels, params, divergence, ignore_index, has_labels, want_s=want_s,
+                                 want_t=want_t)
+
+
+@_distill_numba.defjvp
+def _distill_numba_jvp(spec, want_s, want_t, primals, tangents):
+    # Second order: the XLA formulation's derivative (the same math).
+    return jax.jvp(lambda a, b, c, d: _distill_xla(spec, a, b, c, d, want_s, want_t), primals, tangents)
+
+
+def _distill_kernel(spec, s, t, labels, params, want_s, want_t):
+    provider = spec[4]
+    if provider == "xla":
+        return _distill_xla(spec, s, t, labels, params, want_s, want_t)
+    if provider == "numba":
+        return _distill_numba(spec, s, t, labels, params, want_s, want_t)
+    return jax.lax.platform_dependent(
+        s, t, labels, params,
+        cpu=lambda a, b, c, d: _distill_numba(spec, a, b, c, d, want_s, want_t),
+        default=lambda a, b, c, d: _distill_xla(spec, a, b, c, d, want_s, want_t))
+
+
+def _distill_finish(values, params, reduction):
+    if reduction == "none":
+        return values
+    total = K.accurate_sum(values)
+    return total * params[-1] if reduction == "mean" else total
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _distill_loss(spec, s, t, labels, params):
+    values, _, _ = _distill_kernel(spec, s, t, labels, params, False, False)
+    return _distill_finish(values, params, spec[3])
+
+
+@partial(_distill_loss.defjvp, symbolic_zeros=True)
+def _distill_loss_jvp(spec, primals, tangents):
+    s, t, labels, params = primals
+    ds, dt, _, d_params = tangents
+    want_s, want_t = not _is_zero(ds), not _is_zero(dt)
+    values, gs, gt = _distill_kernel(spec, s, t, labels, params, want_s, want_t)
+    reduction = spec[3]
+    out = _distill_finish(values, params, reduction)
+    tangent = jnp.zeros_like(out)
+    for g, dv in ((gs, ds), (gt, dt)):
+        if g is not None:
+            prod = g.astype(out.dtype) * dv.astype(out.dtype)
+            tangent = tangent + (jnp.sum(prod, axis=-1) if reduction == "none" else jnp.sum(prod))
+    if not _is_zero(d_params):
+        # d loss / d (T, α, β): forward mode through the XLA formulation's rows (one more pass, only
+        # when an option is being differentiated). The rows do not depend on the scale entry.
+        rows = jax.jvp(lambda p: _distill_xla(spec, s, t, labels, p, False, False)[0], (params,), (d_params,))[1]
+        tangent = tangent + (rows if reduction == "none" else jnp.sum(rows) * (params[-1] if reduction == "mean"
+                                                                               else 1.0))
+    return out, tangent
+
+
+def _unit_option(value, acc):
+    v = jnp.asarray(value, dtype=acc)
+    return jnp.where((v >= 0) & (v <= 1), v, jnp.nan)
+
+
+@partial(jax.jit, static_argnames=("spec",))
+def _distill_core(s, t, labels, options, *, spec):
+    _, ignore_index, has_labels, reduction, _ = spec
+    lead = s.shape[:-1]
+    c = s.shape[-1]
+    s2, t2 = s.reshape(-1, c), t.reshape(-1, c)
+    y = labels.reshape(-1) if has_labels else jnp.zeros((s2.shape[0],), jnp.int32)
+    acc = K.acc_dtype(s)
+    count = jnp.sum(~K.is_ignored(y, ignore_index)) if has_labels else math.prod(lead)
+    scale = 1.0 / jnp.maximum(count, 1).astype(acc) if reduction == "mean" else jnp.ones((), acc)
+    temp, alpha, beta = options
+    params = jnp.stack([_option(temp, "temperature", acc), _unit_option(alpha, acc), _unit_option(beta, acc),
+                        scale]).astype(acc)
+    out = _distill_loss(spec, s2, t2, y, params)
+    return out.reshape(lead) if reduction == "none" else out
+
+
+def distill(s, t, labels, opts, backend, want_s):
+    """distillation_loss of jax (or NumPy) input: the loss, and with ``want_s`` the gradient to the
+    student logits (``jax.value_and_grad``)."""
+    _check_not_torch(s, "student_logits")
+    _check_not_torch(t, "teacher_logits")
+    has_labels = labels is not None
+    if has_labels:
+        _check_not_torch(labels, "labels")
+        _check_labels_eagerly(labels, s.shape[-1], opts["ignore_index"])
+    spec = (opts["divergence"], opts["ignore_index"], has_labels, opts["reduction"], _provider(backend))
+    options = (opts["temperature"], opts["alpha"], opts["beta"])
+    ctx, numpy_in = _context(s, t)
+    with ctx:
+        sj, tj = jnp.asarray(s), jnp.asarray(t)
+        yj = jnp.asarray(labels) if has_labels else jnp.zeros((), jnp.int32)
+        core = partial(_distill_core, spec=spec)
+        if want_s:
+            return _out(jax.value_and_grad(core)(sj, tj, yj, options), numpy_in)
+        return _out(core(sj, tj, yj, options), numpy_in), None

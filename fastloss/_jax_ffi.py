@@ -209,3 +209,21 @@ def _elementwise(loss):
 
 sigmoid_cross_entropy = _elementwise("sigmoid_cross_entropy")
 squared_error = _elementwise("squared_error")
+
+
+def distillation(s, t, labels, params, divergence, ignore_index, has_labels, *, want_s=True, want_t=False):
+    """The Numba distillation kernel inside XLA; the signature of jax_xla.distillation."""
+    from fastloss.kernels.numba_cpu import DIVERGENCES, xla_ffi
+    n, c = s.shape
+    acc = _acc(s)
+    labels = _labels(labels) if has_labels else jnp.zeros((1,), jnp.int32)
+    ss, ts, ys = _storage(s.dtype), _storage(t.dtype), _storage(labels.dtype)
+    key = ("distill", np.dtype(ss).name, np.dtype(ts).name, np.dtype(ys).name, np.dtype(acc).name,
+           int(has_labels), int(want_s), int(want_t))
+    name = _target(key, lambda: xla_ffi.distill_handler(ss, ts, ys, acc, has_labels, want_s, want_t))
+    outs = ([jax.ShapeDtypeStruct((n,), acc)] + ([jax.ShapeDtypeStruct(s.shape, s.dtype)] if want_s else [])
+            + ([jax.ShapeDtypeStruct(t.shape, t.dtype)] if want_t else []))
+    # Every read of a student row comes before that row's gradient is written: in place is safe.
+    res = _call(name, outs, (s, t, labels, params.astype(acc)), want_s, div=DIVERGENCES[divergence],
+                ignore_index=_adapter.kernel_ignore_index(ignore_index), threads=_threads())
+    return res[0], (res[1] if want_s else None), (res[1 + want_s] if want_t else None)

@@ -255,6 +255,43 @@ _RUNNERS = {
 }
 
 
+def distill(s, t, labels, opts, want_s, want_t):
+    """(loss, grad_student | None, grad_teacher | None) of distillation_loss from one kernel call;
+    ``labels`` is None or an integer array of the leading shape."""
+    name = dtype_name(s)
+    acc = _acc(name)
+    n_cls = s.shape[-1]
+    sv, s_stride, n = _row_view(s, n_cls)
+    tv, t_stride, _ = _row_view(t, n_cls)
+    has_labels = labels is not None
+    if has_labels:
+        y = _kernel_view(labels).reshape(-1)
+        if y.dtype != np.int64:
+            y = y.astype(np.int64)
+            y.flags.writeable = False
+    else:
+        y = _NO_LABELS
+    ign = _adapter.kernel_ignore_index(opts["ignore_index"])
+    count = int(np.count_nonzero(y != ign)) if has_labels else n
+    out = _Out(s)
+    loss = np.empty(n, acc)
+    gname, gtname = _grad_names(opts, name, dtype_name(t))
+    gs_obj, gs = out.empty(tuple(s.shape), gname) if want_s else (None, _dummy_rows(sv, n_cls))
+    gt_obj, gt = out.empty(tuple(t.shape), gtname) if want_t else (None, _dummy_rows(tv, n_cls))
+    kopts = (acc(opts["temperature"]), acc(opts["alpha"]), acc(opts["beta"]), _scale(opts["reduction"], count, acc))
+    bad = K.distill_rows(sv, s_stride, tv, t_stride, n_cls, y, loss, gs.reshape(-1, n_cls), gt.reshape(-1, n_cls),
+                         kopts, K.DIVERGENCES[opts["divergence"]], ign, has_labels, want_s, want_t, _workers())
+    if bad:
+        _adapter.check_label_range(y, n_cls, opts["ignore_index"])
+    value = _reduce(loss, opts["reduction"], count, acc, out, tuple(s.shape[:-1]))
+    return (value, out.finish(gs_obj, gname) if want_s else None,
+            out.finish(gt_obj, gtname) if want_t else None)
+
+
+_NO_LABELS = np.zeros(1, np.int64)  # the labels argument of a call without labels (never read)
+_NO_LABELS.flags.writeable = False
+
+
 def run(name, x, other, opts, want_x, want_other):
     """(loss, grad_x | None, grad_other | None) from one kernel call, for NumPy arrays or CPU tensors
     (torch tensors come here through fastloss._torch_ops, which adds autograd)."""

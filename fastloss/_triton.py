@@ -152,6 +152,34 @@ def _elementwise(kernel, extra):
     return run
 
 
+def distill(s, t, labels, opts, want_s, want_t):
+    """(loss, grad_student | None, grad_teacher | None) of distillation_loss, one launch."""
+    n_cls = s.shape[-1]
+    s2 = s.detach().reshape(-1, n_cls).contiguous()
+    t2 = t.detach().reshape(-1, n_cls).contiguous()
+    n = s2.shape[0]
+    has_labels = labels is not None
+    y = labels.reshape(-1) if has_labels else s2.new_empty(1, dtype=torch.int64)
+    ign = _adapter.kernel_ignore_index(opts["ignore_index"])
+    if has_labels and n:
+        _adapter.check_label_range(y, n_cls, opts["ignore_index"])
+    acc = _acc_dtype(s)
+    loss = torch.empty(n, device=s.device, dtype=acc)
+    gs = torch.empty_like(s2, dtype=_grad_dtype(opts, s2)) if want_s else s2[:1]
+    gt = torch.empty_like(t2, dtype=_grad_dtype(opts, t2)) if want_t else t2[:1]
+    count = (y != ign).sum() if has_labels else n
+    params = _params((1.0 / opts["temperature"], opts["temperature"], opts["alpha"], opts["beta"]),
+                     opts["reduction"], count, s.device, acc)
+    if n:
+        block = K.distill_block(n_cls, s.device.type == "cpu")
+        K.distill_kernel[(n,)](
+            s2, s2.stride(0), t2, t2.stride(0), y, loss, gs, gs.stride(0), gt, gt.stride(0), params, n_cls, ign,
+            BLOCK=block, DIV=("forward_kl", "reverse_kl", "jsd").index(opts["divergence"]), HAS_LABELS=has_labels,
+            WANT_GS=want_s, WANT_GT=want_t, ACC_F64=acc == torch.float64, num_warps=K.num_warps(block))
+    value = _reduce(loss, opts["reduction"], count, tuple(s.shape[:-1]))
+    return value, (gs.reshape(s.shape) if want_s else None), (gt.reshape(t.shape) if want_t else None)
+
+
 _RUNNERS = {}
 if _IMPORT_ERROR is None:
     _RUNNERS = {

@@ -130,6 +130,23 @@ def check_label_smoothing(value):
     return e
 
 
+def check_unit_interval(value, arg: str):
+    """A weight in [0, 1] (``alpha``, ``beta`` of distillation_loss); tracers pass through."""
+    e = _finite_float(value, arg)
+    if not _is_tracer(e) and not 0.0 <= e <= 1.0:
+        raise ValueError(f"`{arg}` must be in [0, 1]; received {value!r}.")
+    return e
+
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+
+
+def check_divergence(value) -> str:
+    if value not in DIVERGENCES:
+        raise ValueError(f"`divergence` must be one of {DIVERGENCES}; received {value!r}.")
+    return value
+
+
 def check_z_loss(value):
     z = _finite_float(value, "z_loss")
     if not _is_tracer(z) and z < 0.0:

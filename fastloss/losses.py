@@ -215,6 +215,100 @@ def mean_squared_error(predictions, targets, *, reduction="mean", backend=None):
     """
     x, other, opts = _validate_mse(predictions, targets, reduction=reduction)
     return _call("mean_squared_error", x, other, backend, opts)
+def _validate_distill(student_logits, teacher_logits, labels=None, *, temperature=1.0, alpha=0.5,
+                      divergence="forward_kl", beta=0.5, ignore_index=-100, reduction="mean"):
+    s, t = _pair(student_logits, teacher_logits, "student_logits", "teacher_logits")
+    V.check_float_input(s, "student_logits")
+    V.check_float_input(t, "teacher_logits")
+    V.check_class_axis(V.shape_of(s), "student_logits")
+    V.check_same_shape(s, t, "student_logits", "teacher_logits")
+    if labels is not None:
+        s, labels = _pair(s, labels, "student_logits", "labels")
+        V.check_labels(labels, V.shape_of(s))
+    return s, t, labels, dict(temperature=V.check_temperature(temperature),
+                              alpha=V.check_unit_interval(alpha, "alpha"),
+                              beta=V.check_unit_interval(beta, "beta"),
+                              divergence=V.check_divergence(divergence),
+                              ignore_index=V.check_ignore_index(ignore_index),
+                              reduction=V.check_reduction(reduction))
+
+
+def _distill(s, t, labels, backend, opts, want_s):
+    """(loss, d loss / d student | None) on the backend the inputs and ``backend`` pick."""
+    kind = _dispatch.framework_of(s)
+    if kind == "torch":
+        name = _dispatch.resolve_torch(backend, s)
+        if name != "jax":
+            from . import _torch_ops
+            if want_s:  # value_and_grad: the fused kernel directly, as for the other losses
+                return _torch_ops.distill_value_and_grad(s, t, labels, opts, name)
+            return _torch_ops.distill_call(s, t, labels, opts, name), None
+    elif kind == "jax" or any(V._is_tracer(v) for v in opts.values()):
+        choice = _dispatch.explicit(backend)
+        if choice in (None, "jax", "numba"):
+            from . import _jax
+            return _jax.distill(s, t, labels, opts, choice, want_s)
+    name = _dispatch.resolve(backend, s)
+    if name == "numba":
+        from . import _numba
+        value, gs, _ = _numba.distill(s, t, labels, opts, want_s, False)
+        return value, gs
+    if name == "jax":
+        from . import _jax
+        return _jax.distill(s, t, labels, opts, "jax", want_s)
+    from . import _triton
+    _triton.check_device(s, t)  # NumPy input: a TypeError saying what the backend takes
+    raise AssertionError("unreachable: check_device raises for non-torch input")
+
+
+def distillation_loss(student_logits, teacher_logits, labels=None, *, temperature=1.0, alpha=0.5,
+                      divergence="forward_kl", beta=0.5, ignore_index=-100, reduction="mean", backend=None):
+    """Knowledge distillation (Hinton et al., 2015) with temperature, fused: one pass over both logits.
+
+    With ``P_t = softmax(teacher / T)`` and ``P_s = softmax(student / T)``, per row::
+
+        forward_kl:  D = KL(P_t || P_s) = Σ P_t (log P_t - log P_s)
+        reverse_kl:  D = KL(P_s || P_t)
+        jsd:         D = β KL(P_t || M) + (1-β) KL(P_s || M),   M = β P_t + (1-β) P_s
+        row = T² D                                     (no labels)
+        row = α T² D + (1 - α) CE(student, y)          (labels; CE at T = 1)
+
+    Everything is computed in log space from shifted logits (no probability clipping: stock Keras
+    clips at 1e-7, which changes the answer once probabilities fall below it), in fp32 (fp64 for fp64
+    input). The T² factor keeps the gradient's magnitude comparable across temperatures. Classes
+    masked with -inf in both logits contribute 0. The teacher's gradient is computed only when it is
+    asked for (a teacher is usually frozen).
+
+    Args:
+        student_logits: float array (..., C).
+        teacher_logits: float array of the same shape (any float dtype).
+        labels: None, or integer array (...) of class indices (or ``ignore_index``) for the hard-label
+            term; ignored rows contribute nothing to either term and are not counted by "mean".
+        temperature: T > 0, divides both logits.
+        alpha: weight in [0, 1] of the divergence when labels are given (unused without labels).
+        divergence: "forward_kl" (Hinton), "reverse_kl" or "jsd" (generalised, weight ``beta``).
+        beta: the JSD's weight in [0, 1] of the teacher in the mixture M.
+        ignore_index: label of rows to ignore (None: none).
+        reduction: "mean" (over non-ignored rows), "sum" or "none" (per row, shape (...)).
+        backend: None (by input type), "jax", "numba" or "triton".
+
+    Returns:
+        Scalar loss (float32, float64 for float64 student logits), or per-row values for "none".
+
+    Example:
+        >>> import numpy as np, fastloss
+        >>> student = np.array([[2.0, 0.5, -1.0], [0.1, 0.2, 3.0]], np.float32)
+        >>> teacher = np.array([[3.0, 0.0, -2.0], [0.0, 0.5, 2.5]], np.float32)
+        >>> loss = fastloss.distillation_loss(student, teacher, np.array([0, 2]), temperature=2.0)
+        >>> print(f"{float(loss):.4f}")
+        0.1712
+    """
+    s, t, y, opts = _validate_distill(student_logits, teacher_logits, labels, temperature=temperature,
+                                      alpha=alpha, divergence=divergence, beta=beta,
+                                      ignore_index=ignore_index, reduction=reduction)
+    return _distill(s, t, y, backend, opts, False)[0]
+
+
 def sparse_softmax_cross_entropy_(logits, labels, *, temperature=1.0, label_smoothing=0.0,
                                   ignore_index=-100, z_loss=0.0, reduction="mean", backend="triton"):
     """In-place variant for torch tensors on the Triton backend: returns the loss (a tensor without
@@ -241,7 +335,7 @@ def sparse_softmax_cross_entropy_(logits, labels, *, temperature=1.0, label_smoo
 
 
 _BY_NAME = {f.__name__: f for f in (sparse_softmax_cross_entropy, softmax_cross_entropy,
-                                    sigmoid_cross_entropy, mean_squared_error)}
+                                    sigmoid_cross_entropy, mean_squared_error, distillation_loss)}
 
 
 def value_and_grad(loss_fn):
@@ -265,6 +359,8 @@ def value_and_grad(loss_fn):
         raise TypeError(
             f"`loss_fn` must be one of the fastloss losses ({', '.join(_BY_NAME)}); received {loss_fn!r}."
         )
+    if name == "distillation_loss":
+        return _distill_value_and_grad()
     validate = _VALIDATORS[name]
 
     def wrapped(x, other, *, backend=None, **kwargs):
@@ -282,4 +378,17 @@ def value_and_grad(loss_fn):
 
     wrapped.__name__ = f"value_and_grad_{name}"
     wrapped.__doc__ = f"(loss, gradient to the first argument) of fastloss.{name}."
+    return wrapped
+
+
+def _distill_value_and_grad():
+    def wrapped(student_logits, teacher_logits, labels=None, *, backend=None, **kwargs):
+        s, t, y, opts = _validate_distill(student_logits, teacher_logits, labels, **kwargs)
+        if opts["reduction"] == "none":
+            raise ValueError("`reduction` must be 'mean' or 'sum' under value_and_grad (the loss must "
+                             "be a scalar); received 'none'.")
+        return _distill(s, t, y, backend, opts, True)
+
+    wrapped.__name__ = "value_and_grad_distillation_loss"
+    wrapped.__doc__ = "(loss, gradient to the student logits) of fastloss.distillation_loss."
     return wrapped

@@ -224,6 +224,71 @@ def squared_error(p, targets, params, *, want_x=True, want_other=False):
 
 
 # ------------------------------------------------------------------------------------ reduction
+# -------------------------------------------------------------------------------- distillation
+def _log_softmax(x, temperature):
+    """log softmax((x - m) / T) of a 2-D array, from shifted logits (see _shift)."""
+    m, log_s = _shift(x, temperature)
+    return _zs(x, m, temperature) - log_s[:, None]
+
+
+def _kl(p, lp, lq):
+    """(Σ p (lp - lq), d/dz of it through p's logits), terms with p == 0 selected out (masked
+    classes: 0, never 0 * (-inf) = NaN)."""
+    zero = jnp.zeros_like(p)
+    r = lp - lq
+    d = jnp.sum(jnp.where(p == 0, zero, p * r), axis=-1)
+    return d, jnp.where(p == 0, zero, p * (r - d[:, None]))
+
+
+def distillation(s, t, labels, params, divergence, ignore_index, has_labels, *, want_s=True, want_t=False):
+    """Per-row distillation loss and the gradients of ``scale * Σ rows`` to both logits.
+
+    Args:
+        s, t: (N, C) student and teacher logits. labels: (N,) integers (unused without labels).
+        params: [T, α, β, scale]. divergence: "forward_kl" | "reverse_kl" | "jsd" (static).
+        ignore_index: static int or None. has_labels: static bool.
+
+    Returns:
+        (rows (N,), grad_s (N, C) | None, grad_t (N, C) | None): rows are T² D, or
+        α T² D + (1-α) CE(s, y) with labels (ignored rows 0, out-of-range labels NaN). The
+        math and its gradients: fastloss.kernels.numba_cpu.distill.
+    """
+    temp, alpha, beta = params[0], params[1], params[2]
+    scale = params[3]
+    ls, lt = _log_softmax(s, temp), _log_softmax(t, temp)
+    ps, pt = jnp.exp(ls), jnp.exp(lt)
+    if divergence == "forward_kl":
+        d, g_t = _kl(pt, lt, ls)
+        g_s = ps - pt
+    elif divergence == "reverse_kl":
+        d, g_s = _kl(ps, ls, lt)
+        g_t = pt - ps
+    else:
+        # log M without forming M: logaddexp of the weighted log-probabilities (log 0 = -inf is fine)
+        lm = jnp.logaddexp(jnp.log(beta) + lt, jnp.log1p(-beta) + ls)
+        kt, dkt = _kl(pt, lt, lm)
+        ks, dks = _kl(ps, ls, lm)
+        d = beta * kt + (1.0 - beta) * ks
+        g_t, g_s = beta * dkt, (1.0 - beta) * dks
+    w = alpha if has_labels else jnp.ones_like(alpha)
+    row = temp * temp * d * w
+    g_s = g_s * (temp * w * scale)
+    g_t = g_t * (temp * w * scale)
+    if has_labels:
+        n_cls = s.shape[-1]
+        l1 = _log_softmax(s, jnp.ones_like(temp))
+        idx = jnp.clip(labels, 0, n_cls - 1)
+        rows = jnp.arange(s.shape[0])
+        row = row + (1.0 - alpha) * -l1[rows, idx]
+        g_s = (g_s + jnp.exp(l1) * ((1.0 - alpha) * scale)).at[rows, idx].add(-(1.0 - alpha) * scale)
+        valid = (labels >= 0) & (labels < n_cls)
+        ignored = is_ignored(labels, ignore_index)
+        row = _by_row_kind(row, valid, ignored)
+        g_s = _by_row_kind(g_s, valid[:, None], ignored[:, None])
+        g_t = _by_row_kind(g_t, valid[:, None], ignored[:, None])
+    return (row, g_s.astype(s.dtype) if want_s else None, g_t.astype(t.dtype) if want_t else None)
+
+
 def accurate_sum(values):
     """Sum of a 1-D fp32/fp64 array with O(log n) error growth.
 

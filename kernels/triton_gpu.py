@@ -213,6 +213,147 @@ def squared_error_kernel(P, T, OUT, PARTIAL, GP, GT, PARAMS, n, BLOCK: tl.conste
         tl.store(GT + offs, (-d2).to(GT.dtype.element_ty), mask=mask)
 
 
+# ---------------------------------------------------------------------------- distillation
+@triton.jit
+def _online(m, s, x, inv_t):
+    """One block of an online softmax sum at temperature 1/inv_t: (new max, rescaled sum). Shifts
+    that are -inf become 0 (no (-inf) - (-inf)); +inf or NaN stay, so such rows end up NaN."""
+    m_new = tl.maximum(m, tl.max(x, 0))
+    m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+    s = s * tl.exp((m - m_safe) * inv_t) + tl.sum(tl.exp((x - m_safe) * inv_t), 0)
+    return m_new, s
+
+
+@triton.jit
+def _log_mix(lt, ls, log_b, log_1mb):
+    """log(β P_t + (1-β) P_s) from log-probabilities, as a logaddexp (-inf where both are 0)."""
+    a = lt + log_b
+    b = ls + log_1mb
+    mx = tl.maximum(a, b)
+    mn = tl.minimum(a, b)
+    return tl.where(mx == -float("inf"), mx, mx + tl.log(1.0 + tl.exp(mn - mx)))
+
+
+@triton.jit
+def distill_kernel(S, stride_s, T, stride_t, Y, LOSS, GS, stride_gs, GT, stride_gt, PARAMS, n_cols, ignore_index,
+                   BLOCK: tl.constexpr, DIV: tl.constexpr, HAS_LABELS: tl.constexpr, WANT_GS: tl.constexpr,
+                   WANT_GT: tl.constexpr, ACC_F64: tl.constexpr):
+    """One row of distillation_loss (math: fastloss.kernels.numba_cpu.distill). PARAMS = [1/T, T, α, β,
+    scale]; DIV 0 forward_kl, 1 reverse_kl, 2 jsd.
+
+    Pass 1 streams both rows once for the online max and sum of the student at T (and at 1 with
+    labels) and of the teacher; pass 2 re-reads them for the divergence, summed per element in log
+    space (no 1 - Σ P cancellation, exact for masked classes); pass 3, only when a gradient is
+    wanted, re-reads them and writes the gradients. Passes 2-3 mostly hit L2 for rows up to ~100k.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    inv_t = tl.load(PARAMS)
+    temp = tl.load(PARAMS + 1)
+    alpha = tl.load(PARAMS + 2)
+    beta = tl.load(PARAMS + 3)
+    scale = tl.load(PARAMS + 4)
+    s_row = S + row * stride_s
+    t_row = T + row * stride_t
+    ignored = False
+    valid = True
+    y = 0
+    if HAS_LABELS:
+        y = tl.load(Y + row).to(tl.int64)
+        ignored = y == ignore_index
+        valid = (y >= 0) & (y < n_cols)
+    ms = _const(-float("inf"), ACC_F64)
+    mt = _const(-float("inf"), ACC_F64)
+    m1 = _const(-float("inf"), ACC_F64)
+    ss = _const(0.0, ACC_F64)
+    st = _const(0.0, ACC_F64)
+    s1 = _const(0.0, ACC_F64)
+    for off in range(0, n_cols, BLOCK):
+        cols = off + tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        xs = _acc(tl.load(s_row + cols, mask=mask, other=-float("inf")), ACC_F64)
+        xt = _acc(tl.load(t_row + cols, mask=mask, other=-float("inf")), ACC_F64)
+        ms, ss = _online(ms, ss, xs, inv_t)
+        mt, st = _online(mt, st, xt, inv_t)
+        if HAS_LABELS:
+            m1, s1 = _online(m1, s1, xs, 1.0)
+    ms = tl.where(ms == -float("inf"), 0.0, ms)
+    mt = tl.where(mt == -float("inf"), 0.0, mt)
+    log_ss = tl.log(ss)
+    log_st = tl.log(st)
+    log_b = tl.log(beta)
+    log_1mb = tl.log(1.0 - beta)
+    kl_t = _const(0.0, ACC_F64)
+    kl_s = _const(0.0, ACC_F64)
+    for off in range(0, n_cols, BLOCK):
+        cols = off + tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        ls = (_acc(tl.load(s_row + cols, mask=mask, other=-float("inf")), ACC_F64) - ms) * inv_t - log_ss
+        lt = (_acc(tl.load(t_row + cols, mask=mask, other=-float("inf")), ACC_F64) - mt) * inv_t - log_st
+        ps = tl.exp(ls)
+        pt = tl.exp(lt)
+        if DIV == 0:
+            kl_t += tl.sum(tl.where(pt == 0.0, 0.0, pt * (lt - ls)), 0)
+        elif DIV == 1:
+            kl_s += tl.sum(tl.where(ps == 0.0, 0.0, ps * (ls - lt)), 0)
+        else:
+            lm = _log_mix(lt, ls, log_b, log_1mb)
+            kl_t += tl.sum(tl.where(pt == 0.0, 0.0, pt * (lt - lm)), 0)
+            kl_s += tl.sum(tl.where(ps == 0.0, 0.0, ps * (ls - lm)), 0)
+    if DIV == 0:
+        d = kl_t
+    elif DIV == 1:
+        d = kl_s
+    else:
+        d = beta * kl_t + (1.0 - beta) * kl_s
+    w = 1.0
+    if HAS_LABELS:
+        w = alpha
+    loss = temp * temp * d * w
+    log_s1 = tl.log(s1)
+    if HAS_LABELS:
+        m1 = tl.where(m1 == -float("inf"), 0.0, m1)
+        y_safe = tl.where(valid, y, 0)
+        loss += (1.0 - alpha) * (log_s1 - (_acc(tl.load(s_row + y_safe), ACC_F64) - m1))
+        loss = tl.where(ignored, 0.0, tl.where(valid, loss, float("nan")))
+    tl.store(LOSS + row, loss)
+    if WANT_GS or WANT_GT:
+        ws = w * temp * scale
+        ce = (1.0 - alpha) * scale
+        if HAS_LABELS:  # ignored rows: exactly 0 whatever they hold; invalid labels: NaN
+            ws = tl.where(ignored, 0.0, tl.where(valid, ws, float("nan")))
+            ce = tl.where(ignored, 0.0, tl.where(valid, ce, float("nan")))
+        for off in range(0, n_cols, BLOCK):
+            cols = off + tl.arange(0, BLOCK)
+            mask = cols < n_cols
+            xs = _acc(tl.load(s_row + cols, mask=mask, other=-float("inf")), ACC_F64)
+            ls = (xs - ms) * inv_t - log_ss
+            lt = (_acc(tl.load(t_row + cols, mask=mask, other=-float("inf")), ACC_F64) - mt) * inv_t - log_st
+            ps = tl.exp(ls)
+            pt = tl.exp(lt)
+            if DIV == 0:
+                gs = ps - pt
+                gt = tl.where(pt == 0.0, 0.0, pt * (lt - ls - d))
+            elif DIV == 1:
+                gs = tl.where(ps == 0.0, 0.0, ps * (ls - lt - d))
+                gt = pt - ps
+            else:
+                lm = _log_mix(lt, ls, log_b, log_1mb)
+                gs = (1.0 - beta) * tl.where(ps == 0.0, 0.0, ps * (ls - lm - kl_s))
+                gt = beta * tl.where(pt == 0.0, 0.0, pt * (lt - lm - kl_t))
+            if WANT_GS:
+                g = gs * ws
+                if HAS_LABELS:
+                    p1 = tl.exp(xs - m1 - log_s1)
+                    g += tl.where(cols == y, p1 - 1.0, p1) * ce
+                    g = tl.where(ignored, 0.0, g)
+                tl.store(GS + row * stride_gs + cols, g.to(GS.dtype.element_ty), mask=mask)
+            if WANT_GT:
+                g = gt * ws
+                if HAS_LABELS:
+                    g = tl.where(ignored, 0.0, g)
+                tl.store(GT + row * stride_gt + cols, g.to(GT.dtype.element_ty), mask=mask)
+
+
 # ---------------------------------------------------------------------------- launch helpers
 def row_block(n_cols, interpret):
     """Power-of-two class block: whole small rows, 4096 for long rows on a GPU (2048 in the
@@ -222,6 +363,12 @@ def row_block(n_cols, interpret):
 
 
 ELEM_BLOCK = 4096
+
+
+def distill_block(n_cols, interpret):
+    """Distillation holds blocks of two rows and their log-probabilities at once: at most 2048
+    classes per block (half the cross-entropy's on a GPU), so registers stay bounded."""
+    return min(2048, max(16, triton.next_power_of_2(n_cols)))
 
 
 def num_warps(block):
@@ -262,4 +409,10 @@ def specializations():
                 sig = {first: x, "T": x, "OUT": acc, "PARTIAL": acc, grad1: x, "GT": x, "PARAMS": acc, "n": "i32"}
                 const = {"BLOCK": ELEM_BLOCK, "WANT_OUT": w_out, names[0]: g1, names[1]: g2, "ACC_F64": f64}
                 out.append((kern, sig, const, 8))
+        for block, div, labels, gs, gt in itertools.product((distill_block(1 << 20, False),), (0, 1, 2), bools,
+                                                            bools, bools):
+            sig = dict(S=x, stride_s="i64", T=x, stride_t="i64", Y="*i64", LOSS=acc, GS=x, stride_gs="i64", GT=x,
+                       stride_gt="i64", PARAMS=acc, n_cols="i32", ignore_index="i64")
+            const = dict(BLOCK=block, DIV=div, HAS_LABELS=labels, WANT_GS=gs, WANT_GT=gt, ACC_F64=f64)
+            out.append((distill_kernel, sig, const, num_warps(block)))
     return out

@@ -122,3 +122,74 @@ LOSSES = {
     "sigmoid_cross_entropy": sigmoid_cross_entropy,
     "mean_squared_error": mean_squared_error,
 }
+
+
+def _log_softmax(z):
+    """log softmax of the rows of z (float64), -inf where z is -inf; a NaN/+inf row is NaN."""
+    zs, _, log_s = _shift(z)
+    return zs - log_s[:, None]
+
+
+def distillation_loss(student, teacher, labels=None, temperature=1.0, alpha=0.5, divergence="forward_kl",
+                      beta=0.5, ignore_index=-100, reduction="mean", cot=None):
+    """Returns (loss, d loss / d student, d loss / d teacher), term by term in float64 log space.
+
+    Per row, P_t = softmax(teacher / T), P_s = softmax(student / T), D the divergence; the row is
+    T² D without labels and α T² D + (1 - α) CE(student, y) with them (CE at T = 1). Terms whose
+    probability is 0 (masked classes) contribute 0. Gradients are those of the softmax chain rule:
+    for g = dD/dP, dD/dz_j = P_j (g_j - Σ_k P_k g_k), and dz/dx = 1/T.
+    """
+    with np.errstate(all="ignore"):
+        s, t = f64(student), f64(teacher)
+        n_cls = s.shape[-1]
+        lead = s.shape[:-1]
+        s2, t2 = s.reshape(-1, n_cls), t.reshape(-1, n_cls)
+        n = s2.shape[0]
+        T = temperature
+        ls, lt = _log_softmax(s2 / T), _log_softmax(t2 / T)
+        ps, pt = np.exp(ls), np.exp(lt)
+
+        def kl(p, lp, lq):  # Σ p (lp - lq) with 0 where p == 0, and its gradients to lp's and lq's logits
+            terms = np.where(p == 0, 0.0, p * (lp - lq))
+            d = terms.sum(-1)
+            d_own = np.where(p == 0, 0.0, p * (lp - lq - d[:, None]))  # d KL / d z_p (through p and lp)
+            return d, d_own
+
+        if divergence == "forward_kl":
+            d, g_t = kl(pt, lt, ls)
+            g_s = ps - pt
+        elif divergence == "reverse_kl":
+            d, g_s = kl(ps, ls, lt)
+            g_t = pt - ps
+        elif divergence == "jsd":
+            lm = np.logaddexp(np.log(beta) + lt, np.log1p(-beta) + ls) if 0 < beta < 1 else (lt if beta == 1 else ls)
+            kt, dkt = kl(pt, lt, lm)
+            ks, dks = kl(ps, ls, lm)
+            d = beta * kt + (1 - beta) * ks
+            # d/dz of Σ M log M cancels the log M terms of the two KLs: what remains is each one's own part.
+            g_t, g_s = beta * dkt, (1 - beta) * dks
+        else:
+            raise ValueError(divergence)
+        row = T * T * d
+        gs, gt = T * g_s, T * g_t
+        keep = np.ones(n, bool)
+        if labels is not None:
+            y = np.asarray(labels).reshape(-1).astype(np.int64)
+            keep = y != ignore_index
+            valid = (y >= 0) & (y < n_cls)
+            yc = np.clip(y, 0, n_cls - 1)
+            l1 = _log_softmax(s2)
+            ce = -l1[np.arange(n), yc]
+            p1 = np.exp(l1)
+            onehot = np.arange(n_cls)[None, :] == yc[:, None]
+            g_ce = p1 - onehot
+            # the label's entry without cancellation: p_y - 1 = -Σ_{j≠y} p_j
+            g_ce[np.arange(n), yc] = -np.sum(np.where(onehot, 0.0, p1), axis=-1)
+            row = alpha * row + (1 - alpha) * ce
+            gs, gt = alpha * gs + (1 - alpha) * g_ce, alpha * gt
+            row = np.where(keep, np.where(valid, row, np.nan), 0.0)
+        count = int(np.sum(keep))
+        scale = _row_scale(n, reduction, count, cot)[:, None]
+        gs = np.where(keep[:, None], gs * scale, 0.0)
+        gt = np.where(keep[:, None], gt * scale, 0.0)
+        return _reduce(row, reduction, count, lead), gs.reshape(s.shape), gt.reshape(t.shape)

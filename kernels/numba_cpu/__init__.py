@@ -7,7 +7,7 @@ d row, so a training step needs no second pass. Modules, bottom up:
 - ``base``: compiler flags and typing helpers; ``intrinsics``: LLVM IR building blocks;
 - ``approx``: branch-free exp2, reciprocal and log1p; ``halfio``: bfloat16/float16 loads and stores;
 - ``rowstats``: online row statistics, groups of short rows, gradient stores;
-- ``sparse_ce``, ``sparse_split``, ``dense_ce``, ``elementwise``: the kernels;
+- ``sparse_ce``, ``sparse_split``, ``dense_ce``, ``distill``, ``elementwise``: the kernels;
 - ``plan``: which entry point a shape and layout take (pure Python);
 - ``xla_ffi``: C handlers through which XLA calls these kernels inside ``jax.jit`` (imported only by
   ``fastloss._jax_ffi``, at the first trace that needs it).
@@ -17,6 +17,7 @@ docs/numba.md explains the design (what vectorises and why, the memory traffic o
 from . import plan
 from .approx import SIGMOID_COEF
 from .dense_ce import dense_blocks, dense_tiny
+from .distill import DIVERGENCES, distill_rows
 from .elementwise import BLOCK, sigmoid_cross_entropy, squared_error
 from .sparse_ce import sparse_blocks, sparse_short, sparse_tiny
 from .sparse_split import sparse_split
@@ -24,4 +25,4 @@ from .sparse_split import sparse_split
 SPARSE = {"tiny": sparse_tiny, "short": sparse_short, "blocks": sparse_blocks, "split": sparse_split}
 DENSE = {"tiny": dense_tiny, "blocks": dense_blocks}
 
-__all__ = ["BLOCK", "DENSE", "SIGMOID_COEF", "SPARSE", "plan", "sigmoid_cross_entropy", "squared_error"]
+__all__ = ["BLOCK", "DENSE", "DIVERGENCES", "distill_rows", "SIGMOID_COEF", "SPARSE", "plan", "sigmoid_cross_entropy", "squared_error"]

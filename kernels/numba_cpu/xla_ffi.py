@@ -34,6 +34,7 @@ from numba.extending import intrinsic
 
 from .approx import SIGMOID_COEF
 from .dense_ce import dense_blocks, dense_tiny
+from .distill import distill_rows
 from .elementwise import BLOCK, sigmoid_cross_entropy, squared_error
 from .sparse_ce import _row_params, sparse_blocks, sparse_short, sparse_tiny
 from .sparse_split import _chunk_grads, _chunk_stats, _combine_rows
@@ -184,6 +185,26 @@ def dense_handler(path, x_dtype, t_dtype, acc, want_x, want_t):
             dense_tiny(x, t, c, loss, lse, gx, gt, opts, want_x, want_t, threads)
         else:
             dense_blocks(x, c, t, c, c, loss, lse, gx, gt, opts, want_x, want_t, threads)
+    return _handler(run)
+
+
+# ---------------------------------------------------------------------------- distillation
+def distill_handler(s_dtype, t_dtype, y_dtype, acc, has_labels, want_s, want_t):
+    """Handler for distillation: args (student, teacher (..., C), labels (...) (a 1-element dummy
+    without labels), params [T, α, β, scale]), attributes (div, ignore_index, threads), results
+    (loss (...), [grad student], [grad teacher])."""
+    def run(frame):
+        _, n, c = _buffer(frame, _ARGS, 0)
+        s = _flat_in(frame, 0, s_dtype)
+        t = _flat_in(frame, 1, t_dtype)
+        y = _readonly(_flat_in(frame, 2, y_dtype).astype(np.int64))
+        p = _flat_in(frame, 3, acc)
+        div, ign, threads = _attr(frame, 0), _attr(frame, 1), _attr(frame, 2)
+        loss = _flat_out(frame, 0, acc)
+        gs = _rows_out(frame, 1, s_dtype, c) if want_s else np.empty((1, c), s_dtype)
+        gt = _rows_out(frame, 1 + want_s, t_dtype, c) if want_t else np.empty((1, c), t_dtype)
+        distill_rows(s, c, t, c, c, y, loss, gs, gt, (p[0], p[1], p[2], p[3]), div, ign, has_labels, want_s,
+                     want_t, threads)
     return _handler(run)
 
 
