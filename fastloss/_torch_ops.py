@@ -198,7 +198,7 @@ def _rescale(name, grad, g, reduction):
     """The fused gradient (for an upstream gradient of 1) times the actual upstream gradient."""
     acc = _acc(grad)
     if reduction == "none":
-        w = g.to(acc).reshape(g.shape + (1,) * _ROW[name])
+        w = g.to(acc).reshape(g.shape + (1,) * _ROW.get(name, 1))  # distillation_loss: per row
         return (grad.to(acc) * w).to(grad.dtype)
     torch.ops.fastloss.scale_(grad, g)  # in place, and nothing at all for the usual g = 1
     return grad
