@@ -30,9 +30,9 @@ import fastloss
 
 from ._validation import check_temperature
 
-__all__ = ["BinaryCrossentropy", "CategoricalCrossentropy", "MeanSquaredError", "SparseCategoricalCrossentropy",
-           "binary_crossentropy", "categorical_crossentropy", "mean_squared_error",
-           "sparse_categorical_crossentropy"]
+__all__ = ["BinaryCrossentropy", "CategoricalCrossentropy", "KLDivergence", "LogitsDistillation", "MeanSquaredError",
+           "SparseCategoricalCrossentropy", "binary_crossentropy", "categorical_crossentropy", "kl_divergence",
+           "mean_squared_error", "sparse_categorical_crossentropy"]
 
 _WARNED = []
 
@@ -228,3 +228,82 @@ class MeanSquaredError(keras.losses.MeanSquaredError):
     def __init__(self, reduction="sum_over_batch_size", name="mean_squared_error", dtype=None):
         super().__init__(reduction=reduction, name=name, dtype=dtype)
         self.fn = mean_squared_error
+
+
+# ----------------------------------------------------------------------------- distillation
+@keras.saving.register_keras_serializable(package="fastloss")
+def kl_divergence(y_true, y_pred):
+    """``keras.losses.kl_divergence``, Σ t (log t - log p) over the last axis, unclipped.
+
+    Stock clips both inputs to [1e-7, 1] first; here a zero target probability contributes 0 (its
+    limit) and a zero predicted probability under a non-zero target gives inf (the exact KL). Where
+    no probability falls below 1e-7 the two agree. Rows are not renormalised (as stock). Inputs are
+    probabilities, so there is no softmax to fuse: this is one elementwise pass and a row sum, which
+    XLA and torch fuse as they are; the fused kernel serves logits (``LogitsDistillation``,
+    ``fastloss.distillation_loss``).
+    """
+    y_pred = ops.convert_to_tensor(y_pred)
+    y_true = ops.convert_to_tensor(y_true, y_pred.dtype)
+    y_true, y_pred = squeeze_or_expand_to_same_rank(y_true, y_pred)
+    # where(t == 0) on both the value and the log argument: no 0 * log 0 = NaN, and no NaN gradient
+    zero = y_true == 0
+    safe_t = ops.where(zero, ops.ones_like(y_true), y_true)
+    terms = ops.where(zero, ops.zeros_like(y_true), y_true * (ops.log(safe_t) - ops.log(y_pred)))
+    return ops.sum(terms, axis=-1)
+
+
+@keras.saving.register_keras_serializable(package="fastloss")
+class KLDivergence(keras.losses.KLDivergence):
+    """``keras.losses.KLDivergence`` without the 1e-7 clipping (see ``kl_divergence``)."""
+
+    def __init__(self, reduction="sum_over_batch_size", name="kl_divergence", dtype=None):
+        super().__init__(reduction=reduction, name=name, dtype=dtype)
+        self.fn = kl_divergence
+
+
+def _is_kl(loss_fn):
+    return isinstance(loss_fn, keras.losses.KLDivergence) or loss_fn in (keras.losses.kl_divergence, kl_divergence)
+
+
+@keras.saving.register_keras_serializable(package="fastloss")
+class LogitsDistillation(keras.distillation.LogitsDistillation):
+    """``keras.distillation.LogitsDistillation`` with the KL term fused: T² KL(softmax(t/T) || softmax(s/T))
+    per row from both logits in one pass (``fastloss.distillation_loss``), in log space.
+
+    Same signature (``temperature=3.0``, ``loss="kl_divergence"``) and use
+    (``keras.distillation.Distiller(..., distillation_losses=LogitsDistillation(...))``). Differences
+    from stock, both on purpose:
+
+    - no probability clipping (stock's KLDivergence clips at 1e-7, which changes the answer once
+      probabilities fall below it, e.g. at 32k+ classes);
+    - the default ``loss="kl_divergence"`` computes the KL divergence of the tempered distributions.
+      Stock resolves that string to the ``kl_divergence`` *function*, which its probability branch
+      does not recognise (it checks for a ``KLDivergence`` instance), and so applies it to the clipped
+      logits: 18.0 where the distributions' KL·T² is 6.74 (4x10 logits, T = 3). With
+      ``loss=keras.losses.KLDivergence()`` stock and fastloss agree.
+
+    Other losses (``"categorical_crossentropy"``, instances, nested structures, ``None``) behave as
+    stock: the loss of the tempered logits.
+    """
+
+    def compute_loss(self, teacher_outputs, student_outputs, **kwargs):
+        from keras import tree
+        temperature = self.temperature
+
+        def apply(loss_fn, teacher, student):
+            if loss_fn is None:
+                return ops.convert_to_tensor(0.0)
+            if _is_kl(loss_fn) and _kernel_backend() is not None:
+                reduction = getattr(loss_fn, "reduction", "sum_over_batch_size")
+                return fastloss.distillation_loss(student, teacher, temperature=temperature,
+                                                  reduction="sum" if reduction == "sum" else "mean")
+            if _is_kl(loss_fn):
+                lt = ops.log_softmax(teacher / temperature, axis=-1)
+                ls = ops.log_softmax(student / temperature, axis=-1)
+                t = ops.exp(lt)
+                rows = ops.sum(ops.where(t == 0, ops.zeros_like(t), t * (lt - ls)), axis=-1)
+                return ops.mean(rows) * temperature ** 2
+            return ops.mean(loss_fn(teacher / temperature, student / temperature))
+
+        values = tree.map_structure(apply, self.loss, teacher_outputs, student_outputs)
+        return ops.sum(ops.stack([ops.cast(v, "float32") for v in tree.flatten(values)]))

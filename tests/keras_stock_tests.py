@@ -19,12 +19,21 @@ from keras.src.losses import losses_test as _stock_tests
 import fastloss.keras as fk
 
 PROVIDED = ("MeanSquaredError", "BinaryCrossentropy", "CategoricalCrossentropy", "SparseCategoricalCrossentropy",
-            "mean_squared_error", "binary_crossentropy", "categorical_crossentropy", "sparse_categorical_crossentropy")
+            "KLDivergence", "mean_squared_error", "binary_crossentropy", "categorical_crossentropy",
+            "sparse_categorical_crossentropy", "kl_divergence")
 
 _ns = types.SimpleNamespace(**{k: v for k, v in vars(_stock_losses).items() if not k.startswith("__")})
 for _name in PROVIDED:
     setattr(_ns, _name, getattr(fk, _name))
 _stock_tests.losses = _ns
+
+# Keras' distillation tests (the loss's and the Distiller's) on fastloss.keras.LogitsDistillation: the
+# name their modules use is rebound, so every LogitsDistillation they build is fastloss's.
+from keras.src.distillation import distillation_loss_test as _dl_tests  # noqa: E402
+from keras.src.distillation import distiller_test as _distiller_tests  # noqa: E402
+
+_dl_tests.LogitsDistillation = fk.LogitsDistillation
+_distiller_tests.LogitsDistillation = fk.LogitsDistillation
 
 import keras  # noqa: E402
 
@@ -53,3 +62,15 @@ class TestSparseCategoricalCrossentropy(_stock_tests.SparseCategoricalCrossentro
     @pytest.mark.skipif(BACKEND == "jax", reason=_AXIS_WHY)
     def test_multi_class_segmentation_different_axis(self):
         super().test_multi_class_segmentation_different_axis()
+
+
+class TestKLDivergence(_stock_tests.KLDivergenceTest):
+    pass
+
+
+class TestLogitsDistillation(_dl_tests.TestLogitsDistillation):
+    pass
+
+
+class TestDistiller(_distiller_tests.TestDistiller):
+    pass

@@ -23,7 +23,7 @@ def test_keras_wrappers(backend):
         pytest.skip(f"not installed: {missing}")
     env = dict(os.environ, KERAS_BACKEND=backend)
     proc = subprocess.run([sys.executable, "-m", "pytest", os.path.join(HERE, "keras_cases.py"),
-                           os.path.join(HERE, "keras_stock_tests.py"), "-q", "-x",
+                           os.path.join(HERE, "keras_distill_cases.py"), os.path.join(HERE, "keras_stock_tests.py"), "-q", "-x",
                            "-p", "no:cacheprovider", "-o", "addopts=", "-W", "ignore::DeprecationWarning"], capture_output=True, text=True, env=env,
                           cwd=os.path.dirname(HERE), timeout=1800)
     tail = proc.stdout[-4000:] + proc.stderr[-2000:]
