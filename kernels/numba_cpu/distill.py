@@ -19,22 +19,25 @@ lm = log(β P_t + (1-β) P_s)::
 (the Σ M log M part of the JSD's derivative cancels). Terms with a zero probability are selected
 out, so masked classes (-inf in both rows) contribute exactly 0, never 0 * -inf = NaN.
 
-Passes per row, all but the first from cache (two rows of 32000 fp32 plus three scratch rows are
-640 KiB, inside an L2): max of both rows (the one read from memory), exps and their sums, the
-divergence in log space per element (no 1 - Σ P cancellation), the gradients (written once, the
-student's with non-temporal stores). The hard-label CE needs the student's softmax at T = 1: a third
-exp per element when T != 1, shared with the tempered one when T == 1.
+Passes per row, all but the first from cache (two rows of 32000 fp32 plus the scratch rows are
+under 1 MiB, inside an L2): the max of both rows (the one read from memory); one pass for the exps,
+their sums and Σ P Δ, from which the KL divergences follow (the JSD needs log M per element: a pass
+of its own); the student's gradient in place in its scratch row, then one non-temporal store of it.
+The hard-label CE needs the student's softmax at T = 1: a third exp per element when T != 1, the
+tempered one itself when T == 1. Fusing the passes took 4096x32000 fp32 with labels (T = 3) from
+~195 ms to the times in docs/performance.md.
 """
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
 from .approx import fexp2
 from .base import JIT, LOG2E, _as, _padded, _u
 from .halfio import _load, _store
-from .intrinsics import _store_fence
-from .rowstats import _axpb, _block_max, _fill, _finite_or_zero
+from .intrinsics import _VEC_BYTES, _address, _nt_axpbyc, _store_fence
+from .rowstats import STAT_BLOCK, _axpb, _block_factor, _block_max, _fill, _finite_or_zero
 
 DIVERGENCES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
 
@@ -58,15 +61,89 @@ def _exps(xr, c, m, k2, out, zero):
 
 
 @njit(**JIT)
-def _kl_sum(pe, inv_sp, xp, mp, xq, mq, inv_t, dl, zero):
-    """Σ_j P_j (l_j - lq_j) with P_j = pe_j inv_sp and l_j - lq_j = ((xp_j - mp) - (xq_j - mq)) / T + dl
-    (dl = log S_q - log S_p): the log-ratio is formed per element from shifted logits, exact up to one
-    rounding each, and multiplied by P_j only where P_j != 0."""
+def _to_row_shift(e, bstat, c, m, k2, zero):
+    """Rescale _online_stats' exps, each relative to its block's shift, to the row's final shift m:
+    afterwards e_j = 2^((x_j - m) k2) for every j (one multiply per element, in cache)."""
+    nb = (c + STAT_BLOCK - 1) // STAT_BLOCK
+    for blk in range(nb):
+        f = _block_factor(bstat, blk, m, k2, zero)
+        if f != _as(1, zero):
+            for j in range(_u(blk * STAT_BLOCK), _u(min(blk * STAT_BLOCK + STAT_BLOCK, c))):
+                e[j] = e[j] * f
+
+
+@njit(**JIT)
+def _online_block(xr, b, c, k2, scratch, bstat, m, s, seen, zero):
+    """One block of a block-online softmax sum (rowstats._online_stats, one block at a time): the
+    block's max brings it into L1, the running sum is rescaled when the shift grows, the block's exps
+    go to ``scratch`` and its shift and sum to ``bstat[:, b]``. Returns the new (m, s, seen)."""
+    blo = b * STAT_BLOCK
+    bhi = min(blo + STAT_BLOCK, c)
+    bm = _finite_or_zero(_as(_block_max(xr, blo, bhi), zero), zero)
+    if not seen or bm > m or s == zero or bm != bm:  # see _online_stats for each case
+        if seen and s > zero:
+            s *= fexp2((m - bm) * k2)
+        m = bm
+        seen = True
     acc = zero
-    for j in range(_u(0), _u(pe.shape[0])):
-        r = ((_load(xp[j]) - mp) - (_load(xq[j]) - mq)) * inv_t + dl
-        acc += _pick(pe[j], pe[j] * r, zero)
-    return acc * inv_sp
+    for j in range(_u(blo), _u(bhi)):
+        e = fexp2((_load(xr[j]) - m) * k2)
+        scratch[j] = e
+        acc += e
+    bstat[0, b] = m
+    bstat[1, b] = acc
+    return m, s + acc, seen
+
+
+@njit(**JIT)
+def _row_exps(xr, c, k2, e, bstat, zero):
+    """(m, Σ e) with e_j = 2^((x_j - m) k2) over the row: block-online (the block's max brings it from
+    memory into L1 and its exps are computed from there, so the memory stream overlaps the exps), then
+    every block moved to the row's final shift. (Streaming the student and teacher rows side by side,
+    block by block, measured slower than one row after the other: 190 vs 175 ms, alternating runs.)"""
+    m = zero
+    s = zero
+    seen = False
+    for b in range((c + STAT_BLOCK - 1) // STAT_BLOCK):
+        m, s, seen = _online_block(xr, b, c, k2, e, bstat, m, s, seen, zero)
+    _to_row_shift(e, bstat, c, m, k2, zero)
+    return m, s
+
+
+@njit(**JIT)
+def _int_power(out, e, c, n, zero):
+    """out = e^n for n in {2, 3, 4}, one pass: the T = 1 exps from the tempered ones at an integer
+    temperature, 2^((x - m) k2 T) = (2^((x - m) k2))^T, instead of a third exp per element (relative
+    error ~n times the exp's 2 ulp; an underflow to 0 only where the exact value is below 2^-126).
+    Returns the sum."""
+    acc = zero
+    if n == 2:
+        for j in range(_u(0), _u(c)):
+            v = e[j] * e[j]
+            out[j] = v
+            acc += v
+    elif n == 3:
+        for j in range(_u(0), _u(c)):
+            v = e[j] * e[j] * e[j]
+            out[j] = v
+            acc += v
+    else:
+        for j in range(_u(0), _u(c)):
+            q = e[j] * e[j]
+            v = q * q
+            out[j] = v
+            acc += v
+    return acc
+
+
+@njit(**JIT)
+def _weighted_delta(e, sr, ms, tr, mt, c, zero):
+    """Σ e_j Δ_j, Δ_j = (t_j - mt) - (s_j - ms), terms with e_j == 0 selected out (a pass over cached
+    rows: accumulated in the exp loop instead, it slowed that loop by more than this pass costs)."""
+    acc = zero
+    for j in range(_u(0), _u(c)):
+        acc += _pick(e[j], e[j] * ((_load(tr[j]) - mt) - (_load(sr[j]) - ms)), zero)
+    return acc
 
 
 @njit(**JIT)
@@ -87,27 +164,38 @@ def _kl_mix_sum(pe, inv_sp, xp, mp, log_sp, lm, inv_t, zero):
 
 
 @njit(**JIT)
-def _distill_row(sr, tr, yi, loss, gsr, gtr, i, sc, dp, div, has_labels, want_gs, want_gt):
+def _distill_row(sr, tr, yi, loss, gsr, gtr, i, sc, bs, dp, div, has_labels, want_gs, want_gt):
     temp, alpha, beta, scale, inv_t, k2 = dp
     zero = inv_t - inv_t
     one = _as(1, zero)
     c = sr.shape[0]
     es, et, e1, lm = sc[0], sc[1], sc[2], sc[3]
-    ms = _finite_or_zero(_as(_block_max(sr, 0, c), zero), zero)
-    mt = _finite_or_zero(_as(_block_max(tr, 0, c), zero), zero)
-    ss = _exps(sr, c, ms, k2, es, zero)
-    st = _exps(tr, c, mt, k2, et, zero)
+    # exps and sums, block-online: the one read of each row from memory overlaps the exps; later
+    # passes find the rows in cache. With labels at T != 1 the hard-label CE needs the student's
+    # exps at T = 1 as well (a third exp per element); at T = 1 they are the tempered ones (e1 is es).
+    ms, ss = _row_exps(sr, c, k2, es, bs[0], zero)
+    mt, st = _row_exps(tr, c, k2, et, bs[1], zero)
+    tempered_ce = has_labels and inv_t != one
+    if tempered_ce and (temp == _as(2, zero) or temp == _as(3, zero) or temp == _as(4, zero)):
+        s1 = _int_power(e1, es, c, int(temp), zero)  # T = 2, 3, 4: the power of the tempered exps
+    elif tempered_ce:
+        _, s1 = _row_exps(sr, c, _as(LOG2E, zero), e1, bs[2], zero)  # same shift: the max of s
+    else:
+        s1 = ss
+        e1 = es
     log_ss = np.log(ss)
     log_st = np.log(st)
     inv_ss = one / ss
     inv_st = one / st
-    # the divergence, per element in log space
+    # KL(P_t || P_s) = Σ P_t (Δ / T) + log S_s - log S_t, Δ = (t - mt) - (s - ms): Σ P_t = 1 to one
+    # rounding, so the sum form costs ~|log S_s - log S_t| eps. (A pass of its own: accumulated in
+    # the exp loop it made that loop slower than the extra pass costs.)
     if div == 0:
-        d = _kl_sum(et[:c], inv_st, tr, mt, sr, ms, inv_t, log_ss - log_st, zero)
+        d = _weighted_delta(et, sr, ms, tr, mt, c, zero) * inv_t * inv_st + (log_ss - log_st)
         kl_t = d
         kl_s = zero
     elif div == 1:
-        d = _kl_sum(es[:c], inv_ss, sr, ms, tr, mt, inv_t, log_st - log_ss, zero)
+        d = -_weighted_delta(es, sr, ms, tr, mt, c, zero) * inv_t * inv_ss + (log_st - log_ss)
         kl_s = d
         kl_t = zero
     else:
@@ -115,21 +203,13 @@ def _distill_row(sr, tr, yi, loss, gsr, gtr, i, sc, dp, div, has_labels, want_gs
         kl_t = _kl_mix_sum(et[:c], inv_st, tr, mt, log_st, lm, inv_t, zero)
         kl_s = _kl_mix_sum(es[:c], inv_ss, sr, ms, log_ss, lm, inv_t, zero)
         d = beta * kl_t + (one - beta) * kl_s
-    s1 = ss
-    if has_labels:
-        # hard-label CE at T = 1 on p1 = softmax(s). With T == 1 the tempered exps are p1's (copied
-        # aside only when the gradient pass is about to overwrite them), else one more exp per element.
-        if inv_t != one:
-            s1 = _exps(sr, c, ms, _as(LOG2E, zero), e1, zero)
-        elif want_gs:
-            for j in range(_u(0), _u(c)):
-                e1[j] = es[j]
     w = alpha if has_labels else one  # weight of the divergence term
     row = temp * temp * d * w
     if has_labels:
         row += (one - alpha) * (np.log(s1) - (_load(sr[yi]) - ms))
     ws = w * temp * scale               # d total / d (dD/dz)
-    # d(T² D)/dx = T dD/dz: the teacher's gradient (it reads es, which the student's overwrites)
+    c1 = (one - alpha) * scale / s1 if has_labels else zero  # the CE's p1 factor
+    # d(T² D)/dx = T dD/dz: the teacher's gradient first (it reads es, which the student's overwrites)
     if want_gt:
         if div == 0:
             dl = log_ss - log_st
@@ -144,27 +224,66 @@ def _distill_row(sr, tr, yi, loss, gsr, gtr, i, sc, dp, div, has_labels, want_gs
                 r = (_load(tr[j]) - mt) * inv_t - log_st - lm[j] - kl_t
                 gtr[j] = _store(_pick(et[j], et[j] * inv_st * r * (ws * beta), zero), gtr[j])
     if want_gs:
-        # the divergence's part, in place in es (P_s is needed once per element)
+        # in place in es: the divergence's part plus (1-α) scale p1 (the label's -1 below)
         if div == 0:
-            for j in range(_u(0), _u(c)):
-                es[j] = es[j] * (inv_ss * ws) - et[j] * (inv_st * ws)
+            # formed and stored in one pass (the label's -1 after it: an ordinary store to one element)
+            _grad_store(gsr, es, et, e1, c, inv_ss * ws, inv_st * ws, c1)
+            if has_labels:
+                _store_fence()  # the non-temporal stores above reach memory before this one
+                gsr[yi] = _store(_load(gsr[yi]) - (one - alpha) * scale, gsr[yi])
         elif div == 1:
             dl = log_ss - log_st
+            f = inv_ss * ws
             for j in range(_u(0), _u(c)):
                 r = ((_load(sr[j]) - ms) - (_load(tr[j]) - mt)) * inv_t - dl - d
-                es[j] = _pick(es[j], es[j] * r * (inv_ss * ws), zero)
+                e = es[j]
+                es[j] = _pick(e, e * r * f, zero) + e1[j] * c1
         else:
+            f = inv_ss * ws * (one - beta)
             for j in range(_u(0), _u(c)):
                 r = (_load(sr[j]) - ms) * inv_t - log_ss - lm[j] - kl_s
-                es[j] = _pick(es[j], es[j] * r * (inv_ss * ws * (one - beta)), zero)
-    if has_labels and want_gs:  # + (p1 - onehot(y)) (1-α) scale
-        c1 = (one - alpha) * scale / s1
-        for j in range(_u(0), _u(c)):
-            es[j] += e1[j] * c1
-        es[yi] -= (one - alpha) * scale
+                e = es[j]
+                es[j] = _pick(e, e * r * f, zero) + e1[j] * c1
+        if div != 0:
+            if has_labels:
+                es[yi] -= (one - alpha) * scale
+            _axpb(gsr, es, 0, c, one, zero)
     loss[i] = row
-    if want_gs:
-        _axpb(gsr, es, 0, c, one, zero)
+
+
+def _grad_store(out, x, y, z, c, a, b, cc):
+    pass
+
+
+@overload(_grad_store, jit_options=JIT)
+def _grad_store_ov(out, x, y, z, c, a, b, cc):
+    """out = _store(x a - y b + z cc) over the row: the student's gradient, formed and written in one
+    pass (non-temporal vector stores for fp32/fp64 outputs; an ordinary loop for 16-bit ones)."""
+    if out.dtype == x.dtype and out.dtype in (types.float32, types.float64):
+        itemsize = out.dtype.bitwidth // 8
+        width = _VEC_BYTES // itemsize
+
+        def nt_impl(out, x, y, z, c, a, b, cc):
+            base = _address(out)
+            j = _u(0)
+            end = _u(c)
+            if base % _u(itemsize) == _u(0) and end >= _u(256):
+                head = ((_u(_VEC_BYTES) - base % _u(_VEC_BYTES)) % _u(_VEC_BYTES)) // _u(itemsize)
+                jv = min(head, end)
+                for k in range(j, jv):
+                    out[k] = x[k] * a - y[k] * b + z[k] * cc
+                j = jv
+                while j + _u(width) <= end:
+                    _nt_axpbyc(out, x, y, z, j, a, b, cc)
+                    j += _u(width)
+            for k in range(j, end):
+                out[k] = x[k] * a - y[k] * b + z[k] * cc
+        return nt_impl
+
+    def impl(out, x, y, z, c, a, b, cc):
+        for k in range(_u(0), _u(c)):
+            out[k] = _store(x[k] * a - y[k] * b + z[k] * cc, out[k])
+    return impl
 
 
 @njit(**JIT)
@@ -183,6 +302,7 @@ def distill_rows(s, s_stride, t, t_stride, c, y, loss, gs, gt, opts, div, ign, h
     dp = _params(opts)
     zero = dp[0] - dp[0]
     scratch = np.empty((n_workers, 4, _padded(c)), dtype=loss.dtype)
+    bstats = np.empty((n_workers, 3, 2, _padded((c + STAT_BLOCK - 1) // STAT_BLOCK)), dtype=loss.dtype)
     bad = np.zeros(n_workers, np.bool_)
     for w in prange(n_workers):
         for i in range(w * n // n_workers, (w + 1) * n // n_workers):
@@ -206,6 +326,6 @@ def distill_rows(s, s_stride, t, t_stride, c, y, loss, gs, gt, opts, div, ign, h
                     _fill(gtr, 0, c, zero / zero)
                 continue
             _distill_row(s[i * s_stride:i * s_stride + c], t[i * t_stride:i * t_stride + c], yi, loss, gsr, gtr,
-                         i, scratch[w], dp, div, has_labels, want_gs, want_gt)
+                         i, scratch[w], bstats[w], dp, div, has_labels, want_gs, want_gt)
         _store_fence()  # this worker's non-temporal gradient stores are complete
     return bad.any()

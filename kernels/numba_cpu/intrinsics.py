@@ -260,6 +260,39 @@ def _nt_axpb(typingctx, out, src, j, a, b):
 
 
 @intrinsic
+def _nt_axpbyc(typingctx, out, x, y, z, j, a, b, c):
+    """out[j : j+W] = x[j:j+W] * a - y[j:j+W] * b + z[j:j+W] * c, one non-temporal W-wide vector store
+    (as _nt_axpb, for a gradient that combines three scratch rows: distillation's)."""
+    ok = (all(isinstance(v, types.Array) and v.layout == "C" for v in (out, x, y, z))
+          and out.dtype == x.dtype == y.dtype == z.dtype == a == b == c
+          and out.dtype in (types.float32, types.float64) and isinstance(j, types.Integer))
+    if not ok:
+        return None
+
+    def codegen(context, builder, sig, args):
+        i32 = ir.IntType(32)
+        _, vt, width = _vector_type(context, sig.args[0].dtype)
+        align = sig.args[1].dtype.bitwidth // 8
+        j_ = args[4]
+        zeros = ir.Constant(ir.VectorType(i32, width), [0] * width)
+
+        def splat(v):
+            w = builder.insert_element(ir.Constant(vt, ir.Undefined), v, ir.Constant(i32, 0))
+            return builder.shuffle_vector(w, ir.Constant(vt, ir.Undefined), zeros)
+
+        def load(k):
+            arr = context.make_array(sig.args[k])(context, builder, args[k])
+            return builder.load(builder.bitcast(builder.gep(arr.data, [j_]), vt.as_pointer()), align=align)
+        r = builder.fadd(builder.fsub(builder.fmul(load(1), splat(args[5])), builder.fmul(load(2), splat(args[6]))),
+                         builder.fmul(load(3), splat(args[7])))
+        out_a = context.make_array(sig.args[0])(context, builder, args[0])
+        st = builder.store(r, builder.bitcast(builder.gep(out_a.data, [j_]), vt.as_pointer()), align=_VEC_BYTES)
+        st.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(i32, 1)]))
+        return context.get_dummy_value()
+    return types.void(out, x, y, z, j, a, b, c), codegen
+
+
+@intrinsic
 def _store_fence(typingctx):
     """A full fence (x86: mfence) after a row's non-temporal stores: they are weakly ordered, and
     another thread may read the gradient as soon as the parallel region ends."""
