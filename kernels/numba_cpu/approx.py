@@ -148,6 +148,7 @@ def _per_dtype(f32_impl, f64_impl, doc):
 
 
 fexp2 = _per_dtype(exp2_32, np.exp2, "2^u (u <= 0) in the accumulation dtype.")
+flog1p_01 = _per_dtype(log1p_01, np.log1p, "log1p(e) for e in [0, 1] in the accumulation dtype.")
 
 # The sigmoid kernel's polynomial coefficients and constants (-log2 e, the exp clamp and bias, 1.0),
 # passed to it as an array argument and read into scalars once per block. Why an array: a run-time
