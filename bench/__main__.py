@@ -1,6 +1,7 @@
 """The benchmark report: ``python -m bench [--quick] [--out DIR]``.
 
-Runs the pytest-benchmark suite (bench/test_losses.py) in two processes, one per Keras backend
+Runs the pytest-benchmark suites (bench/test_losses.py, bench/test_distillation.py and the training
+steps) in two processes, one per Keras backend
 (Keras holds one backend per process: keras-stock-torch runs in the second), prints one table and
 writes ``<machine>-<date>.{json,md,png}`` to ``--out`` (default ``bench-results/`` in the current
 directory, ignored by git; the project's reference runs are kept in ``bench/results/``). Every provider's loss is checked against
@@ -31,7 +32,8 @@ HUGEPAGES = "glibc.malloc.hugetlb=1"
 def _run_suite(mode, keras_backend, select, json_path):
     env = dict(os.environ, FASTLOSS_BENCH=mode, KERAS_BACKEND=keras_backend, PYTHONUNBUFFERED="1")
     env.setdefault("GLIBC_TUNABLES", HUGEPAGES)
-    cmd = [sys.executable, "-m", "pytest", os.path.join(HERE, "test_losses.py"), os.path.join(HERE, "test_keras_fit.py"),
+    cmd = [sys.executable, "-m", "pytest", os.path.join(HERE, "test_losses.py"), os.path.join(HERE, "test_distillation.py"),
+           os.path.join(HERE, "test_keras_fit.py"),
            os.path.join(HERE, "test_torch_step.py"),
            "--benchmark-only",
            f"--benchmark-json={json_path}", "-p", "no:cacheprovider", "-o", "addopts=", "-q", "-rs",
@@ -61,7 +63,7 @@ def _rows(benchmarks):
     rows = []
     for b in benchmarks:
         info = b["extra_info"]
-        if info.get("kind") in ("keras-fit", "torch-step"):
+        if info.get("kind") in ("keras-fit", "keras-distill", "torch-step"):
             continue
         med = b["stats"]["median"]
         floor = info["bytes"] / info["copy_bw"]
@@ -102,6 +104,13 @@ def _fit_lines(benchmarks):
         lines.append(f"PyTorch training step, Linear({info['shape'][1]}->{classes}) head, batch {batch}, "
                      f"{info['device']}: " + ", ".join(
                          f"{p} {t * 1e3:.1f} ms ({base / t:.2f}x torch-compiled)" for p, (t, _) in sorted(steps.items())))
+    distills = {b["extra_info"]["provider"]: (b["stats"]["median"], b["extra_info"]["shape"]) for b in benchmarks
+                if b["extra_info"].get("kind") == "keras-distill"}
+    if "keras-stock" in distills and "fastloss-keras" in distills:
+        (ts, shape), (tf, _) = distills["keras-stock"], distills["fastloss-keras"]
+        lines.append(f"Keras Distiller train_on_batch, Dense({shape[1]}->{shape[2]}) student and teacher, batch "
+                     f"{shape[0]}, T = 3: stock LogitsDistillation {ts * 1e3:.1f} ms, fastloss.keras "
+                     f"{tf * 1e3:.1f} ms ({ts / tf:.2f}x)")
     for backend, d in sorted(fits.items()):
         if "keras-stock" in d and "fastloss-keras" in d:
             (ts, shape), (tf, _) = d["keras-stock"], d["fastloss-keras"]

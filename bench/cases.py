@@ -16,7 +16,8 @@ SPARSE = "sparse_softmax_cross_entropy"
 DENSE = "softmax_cross_entropy"
 SIGMOID = "sigmoid_cross_entropy"
 MSE = "mean_squared_error"
-SHORT = {SPARSE: "sparse-ce", DENSE: "dense-ce", SIGMOID: "sigmoid-ce", MSE: "mse"}
+SHORT = {SPARSE: "sparse-ce", DENSE: "dense-ce", SIGMOID: "sigmoid-ce", MSE: "mse",
+         "distillation_loss": "distill"}  # the last: bench/test_distillation.py
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,6 +29,8 @@ def _cases():
     mode = os.environ.get("FASTLOSS_BENCH", "full")
     if mode == "tiny":
         return [((64, 1000), "float32", False)]
+    if mode == "quick":
+        return [((4096, 32000), "float32", False)]
     return [((4096, 32000), "float32", False), ((8192, 128256), "bfloat16", True)]
 
 
@@ -149,7 +151,8 @@ def test_distillation_loss_and_grad(benchmark, case, provider):
     rel = abs(value - ref) / max(abs(ref), 1e-30)
     itemsize = 2 if dtype == "bfloat16" else 4
     nbytes = 3 * int(np.prod(shape)) * itemsize
-    benchmark.extra_info.update(provider=provider, case=benchmark.group, bytes=nbytes, copy_bw=bandwidth, value=value,
-                                reference=ref, rel_err=rel, peak_extra_mib=peak,
+    benchmark.extra_info.update(provider=provider, case=benchmark.group, loss="distillation_loss", shape=list(shape),
+                                dtype=dtype, bytes=nbytes, copy_bw=bandwidth, value=value, reference=ref, rel_err=rel,
+                                peak_extra_mib=peak,
                                 correct=bool(math.isfinite(value) and rel <= (2e-2 if itemsize == 2 else 1e-4)))
     assert math.isfinite(value) and rel <= (2e-2 if itemsize == 2 else 1e-4), f"{provider}: {value} vs {ref}"

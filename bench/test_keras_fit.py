@@ -33,3 +33,32 @@ def test_train_on_batch_32000_classes(benchmark, which):
                                 shape=[batch, features, classes], first_loss=first)
     benchmark.pedantic(lambda: model.train_on_batch(x, y), rounds=rounds(), iterations=1, warmup_rounds=1)
     assert np.isfinite(first) and abs(first - np.log(classes)) < 0.5 * np.log(classes)
+
+
+@pytest.mark.parametrize("which", ["keras-stock", "fastloss-keras"])
+def test_distiller_step_32000_classes(benchmark, which):
+    """keras.distillation.Distiller.train_on_batch: a frozen Dense teacher, a Dense student, T = 3, with
+    stock LogitsDistillation (given a KLDivergence instance, its KL-of-distributions form) or
+    fastloss.keras.LogitsDistillation; the student's hard-label loss is stock's in both."""
+    import keras
+    import fastloss.keras as fk
+    batch, features, classes = SHAPES[os.environ.get("FASTLOSS_BENCH", "full")]
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, features)).astype("float32")
+    y = rng.integers(0, classes, batch).astype("int32")
+    keras.utils.set_random_seed(0)
+    teacher = keras.Sequential([keras.Input((features,)), keras.layers.Dense(classes)])
+    student = keras.Sequential([keras.Input((features,)), keras.layers.Dense(classes)])
+    kd = (keras.distillation.LogitsDistillation(temperature=3.0, loss=keras.losses.KLDivergence())
+          if which == "keras-stock" else fk.LogitsDistillation(temperature=3.0))
+    distiller = keras.distillation.Distiller(teacher=teacher, student=student, distillation_losses=kd,
+                                             student_loss_weight=0.5)
+    distiller.compile(optimizer=keras.optimizers.SGD(1e-3),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    first = distiller.train_on_batch(x, y)
+    first = float(first[0] if isinstance(first, (list, tuple)) else first)
+    benchmark.group = f"keras-distill-{batch}x{classes}-{keras.backend.backend()}"
+    benchmark.extra_info.update(kind="keras-distill", provider=which, backend=keras.backend.backend(),
+                                shape=[batch, features, classes], first_loss=first)
+    benchmark.pedantic(lambda: distiller.train_on_batch(x, y), rounds=rounds(), iterations=1, warmup_rounds=1)
+    assert np.isfinite(first)

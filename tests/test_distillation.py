@@ -310,3 +310,20 @@ def test_torch_compile_fullgraph_and_double_backward():
     got = torch.func.vmap(lambda a, b: fastloss.distillation_loss(a, b, temperature=2.0))(
         torch.tensor(s[None].repeat(2, 0)), torch.tensor(t[None].repeat(2, 0)))
     np.testing.assert_allclose(got.numpy(), [R.distillation_loss(s, t, temperature=2.0)[0]] * 2, rtol=1e-10)
+
+
+@pytest.mark.skipif(__import__("platform").machine().lower() not in ("x86_64", "amd64"), reason="an x86 target")
+@pytest.mark.skipif(bool(os.environ.get("NUMBA_CPU_NAME")), reason="already running for a named target")
+def test_numba_distillation_on_a_second_cpu_target(tmp_path):
+    # As tests/test_numba.py's second-target run: the NumPy cases of this module once more, compiled for
+    # Haswell (AVX2) in a fresh process with its own cache; on an AVX-512 host that is the other code
+    # path (the distillation kernel asks LLVM for 512-bit vectors where the target has them).
+    import subprocess
+    import sys
+    env = dict(os.environ, NUMBA_CPU_NAME="haswell", NUMBA_CPU_FEATURES="", NUMBA_CACHE_DIR=str(tmp_path))
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", __file__, "-k",
+           "numba and not jax and not torch and not second_cpu_target and (fp32 or extreme or reductions)"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and " failed" not in proc.stdout

@@ -36,7 +36,7 @@ from numba.extending import overload
 from .approx import fexp2, flog1p_01
 from .base import JIT, LOG2E, _as, _padded, _u
 from .halfio import _load, _store
-from .intrinsics import _VEC_BYTES, _address, _nt_axpbyc, _store_fence
+from .intrinsics import _VEC_BYTES, _address, _nt_axpbyc, _prefer_wide_vectors, _store_fence
 from .rowstats import STAT_BLOCK, _axpb, _block_factor, _block_max, _fill, _finite_or_zero
 
 DIVERGENCES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
@@ -64,6 +64,7 @@ def _exps(xr, c, m, k2, out, zero):
 def _to_row_shift(e, bstat, c, m, k2, zero):
     """Rescale _online_stats' exps, each relative to its block's shift, to the row's final shift m:
     afterwards e_j = 2^((x_j - m) k2) for every j (one multiply per element, in cache)."""
+    _prefer_wide_vectors()
     nb = (c + STAT_BLOCK - 1) // STAT_BLOCK
     for blk in range(nb):
         f = _block_factor(bstat, blk, m, k2, zero)
@@ -77,6 +78,7 @@ def _online_block(xr, b, c, k2, scratch, bstat, m, s, seen, zero):
     """One block of a block-online softmax sum (rowstats._online_stats, one block at a time): the
     block's max brings it into L1, the running sum is rescaled when the shift grows, the block's exps
     go to ``scratch`` and its shift and sum to ``bstat[:, b]``. Returns the new (m, s, seen)."""
+    _prefer_wide_vectors()
     blo = b * STAT_BLOCK
     bhi = min(blo + STAT_BLOCK, c)
     bm = _finite_or_zero(_as(_block_max(xr, blo, bhi), zero), zero)
@@ -116,6 +118,7 @@ def _int_power(out, e, c, n, zero):
     temperature, 2^((x - m) k2 T) = (2^((x - m) k2))^T, instead of a third exp per element (relative
     error ~n times the exp's 2 ulp; an underflow to 0 only where the exact value is below 2^-126).
     Returns the sum."""
+    _prefer_wide_vectors()
     acc = zero
     if n == 2:
         for j in range(_u(0), _u(c)):
@@ -140,6 +143,7 @@ def _int_power(out, e, c, n, zero):
 def _weighted_delta(e, sr, ms, tr, mt, c, zero):
     """Σ e_j Δ_j, Δ_j = (t_j - mt) - (s_j - ms), terms with e_j == 0 selected out (a pass over cached
     rows: accumulated in the exp loop instead, it slowed that loop by more than this pass costs)."""
+    _prefer_wide_vectors()
     acc = zero
     for j in range(_u(0), _u(c)):
         acc += _pick(e[j], e[j] * ((_load(tr[j]) - mt) - (_load(sr[j]) - ms)), zero)
@@ -152,6 +156,7 @@ def _log_mix(lm, sr, ms, tr, mt, c, inv_t, log_ss, log_st, beta, zero):
     b = log(1-β) + ls_j: max(a, b) + log1p(exp(min - max)), one exp and one polynomial log1p per
     element, both vectorised (libm's log is a scalar call: 3x the whole forward-KL kernel). -inf where
     both probabilities are 0 (masked classes; β = 0 or 1 leaves one side)."""
+    _prefer_wide_vectors()
     one = _as(1, zero)
     lb = np.log(beta)
     l1b = np.log(one - beta)
@@ -169,6 +174,7 @@ def _log_mix(lm, sr, ms, tr, mt, c, inv_t, log_ss, log_st, beta, zero):
 @njit(**JIT)
 def _kl_mix_sum(pe, inv_sp, xp, mp, log_sp, lm, inv_t, zero):
     """Σ_j P_j (l_j - lm_j) with l_j = (xp_j - mp) / T - log S_p."""
+    _prefer_wide_vectors()
     acc = zero
     for j in range(_u(0), _u(pe.shape[0])):
         r = (_load(xp[j]) - mp) * inv_t - log_sp - lm[j]
@@ -178,6 +184,7 @@ def _kl_mix_sum(pe, inv_sp, xp, mp, log_sp, lm, inv_t, zero):
 
 @njit(**JIT)
 def _distill_row(sr, tr, yi, loss, gsr, gtr, i, sc, bs, dp, div, has_labels, want_gs, want_gt):
+    _prefer_wide_vectors()
     temp, alpha, beta, scale, inv_t, k2 = dp
     zero = inv_t - inv_t
     one = _as(1, zero)
@@ -318,6 +325,7 @@ def distill_rows(s, s_stride, t, t_stride, c, y, loss, gs, gt, opts, div, ign, h
     bstats = np.empty((n_workers, 3, 2, _padded((c + STAT_BLOCK - 1) // STAT_BLOCK)), dtype=loss.dtype)
     bad = np.zeros(n_workers, np.bool_)
     for w in prange(n_workers):
+        _prefer_wide_vectors()
         for i in range(w * n // n_workers, (w + 1) * n // n_workers):
             yi = y[i] if has_labels else 0
             gsr = gs[i if want_gs else 0]

@@ -211,6 +211,18 @@ def _use_rcp_estimate(typingctx):
     return types.none(), codegen
 
 
+@intrinsic
+def _prefer_wide_vectors(typingctx):
+    """Let LLVM vectorise the calling function's loops at the widest width the target has (512 bits
+    with AVX-512; LLVM's default for AVX-512 CPUs is 256). A no-op on AVX2 targets. Like
+    _use_rcp_estimate, it marks the LLVM function being generated, so it goes in each function whose
+    loops should widen."""
+    def codegen(context, builder, sig, args):
+        set.add(builder.function.attributes, '"prefer-vector-width"="512"')
+        return context.get_dummy_value()
+    return types.none(), codegen
+
+
 # ------------------------------------------------------------------- non-temporal stores
 @intrinsic
 def _address(typingctx, arr):
