@@ -7,6 +7,7 @@ from ._buffers import empty_cache
 from ._dispatch import available_backends
 from .losses import (
     distillation_loss,
+    linear_cross_entropy,
     mean_squared_error,
     sigmoid_cross_entropy,
     softmax_cross_entropy,
@@ -20,6 +21,7 @@ __all__ = [
     "available_backends",
     "distillation_loss",
     "empty_cache",
+    "linear_cross_entropy",
     "mean_squared_error",
     "sigmoid_cross_entropy",
     "softmax_cross_entropy",

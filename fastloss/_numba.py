@@ -177,10 +177,18 @@ def _sparse(x, labels, opts, want_x, want_other):
     loss = np.empty(n, acc)
     lse = np.empty(n, acc)
     gname, = _grad_names(opts, name)
-    g_obj, g = out.empty(tuple(x.shape), gname) if want_x else (None, _dummy_rows(xv, n_cls))
-    kopts = (acc(1.0 / opts["temperature"]), acc(opts["label_smoothing"]), acc(opts["z_loss"]),
-             _scale(opts["reduction"], count, acc))
     path, chunks = plan.sparse_path(n, n_cls, stride, threads)
+    if want_x and opts.get("in_place") and path in ("short", "blocks") and stride == n_cls:
+        # fastloss._torch_linear's chunk logits (a temporary it owns): the gradient overwrites them.
+        # Only on the paths that read each row's logits before writing its gradient, never after.
+        g_obj, g = x, xv.view()
+        g.flags.writeable = True
+    else:
+        g_obj, g = out.empty(tuple(x.shape), gname) if want_x else (None, _dummy_rows(xv, n_cls))
+    # opts["grad_scale"]: d total / d row set by the caller (a chunk of a larger "mean").
+    scale = opts.get("grad_scale")
+    kopts = (acc(1.0 / opts["temperature"]), acc(opts["label_smoothing"]), acc(opts["z_loss"]),
+             acc(scale) if scale is not None else _scale(opts["reduction"], count, acc))
     g2 = g.reshape(-1, n_cls)
     if path == "tiny":
         bad = K.sparse_tiny(xv, n_cls, y, loss, lse, g2, kopts, ign, want_x, threads)
@@ -314,3 +322,28 @@ def value_and_grad(name, x, other, opts):
     """(loss, d loss / d x) from one fused kernel call; torch tensors and NumPy arrays alike."""
     value, gx, _ = _RUNNERS[name](x, other, opts, True, False)
     return value, gx
+
+
+def linear_cross_entropy(h, w, y, b, opts, chunk_size):
+    """linear_cross_entropy of NumPy arrays: NumPy matmuls and the Numba kernel per chunk of rows,
+    the loss only (NumPy has no autograd; torch tensors and jax arrays get the gradients)."""
+    from . import _chunks
+    acc = _acc(dtype_name(h))
+    lead = tuple(h.shape[:-1])
+    h2 = np.asarray(h).reshape(-1, h.shape[-1]).astype(acc, copy=False)  # 16-bit: matmul in fp32
+    w2 = np.asarray(w).astype(acc, copy=False)
+    b2 = None if b is None else np.asarray(b).astype(acc, copy=False)
+    y2 = np.asarray(y).reshape(-1)
+    _adapter.check_label_range(y2, w2.shape[0], opts["ignore_index"])
+    n = h2.shape[0]
+    rows = _chunks.rows_per_chunk(n, w2.shape[0], chunk_size,
+                                  None if chunk_size is not None else _chunks.free_bytes("cpu"))
+    values = np.empty(n, acc)
+    chunk_opts = dict(opts, reduction="none")
+    for lo in range(0, n, rows):
+        z = h2[lo:lo + rows] @ w2.T
+        if b2 is not None:
+            z += b2
+        values[lo:lo + rows] = _sparse(z, y2[lo:lo + rows], chunk_opts, False, False)[0]
+    count = int(np.count_nonzero(y2 != _adapter.kernel_ignore_index(opts["ignore_index"])))
+    return _reduce(values, opts["reduction"], count, acc, _Out(values), lead)

@@ -98,6 +98,8 @@ def _sparse(x, labels, opts, want_x, want_other, inplace=False):
     count = (y != ign).sum()
     params = _params((1.0 / opts["temperature"], opts["label_smoothing"], opts["z_loss"]), opts["reduction"],
                      count, x.device, acc)
+    if opts.get("grad_scale") is not None:  # a chunk of a larger "mean" (fastloss._torch_linear)
+        params[-1] = opts["grad_scale"]
     if n:
         block = K.row_block(n_cls, x.device.type == "cpu")
         K.sparse_ce_kernel[(n,)](

@@ -163,6 +163,15 @@ def check_ignore_index(value):
     return int(value)
 
 
+def check_chunk_size(value):
+    """None (picked from the shapes and free memory) or a positive int of rows per chunk."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"`chunk_size` must be None or an integer >= 1 (rows per chunk); received {value!r}.")
+    return int(value)
+
+
 def check_reduction(value) -> str:
     if value not in REDUCTIONS:
         raise ValueError(f"`reduction` must be one of {REDUCTIONS}; received {value!r}.")

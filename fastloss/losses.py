@@ -215,6 +215,8 @@ def mean_squared_error(predictions, targets, *, reduction="mean", backend=None):
     """
     x, other, opts = _validate_mse(predictions, targets, reduction=reduction)
     return _call("mean_squared_error", x, other, backend, opts)
+
+
 def _validate_distill(student_logits, teacher_logits, labels=None, *, temperature=1.0, alpha=0.5,
                       divergence="forward_kl", beta=0.5, ignore_index=-100, reduction="mean"):
     s, t = _pair(student_logits, teacher_logits, "student_logits", "teacher_logits")
@@ -307,6 +309,106 @@ def distillation_loss(student_logits, teacher_logits, labels=None, *, temperatur
                                       alpha=alpha, divergence=divergence, beta=beta,
                                       ignore_index=ignore_index, reduction=reduction)
     return _distill(s, t, y, backend, opts, False)[0]
+
+
+def _validate_linear(hidden, weight, labels, bias, *, temperature=1.0, label_smoothing=0.0, ignore_index=-100,
+                     z_loss=0.0, reduction="mean", chunk_size=None):
+    h, w = _pair(hidden, weight, "hidden", "weight")
+    h, y = _pair(h, labels, "hidden", "labels")
+    V.check_float_input(h, "hidden")
+    V.check_float_input(w, "weight")
+    hs, ws = V.shape_of(h), V.shape_of(w)
+    if len(hs) < 1 or len(ws) != 2 or hs[-1] != ws[1] or ws[0] < 1:
+        raise ValueError(f"`weight` must have shape (C, H) with C >= 1 for `hidden` of shape (..., H) (as "
+                         f"torch.nn.Linear stores it); received `hidden` of shape {hs} and `weight` of shape {ws}.")
+    if V.dtype_name(h) != V.dtype_name(w):
+        raise TypeError(f"`hidden` and `weight` must have one dtype; received {V.dtype_name(h)} and "
+                        f"{V.dtype_name(w)}.")
+    if not V.is_integer_dtype(V.dtype_name(y)):
+        raise TypeError(f"`labels` must have an integer dtype (int32, int64, ...) holding class indices; "
+                        f"received dtype {V.dtype_name(y)}.")
+    if V.shape_of(y) != hs[:-1]:
+        raise ValueError(f"`labels` must have the shape of `hidden` without its last axis, {hs[:-1]}; received "
+                         f"shape {V.shape_of(y)}.")
+    if bias is not None:
+        _, bias = _pair(h, bias, "hidden", "bias")
+        V.check_float_input(bias, "bias")
+        if V.shape_of(bias) != ws[:1]:
+            raise ValueError(f"`bias` must have shape (C,) = {ws[:1]}; received shape {V.shape_of(bias)}.")
+    opts = dict(temperature=V.check_temperature(temperature), label_smoothing=V.check_label_smoothing(label_smoothing),
+                ignore_index=V.check_ignore_index(ignore_index), z_loss=V.check_z_loss(z_loss),
+                reduction=V.check_reduction(reduction))
+    return h, w, y, bias, opts, V.check_chunk_size(chunk_size)
+
+
+def linear_cross_entropy(hidden, weight, labels, *, bias=None, temperature=1.0, label_smoothing=0.0,
+                         ignore_index=-100, z_loss=0.0, reduction="mean", chunk_size=None, backend=None):
+    """Sparse softmax cross-entropy of ``hidden @ weight.T + bias``, fused with the projection: the
+    (N, C) logits are computed, turned into their gradient and used, one chunk of rows at a time.
+
+    Per chunk of rows ``h_c`` (``chunk_size`` rows)::
+
+        Z = h_c @ W^T + b          G = d loss / d Z   (the fused sparse CE kernel, in place)
+        d h_c = G @ W              d W += G^T @ h_c   d b += Σ_rows G     (fp32 accumulators)
+
+    so the extra memory is O(chunk_size x C + C x H), never O(N x C): at N=8192, C=32000 fp32 the
+    unfused pair holds 2 GiB of logits and their gradient. For "mean" and "sum" the gradients are
+    computed during the forward (the upstream gradient only scales them): a training step does one
+    logits matmul per chunk plus the two gradient matmuls, as the unfused pair does. For "none" the
+    backward recomputes the logits. The loss is that of ``sparse_softmax_cross_entropy`` on the
+    logits, with the same options; it is not differentiable with respect to the options.
+
+    Args:
+        hidden: float array (..., H).
+        weight: float array (C, H) of the same dtype, as ``torch.nn.Linear`` stores it.
+        labels: integer array (...): class indices in [0, C), or ``ignore_index``.
+        bias: None or float array (C,).
+        temperature, label_smoothing, ignore_index, z_loss, reduction: as in
+            ``sparse_softmax_cross_entropy``.
+        chunk_size: rows per chunk; None picks ~64 MiB of fp32 logits (512 rows at C=32000), less
+            when free memory is short.
+        backend: None (by input type), "jax", "numba" or "triton" (the kernel for the chunks; the
+            matmuls are the framework's).
+
+    Returns:
+        Scalar loss, or per-row losses (...) for "none": float32 (float64 for float64 input), of
+        the input's framework. jax and torch inputs are differentiable (d hidden, d weight, d bias);
+        NumPy input gives the loss only.
+
+    Example:
+        >>> import numpy as np, fastloss
+        >>> rng = np.random.default_rng(0)
+        >>> hidden = rng.standard_normal((6, 4)).astype(np.float32)
+        >>> weight = rng.standard_normal((10, 4)).astype(np.float32)
+        >>> labels = np.array([0, 3, 9, 1, 1, -100])
+        >>> loss = fastloss.linear_cross_entropy(hidden, weight, labels, chunk_size=4)
+        >>> ref = fastloss.sparse_softmax_cross_entropy(hidden @ weight.T, labels)
+        >>> bool(np.isclose(loss, ref, rtol=1e-5))
+        True
+    """
+    h, w, y, b, opts, chunk = _validate_linear(hidden, weight, labels, bias, temperature=temperature,
+                                               label_smoothing=label_smoothing, ignore_index=ignore_index,
+                                               z_loss=z_loss, reduction=reduction, chunk_size=chunk_size)
+    kind = _dispatch.framework_of(h)
+    if kind == "torch":
+        name = _dispatch.resolve_torch(backend, h)
+        if name == "jax":
+            raise TypeError("the 'jax' backend takes jax or NumPy arrays; `hidden` is a torch.Tensor. Use "
+                            "backend='numba' (CPU) or 'triton' (CUDA) for torch tensors.")
+        from . import _torch_linear
+        return _torch_linear.linear_cross_entropy(h, w, y, b, opts, name, chunk)
+    if kind == "jax" or any(V._is_tracer(v) for v in opts.values()) or _dispatch.explicit(backend) == "jax":
+        choice = _dispatch.explicit(backend)
+        if choice in (None, "jax", "numba"):
+            from . import _jax_linear
+            return _jax_linear.linear_cross_entropy(h, w, y, b, opts, choice, chunk)
+    name = _dispatch.resolve(backend, h)
+    if name == "numba":
+        from . import _numba
+        return _numba.linear_cross_entropy(h, w, y, b, opts, chunk)
+    from . import _triton
+    _triton.check_device(h, w)  # NumPy input: a TypeError saying what the backend takes
+    raise AssertionError("unreachable: check_device raises for non-torch input")
 
 
 def sparse_softmax_cross_entropy_(logits, labels, *, temperature=1.0, label_smoothing=0.0,

@@ -193,3 +193,21 @@ def distillation_loss(student, teacher, labels=None, temperature=1.0, alpha=0.5,
         gs = np.where(keep[:, None], gs * scale, 0.0)
         gt = np.where(keep[:, None], gt * scale, 0.0)
         return _reduce(row, reduction, count, lead), gs.reshape(s.shape), gt.reshape(t.shape)
+
+
+def linear_cross_entropy(hidden, weight, labels, bias=None, reduction="mean", cot=None, chunk_size=None,
+                         **ce_options):
+    """The unfused pair in float64: ``logits = hidden @ weight.T + bias``, then sparse CE (the
+    chunk size changes nothing). Returns (loss, d hidden, d weight, d bias | None)."""
+    h = f64(hidden)
+    hdim = h.shape[-1]
+    z = h.reshape(-1, hdim) @ f64(weight).T
+    if bias is not None:
+        z = z + f64(bias)
+    y = np.asarray(labels).reshape(-1)
+    loss, gz = sparse_softmax_cross_entropy(z, y, reduction=reduction, cot=cot, **ce_options)
+    if reduction == "none":
+        loss = np.asarray(loss).reshape(h.shape[:-1])
+    gh = (gz @ f64(weight)).reshape(h.shape)
+    gw = gz.T @ h.reshape(-1, hdim)
+    return loss, gh, gw, (gz.sum(axis=0) if bias is not None else None)

@@ -1,0 +1,217 @@
+"""``linear_cross_entropy`` for torch tensors: torch matmuls and the fused sparse cross-entropy
+kernel (Numba on CPU, Triton on CUDA) per chunk of rows, as custom ops.
+
+Two ops (``torch.ops.fastloss.linear_cross_entropy`` and ``linear_cross_entropy_backward``) with
+fake implementations, so ``torch.compile(fullgraph=True)`` traces them without running them, and
+an autograd.Function around them:
+
+- "mean"/"sum": the forward computes the loss and, for the inputs that require grad, the
+  gradients for an upstream gradient of 1 (the cotangent only scales them); backward scales them
+  in place (nothing at all for the usual 1). One logits matmul per chunk in all.
+- "none": the forward computes the rows' losses only; the backward op recomputes each chunk's
+  logits and weights the cross-entropy gradient's rows by their upstream gradients.
+
+Per chunk of ``rows`` rows (``fastloss._chunks``), with ``G`` the CE gradient written over the
+chunk's logits (in place: a chunk costs one ``rows x C`` buffer)::
+
+    Z = h_c @ W^T + b            (the inputs' dtype; torch accumulates in fp32)
+    G = d loss / d Z             (the fused kernel, fp32 math, scaled by the mean's 1/count)
+    d h_c = G @ W                (written straight into its rows of d hidden)
+    d W  += G^T @ h_c            (fp32 accumulator; 16-bit G and h_c are widened per chunk)
+    d b  += Σ_rows G             (fp32)
+
+Second derivatives are not supported (the backward is once-differentiable).
+"""
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from . import _adapter, _chunks
+from ._torch_ops import _LIB
+
+_OPTS = ("temperature", "label_smoothing", "z_loss")
+_FWD = ("linear_cross_entropy(Tensor hidden, Tensor weight, Tensor labels, Tensor? bias, float[] params, "
+        "int ignore_index, str reduction, str backend, int rows, bool want_h, bool want_w, bool want_b) "
+        "-> (Tensor, Tensor, Tensor, Tensor)")
+_BWD = ("linear_cross_entropy_backward(Tensor hidden, Tensor weight, Tensor labels, Tensor? bias, "
+        "Tensor row_grad, float[] params, int ignore_index, str backend, int rows, bool want_h, bool want_w, "
+        "bool want_b) -> (Tensor, Tensor, Tensor)")
+
+
+def _acc(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _opts(params, ignore_index):
+    opts = dict(zip(_OPTS, params), reduction="none")
+    opts["ignore_index"] = None if ignore_index == _adapter.NO_IGNORE else ignore_index
+    return opts
+
+
+def _ce_chunk(z, y, opts, scale, backend):
+    """(rows' losses (acc dtype), G over z's memory | None) from the fused sparse CE kernel."""
+    if backend == "triton" or z.device.type != "cpu":
+        from . import _triton
+        values, g, _ = _triton._sparse(z, y, dict(opts, grad_scale=scale), scale is not None, False,
+                                       inplace=scale is not None)
+    else:
+        from . import _numba
+        values, g, _ = _numba._sparse(z, y, dict(opts, grad_scale=scale, in_place=True), scale is not None, False)
+    return values, g
+
+
+def _sweep(h, w, y, b, params, ignore_index, backend, rows, scale, row_grad, want_h, want_w, want_b):
+    """(rows' losses (N,), d h | None, d W fp32 | None, d b fp32 | None) over all chunks; the
+    gradients are those of ``scale * Σ rows`` (times ``row_grad`` per row when given)."""
+    opts = _opts(params, ignore_index)
+    n = h.shape[0]
+    acc = _acc(h)
+    want = want_h or want_w or want_b
+    values = torch.empty(n, dtype=acc, device=h.device)
+    gh = torch.empty_like(h) if want_h else None
+    gw = torch.zeros(w.shape, dtype=acc, device=w.device) if want_w else None
+    gb = torch.zeros(w.shape[:1], dtype=acc, device=w.device) if want_b else None
+    for lo in range(0, n, rows):
+        hi = min(lo + rows, n)
+        # One function call per chunk: its logits are freed before the next chunk allocates its
+        # own (a loop variable would keep two chunks alive at once: +1 chunk of peak memory).
+        values[lo:hi] = _one_chunk(h[lo:hi], w, y[lo:hi], b, opts, backend, scale if want else None,
+                                   None if row_grad is None else row_grad[lo:hi],
+                                   None if gh is None else gh[lo:hi], gw, gb)
+    return values, gh, gw, gb
+
+
+def _one_chunk(hc, w, y, b, opts, backend, scale, row_grad, gh, gw, gb):
+    """The chunk's rows' losses; with ``scale``, its gradients written into ``gh`` (its rows) and
+    added to the fp32 accumulators ``gw``, ``gb``."""
+    z = torch.addmm(b, hc, w.t()) if b is not None else hc @ w.t()
+    v, g = _ce_chunk(z, y, opts, scale, backend)
+    if scale is None:
+        return v
+    acc = v.dtype
+    if row_grad is not None:
+        g = (g.to(acc) * row_grad[:, None].to(acc)).to(g.dtype)
+    if gh is not None:
+        torch.mm(g, w, out=gh)
+    if gw is not None:
+        if g.dtype != acc:  # 16-bit: the fp32 accumulation runs on widened chunk operands
+            gw.addmm_(g.t().to(acc), hc.to(acc))
+        else:
+            gw.addmm_(g.t(), hc)
+    if gb is not None:
+        gb += g.sum(0, dtype=acc)
+    return v
+
+
+def _mean_scale(y, ignore_index, reduction):
+    if reduction != "mean":
+        return 1.0
+    count = int((y != ignore_index).sum()) if ignore_index != _adapter.NO_IGNORE else y.numel()
+    return 1.0 / max(count, 1)
+
+
+def _empty(like):
+    return like.new_empty(0)
+
+
+def _forward(hidden, weight, labels, bias, params, ignore_index, reduction, backend, rows, want_h, want_w, want_b):
+    want = (want_h or want_w or want_b) and reduction != "none"
+    scale = _mean_scale(labels, ignore_index, reduction)
+    values, gh, gw, gb = _sweep(hidden, weight, labels, bias, params, ignore_index, backend, rows, scale, None,
+                                want and want_h, want and want_w, want and want_b and bias is not None)
+    if reduction == "none":
+        value = values
+    else:
+        value = values.sum(dtype=torch.float64).to(values.dtype) * scale
+    return (value, gh if gh is not None else _empty(hidden), gw.to(weight.dtype) if gw is not None else _empty(weight),
+            gb.to(bias.dtype) if gb is not None else _empty(hidden))
+
+
+def _forward_fake(hidden, weight, labels, bias, params, ignore_index, reduction, backend, rows, want_h, want_w,
+                  want_b):
+    value = hidden.new_empty(hidden.shape[:1] if reduction == "none" else (), dtype=_acc(hidden))
+    want = reduction != "none"
+    return (value, torch.empty_like(hidden) if want and want_h else _empty(hidden),
+            torch.empty_like(weight) if want and want_w else _empty(weight),
+            torch.empty_like(bias) if want and want_b and bias is not None else _empty(hidden))
+
+
+def _backward(hidden, weight, labels, bias, row_grad, params, ignore_index, backend, rows, want_h, want_w, want_b):
+    _, gh, gw, gb = _sweep(hidden, weight, labels, bias, params, ignore_index, backend, rows, 1.0, row_grad,
+                           want_h, want_w, want_b and bias is not None)
+    return (gh if gh is not None else _empty(hidden), gw.to(weight.dtype) if gw is not None else _empty(weight),
+            gb.to(bias.dtype) if gb is not None else _empty(hidden))
+
+
+def _backward_fake(hidden, weight, labels, bias, row_grad, params, ignore_index, backend, rows, want_h, want_w,
+                   want_b):
+    return (torch.empty_like(hidden) if want_h else _empty(hidden),
+            torch.empty_like(weight) if want_w else _empty(weight),
+            torch.empty_like(bias) if want_b and bias is not None else _empty(hidden))
+
+
+_LIB.define(_FWD)
+torch.library.impl("fastloss::linear_cross_entropy", ("cpu", "cuda"), lib=_LIB)(_forward)
+torch.library.register_fake("fastloss::linear_cross_entropy", _forward_fake, lib=_LIB)
+_LIB.define(_BWD)
+torch.library.impl("fastloss::linear_cross_entropy_backward", ("cpu", "cuda"), lib=_LIB)(_backward)
+torch.library.register_fake("fastloss::linear_cross_entropy_backward", _backward_fake, lib=_LIB)
+
+
+class _LinearCE(torch.autograd.Function):
+    @staticmethod
+    def forward(hidden, weight, labels, bias, params, ignore_index, reduction, backend, rows, want):
+        return torch.ops.fastloss.linear_cross_entropy(hidden, weight, labels, bias, params, ignore_index, reduction,
+                                                       backend, rows, *want)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        hidden, weight, labels, bias, params, ignore_index, reduction, backend, rows, want = inputs
+        ctx.cfg = (params, ignore_index, backend, rows)
+        ctx.reduction = reduction
+        ctx.has_bias = bias is not None
+        if reduction == "none":  # recomputed in the backward
+            ctx.save_for_backward(hidden, weight, labels, bias)
+        else:
+            ctx.save_for_backward(*output[1:])
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g, *_):
+        rest = (None,) * 6
+        if g is None:
+            return (None,) * 4 + rest
+        need = ctx.needs_input_grad[:4]
+        if ctx.reduction == "none":
+            hidden, weight, labels, bias = ctx.saved_tensors
+            params, ignore_index, backend, rows = ctx.cfg
+            gh, gw, gb = torch.ops.fastloss.linear_cross_entropy_backward(
+                hidden, weight, labels, bias, g.reshape(-1), params, ignore_index, backend, rows, need[0], need[1],
+                need[3])
+        else:
+            gh, gw, gb = ctx.saved_tensors
+            for grad, needed in zip((gh, gw, gb), (need[0], need[1], need[3])):
+                if needed and grad.numel():
+                    torch.ops.fastloss.scale_(grad, g)  # in place; a no-op for the usual g = 1
+        return (gh if need[0] else None, gw if need[1] else None, None, gb if need[3] else None) + rest
+
+
+def linear_cross_entropy(hidden, weight, labels, bias, opts, backend, chunk_size):
+    """The loss of torch tensors through the custom ops, with autograd."""
+    lead = tuple(hidden.shape[:-1])
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    y = labels.reshape(-1)
+    if not torch.compiler.is_compiling() and y.numel():
+        _adapter.check_label_range(y, weight.shape[0], opts["ignore_index"])
+    free = None if chunk_size is not None or torch.compiler.is_compiling() else _chunks.free_bytes(hidden.device)
+    rows = _chunks.rows_per_chunk(h2.shape[0], weight.shape[0], chunk_size, free)
+    grad_on = torch.is_grad_enabled()
+    want = (bool(grad_on and hidden.requires_grad), bool(grad_on and weight.requires_grad),
+            bool(grad_on and bias is not None and bias.requires_grad))
+    params = [float(opts[k]) for k in _OPTS]
+    ign = _adapter.kernel_ignore_index(opts["ignore_index"])
+    value = _LinearCE.apply(h2, weight, y, bias, params, ign, opts["reduction"], backend, rows, want)[0]
+    return value.reshape(lead) if opts["reduction"] == "none" else value
