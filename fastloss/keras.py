@@ -21,6 +21,7 @@ from __future__ import annotations
 import warnings
 
 import keras
+import numpy as np
 from keras import ops
 # Two helpers stock losses use and Keras does not export; pinned to keras>=3.3,<4 in pyproject.
 from keras.src.backend.common.masking import set_keras_mask
@@ -30,8 +31,8 @@ import fastloss
 
 from ._validation import check_temperature
 
-__all__ = ["BinaryCrossentropy", "CategoricalCrossentropy", "KLDivergence", "LogitsDistillation", "MeanSquaredError",
-           "SparseCategoricalCrossentropy", "binary_crossentropy", "categorical_crossentropy", "kl_divergence",
+__all__ = ["BinaryCrossentropy", "CategoricalCrossentropy", "KLDivergence", "LinearCrossEntropyHead",
+           "LogitsDistillation", "MeanSquaredError", "SparseCategoricalCrossentropy", "binary_crossentropy", "categorical_crossentropy", "kl_divergence",
            "mean_squared_error", "sparse_categorical_crossentropy"]
 
 _WARNED = []
@@ -307,3 +308,98 @@ class LogitsDistillation(keras.distillation.LogitsDistillation):
 
         values = tree.map_structure(apply, self.loss, teacher_outputs, student_outputs)
         return ops.sum(ops.stack([ops.cast(v, "float32") for v in tree.flatten(values)]))
+
+
+# ------------------------------------------------------------------------------ output head
+@keras.saving.register_keras_serializable(package="fastloss")
+class LinearCrossEntropyHead(keras.layers.Layer):
+    """A classifier's or language model's output layer that trains with the fused
+    ``fastloss.linear_cross_entropy``: its (N, units) logits never exist in full during training.
+
+    ``head(hidden)`` returns the logits ``hidden @ kernel + bias``, as ``keras.layers.Dense(units)``
+    does (same weights, same layout: a Dense head's weights load into it). ``head(hidden, labels)``
+    adds the mean sparse cross-entropy of those logits over the rows whose label is not
+    ``ignore_index`` to the model's losses (``add_loss``), computed chunk by chunk with its gradient,
+    and returns that loss (a scalar) instead of the logits. A training model therefore takes the
+    labels as an input and is compiled without a loss; an inference model shares the layers:
+
+        tokens = keras.Input((H,)); labels = keras.Input((), dtype="int32")
+        hidden = body(tokens)
+        head = LinearCrossEntropyHead(num_classes)
+        train = keras.Model({"x": tokens, "labels": labels}, head(hidden, labels))
+        train.compile(optimizer="adam")                       # no loss: the head adds it
+        train.fit({"x": x, "labels": y}, epochs=3)
+        infer = keras.Model(tokens, head(hidden))             # logits, for predict()
+
+    Args:
+        units: number of classes C.
+        use_bias, kernel_initializer, bias_initializer: as ``keras.layers.Dense``.
+        temperature, label_smoothing, z_loss: the options of ``fastloss.sparse_softmax_cross_entropy``.
+        ignore_index: label of rows to leave out of the loss and of its mean (None: none).
+        chunk_size: rows per chunk (None: picked from the shapes).
+
+    On the JAX and torch backends the fused kernels run (inside ``fit``'s compiled step); on any
+    other backend an unfused ``keras.ops`` formula gives the same numbers (with a warning).
+    """
+
+    def __init__(self, units, use_bias=True, kernel_initializer="glorot_uniform", bias_initializer="zeros",
+                 temperature=1.0, label_smoothing=0.0, z_loss=0.0, ignore_index=-100, chunk_size=None, **kwargs):
+        super().__init__(**kwargs)
+        if isinstance(units, bool) or not isinstance(units, int) or units < 1:
+            raise ValueError(f"`units` must be a positive integer; received units={units!r}.")
+        self.units = units
+        self.use_bias = bool(use_bias)
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.bias_initializer = keras.initializers.get(bias_initializer)
+        self.options = dict(temperature=temperature, label_smoothing=label_smoothing, z_loss=z_loss,
+                            ignore_index=ignore_index, chunk_size=chunk_size)
+        # Checked now (a ValueError naming the option at construction, not inside fit).
+        fastloss.losses._validate_linear(np.zeros((1, 1), np.float32), np.zeros((1, 1), np.float32),
+                                         np.zeros(1, np.int64), None, **self.options)
+
+    def build(self, inputs_shape, labels_shape=None):
+        self.kernel = self.add_weight(name="kernel", shape=(inputs_shape[-1], self.units),
+                                      initializer=self.kernel_initializer)
+        self.bias = self.add_weight(name="bias", shape=(self.units,), initializer=self.bias_initializer) \
+            if self.use_bias else None
+
+    def call(self, inputs, labels=None):
+        if labels is None:
+            logits = ops.matmul(inputs, self.kernel)
+            return logits + self.bias if self.bias is not None else logits
+        labels = ops.cast(labels, "int32")
+        if _kernel_backend() is not None:
+            # weight (C, H) as torch.nn.Linear stores it: a transposed view of the (H, C) kernel
+            bias = None if self.bias is None else ops.convert_to_tensor(self.bias)  # the framework's tensor
+            loss = fastloss.linear_cross_entropy(inputs, ops.transpose(self.kernel), labels, bias=bias,
+                                                 **self.options)
+        else:
+            loss = self._unfused_loss(inputs, labels)
+        self.add_loss(loss)
+        return loss
+
+    def _unfused_loss(self, inputs, labels):
+        o = self.options
+        logits = self.call(inputs) / o["temperature"]
+        log_p = ops.log_softmax(ops.cast(logits, "float32"), axis=-1)
+        ignored = labels == o["ignore_index"] if o["ignore_index"] is not None else ops.zeros_like(labels, "bool")
+        safe = ops.where(ignored, 0, labels)
+        nll = -ops.take_along_axis(log_p, ops.expand_dims(safe, -1), axis=-1)[..., 0]
+        eps = o["label_smoothing"]
+        rows = (1 - eps) * nll - eps * ops.mean(log_p, axis=-1)
+        if o["z_loss"]:
+            rows = rows + o["z_loss"] * ops.logsumexp(ops.cast(logits, "float32"), axis=-1) ** 2
+        rows = ops.where(ignored, 0.0, rows)
+        return ops.sum(rows) / ops.maximum(ops.sum(ops.cast(~ignored, "float32")), 1.0)
+
+    def compute_output_spec(self, inputs, labels=None):
+        if labels is None:
+            return keras.KerasTensor(tuple(inputs.shape[:-1]) + (self.units,), dtype=self.compute_dtype)
+        return keras.KerasTensor((), dtype="float32")
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(units=self.units, use_bias=self.use_bias,
+                      kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
+                      bias_initializer=keras.initializers.serialize(self.bias_initializer), **self.options)
+        return config

@@ -1,5 +1,6 @@
-"""Runs tests/keras_cases.py (fastloss.keras against keras.losses) and tests/keras_stock_tests.py
-(Keras' own losses tests against fastloss.keras) under KERAS_BACKEND=jax and KERAS_BACKEND=torch,
+"""Runs tests/keras_cases.py (fastloss.keras against keras.losses), keras_distill_cases.py and
+keras_linear_cases.py (the distillation losses and the fused output head against stock) and
+tests/keras_stock_tests.py (Keras' own losses tests against fastloss.keras) under KERAS_BACKEND=jax and KERAS_BACKEND=torch,
 each backend in its own process (Keras fixes its backend at import)."""
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ def test_keras_wrappers(backend):
         pytest.skip(f"not installed: {missing}")
     env = dict(os.environ, KERAS_BACKEND=backend)
     proc = subprocess.run([sys.executable, "-m", "pytest", os.path.join(HERE, "keras_cases.py"),
-                           os.path.join(HERE, "keras_distill_cases.py"), os.path.join(HERE, "keras_stock_tests.py"), "-q", "-x",
+                           os.path.join(HERE, "keras_distill_cases.py"), os.path.join(HERE, "keras_linear_cases.py"),
+                           os.path.join(HERE, "keras_stock_tests.py"), "-q", "-x",
                            "-p", "no:cacheprovider", "-o", "addopts=", "-W", "ignore::DeprecationWarning"], capture_output=True, text=True, env=env,
                           cwd=os.path.dirname(HERE), timeout=1800)
     tail = proc.stdout[-4000:] + proc.stderr[-2000:]
