@@ -1,7 +1,7 @@
 """The benchmark report: ``python -m bench [--quick] [--out DIR]``.
 
-Runs the pytest-benchmark suites (bench/test_losses.py, bench/test_distillation.py and the training
-steps) in two processes, one per Keras backend
+Runs the pytest-benchmark suites (bench/test_losses.py, bench/test_distillation.py, the training
+steps and, in the full report, bench/test_linear_ce.py) in two processes, one per Keras backend
 (Keras holds one backend per process: keras-stock-torch runs in the second), prints one table and
 writes ``<machine>-<date>.{json,md,png}`` to ``--out`` (default ``bench-results/`` in the current
 directory, ignored by git; the project's reference runs are kept in ``bench/results/``). Every provider's loss is checked against
@@ -33,7 +33,7 @@ def _run_suite(mode, keras_backend, select, json_path):
     env = dict(os.environ, FASTLOSS_BENCH=mode, KERAS_BACKEND=keras_backend, PYTHONUNBUFFERED="1")
     env.setdefault("GLIBC_TUNABLES", HUGEPAGES)
     cmd = [sys.executable, "-m", "pytest", os.path.join(HERE, "test_losses.py"), os.path.join(HERE, "test_distillation.py"),
-           os.path.join(HERE, "test_keras_fit.py"),
+           os.path.join(HERE, "test_keras_fit.py"), os.path.join(HERE, "test_linear_ce.py"),
            os.path.join(HERE, "test_torch_step.py"),
            "--benchmark-only",
            f"--benchmark-json={json_path}", "-p", "no:cacheprovider", "-o", "addopts=", "-q", "-rs",
@@ -63,7 +63,7 @@ def _rows(benchmarks):
     rows = []
     for b in benchmarks:
         info = b["extra_info"]
-        if info.get("kind") in ("keras-fit", "keras-distill", "torch-step"):
+        if info.get("kind") in ("keras-fit", "keras-distill", "torch-step", "linear-ce"):
             continue
         med = b["stats"]["median"]
         floor = info["bytes"] / info["copy_bw"]
@@ -117,6 +117,29 @@ def _fit_lines(benchmarks):
             lines.append(f"Keras train_on_batch, Dense({shape[1]}->{shape[2]}) softmax head, batch {shape[0]}, "
                          f"{backend} backend: stock loss {ts * 1e3:.1f} ms, fastloss.keras {tf * 1e3:.1f} ms "
                          f"({ts / tf:.2f}x)")
+    return lines
+
+
+def _linear_lines(benchmarks):
+    """The fused linear + CE cases: time and peak memory per provider, against the unfused pair of the
+    same framework and stock Keras (compute-bound: no bandwidth floor)."""
+    cases = {}
+    for b in benchmarks:
+        info = b["extra_info"]
+        if info.get("kind") == "linear-ce":
+            cases.setdefault(info["case"], {})[info["provider"]] = (b["stats"]["median"], info)
+    lines = []
+    for case, d in sorted(cases.items()):
+        parts = []
+        for provider, (t, info) in d.items():
+            pair = d.get("unfused-" + provider.split("-")[-1]) if provider.startswith("fastloss") else None
+            keras_t = d.get("keras-stock-jax", (float("nan"),))[0]
+            extra = f", {t / pair[0]:.2f}x the time and {info['peak_extra_mib'] / max(pair[1]['peak_extra_mib'], 1e-9):.2f}x " \
+                    f"the memory of the unfused pair" if pair else ""
+            flag = "" if info["correct"] else " WRONG"
+            parts.append(f"{provider} {t:.2f} s, {info['flop'] / t / 1e9:.0f} GFLOP/s, peak {info['peak_extra_mib']:.0f} MiB"
+                         f" ({keras_t / t:.2f}x stock Keras{extra}){flag}")
+        lines.append(f"Linear + CE loss and gradients ({case}): " + "; ".join(parts))
     return lines
 
 
@@ -178,14 +201,17 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="4 cases, under 3 minutes on a 2-core CPU")
     ap.add_argument("--out", default="bench-results",
                     help="where the JSON/markdown/PNG go (default: bench-results/, git-ignored)")
+    ap.add_argument("--only", default=None,
+                    help="a pytest -k expression selecting benchmarks, e.g. 'linear' (default: all)")
     args = ap.parse_args(argv)
     mode = "quick" if args.quick else "full"
+    only = f" and ({args.only})" if args.only else ""
     with tempfile.TemporaryDirectory() as tmp:
-        raw = _run_suite(mode, "jax", "not keras-stock-torch", os.path.join(tmp, "a.json"))
-        raw += _run_suite(mode, "torch", "keras-stock-torch", os.path.join(tmp, "b.json"))
+        raw = _run_suite(mode, "jax", "not keras-stock-torch" + only, os.path.join(tmp, "a.json"))
+        raw += _run_suite(mode, "torch", "keras-stock-torch" + only, os.path.join(tmp, "b.json"))
     rows = _rows(raw)
-    fit_lines = _fit_lines(raw)
-    if not rows:
+    fit_lines = _fit_lines(raw) + _linear_lines(raw)
+    if not rows and not fit_lines:
         raise SystemExit("no benchmark ran")
     machine = socket.gethostname().split(".")[0] or "machine"
     date = datetime.date.today().isoformat()
@@ -202,7 +228,8 @@ def main(argv=None):
                 f"just before each case's providers (best of 5). JAX providers run `jit(value_and_grad)` with the logits "
                 f"donated (a fresh copy each round, outside the timing), as a training loop's dead intermediate; every "
                 f"provider runs with `GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', HUGEPAGES)}`.\n\n{table}")
-    _chart(rows, stem + ".png", title)
+    if rows:
+        _chart(rows, stem + ".png", title)
     print("\n" + table)
     bad = [r for r in rows if not r["correct"]]
     for r in bad:

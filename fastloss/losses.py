@@ -349,7 +349,7 @@ def linear_cross_entropy(hidden, weight, labels, *, bias=None, temperature=1.0, 
     Per chunk of rows ``h_c`` (``chunk_size`` rows)::
 
         Z = h_c @ W^T + b          G = d loss / d Z   (the fused sparse CE kernel, in place)
-        d h_c = G @ W              d W += G^T @ h_c   d b += Σ_rows G     (fp32 accumulators)
+        d h_c = G @ W              d W += G^T @ h_c   d b += Σ_rows G     (fp32 accumulation)
 
     so the extra memory is O(chunk_size x C + C x H), never O(N x C): at N=8192, C=32000 fp32 the
     unfused pair holds 2 GiB of logits and their gradient. For "mean" and "sum" the gradients are
@@ -406,6 +406,9 @@ def linear_cross_entropy(hidden, weight, labels, *, bias=None, temperature=1.0, 
     if name == "numba":
         from . import _numba
         return _numba.linear_cross_entropy(h, w, y, b, opts, chunk)
+    if name == "jax":  # NumPy input where Numba is missing: the automatic fallback
+        from . import _jax_linear
+        return _jax_linear.linear_cross_entropy(h, w, y, b, opts, "jax", chunk)
     from . import _triton
     _triton.check_device(h, w)  # NumPy input: a TypeError saying what the backend takes
     raise AssertionError("unreachable: check_device raises for non-torch input")
