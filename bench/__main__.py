@@ -120,6 +120,15 @@ def _fit_lines(benchmarks):
     return lines
 
 
+def _linear_rows(benchmarks):
+    """The fused linear + CE measurements, for the JSON report."""
+    return [dict(case=b["extra_info"]["case"], provider=b["extra_info"]["provider"], median_s=b["stats"]["median"],
+                 min_s=b["stats"]["min"], peak_mib=b["extra_info"]["peak_extra_mib"], flop=b["extra_info"]["flop"],
+                 value=b["extra_info"]["value"], reference=b["extra_info"]["reference"],
+                 correct=b["extra_info"]["correct"])
+            for b in benchmarks if b["extra_info"].get("kind") == "linear-ce"]
+
+
 def _linear_lines(benchmarks):
     """The fused linear + CE cases: time and peak memory per provider, against the unfused pair of the
     same framework and stock Keras (compute-bound: no bandwidth floor)."""
@@ -217,17 +226,19 @@ def main(argv=None):
     date = datetime.date.today().isoformat()
     hw = f"{_cpu_name()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     title = f"fastloss vs stock Keras, {mode} suite, {date}: {hw}"
-    table = _table(rows) + "".join(f"\n{line}\n" for line in fit_lines)
+    table = (_table(rows) if rows else "") + "".join(f"\n{line}\n" for line in fit_lines)
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"{machine}-{date}" + ("-quick" if args.quick else ""))
     with open(stem + ".json", "w") as f:
-        json.dump(dict(date=date, hardware=hw, mode=mode, results=rows), f, indent=1)
+        json.dump(dict(date=date, hardware=hw, mode=mode, results=rows, linear_ce=_linear_rows(raw)), f, indent=1)
     with open(stem + ".md", "w") as f:
         f.write(f"# {title}\n\nMedian (and min) of {3 if args.quick else 5} runs of loss + gradient; ratios and floor "
                 f"fractions use the median; floor = bytes moved / `np.copyto` bandwidth measured in the same run, "
                 f"just before each case's providers (best of 5). JAX providers run `jit(value_and_grad)` with the logits "
                 f"donated (a fresh copy each round, outside the timing), as a training loop's dead intermediate; every "
-                f"provider runs with `GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', HUGEPAGES)}`.\n\n{table}")
+                f"provider runs with `GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', HUGEPAGES)}`. Linear + CE "
+                f"cases: median of 3 runs, peak memory from XLA's accounting (JAX) or resident memory "
+                f"(torch).\n\n{table}")
     if rows:
         _chart(rows, stem + ".png", title)
     print("\n" + table)

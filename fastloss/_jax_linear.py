@@ -11,9 +11,10 @@ which gives the rows' losses and ``G = d loss / d logits`` over the chunk's logi
     d b  += Σ_rows G
 
 - "mean"/"sum": the scalar loss's gradient is known in the forward (its cotangent only scales
-  it), so the forward pass of ``grad`` computes loss and all three gradients in one sweep over the
-  chunks and the backward multiplies them by the cotangent: one logits matmul per chunk in all,
-  as in the unfused pair, and O(chunk x C) memory instead of O(N x C).
+  it), so the forward pass of ``grad`` computes the loss and the gradients of the inputs being
+  differentiated (a frozen head gets no weight gradient matmul) in one sweep over the chunks, and
+  the backward multiplies them by the cotangent: one logits matmul per chunk in all, as in the
+  unfused pair, and O(chunk x C) memory instead of O(N x C).
 - "none": per-row cotangents are only known in the backward, which recomputes each chunk's logits
   (one more matmul per chunk) and weights G's rows by them.
 - The primal alone (no differentiation: evaluation) computes the logits and the losses only.
@@ -28,11 +29,13 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
 from fastloss.kernels import jax_xla as K
 
 from . import _chunks
 from . import _jax as J
+from ._jax_ffi import _varying_like
 
 _SPARSE = "sparse_softmax_cross_entropy"
 
@@ -49,65 +52,73 @@ def _logits(h, w, b, acc):
     return z if b is None else z + b.astype(acc)
 
 
-def _chunk(cfg, w, b, params, h, y, row_w, want_grad):
+_NONE = (False, False, False)
+_ALL = (True, True, True)
+
+
+def _chunk(cfg, w, b, params, h, y, row_w, want):
     """One chunk: (rows' losses, d h_c, d W contribution, d b contribution); the gradients are
-    those of ``params[-1] * Σ rows`` (times ``row_w`` per row when given), None without want_grad."""
+    those of ``params[-1] * Σ rows`` (times ``row_w`` per row when given), each None unless
+    ``want`` = (want_h, want_w, want_b) asks for it."""
     acc = params.dtype
     z = _logits(h, w, b, acc)
-    values, g, _ = J._kernel(_ce_spec(cfg), z, y, params, want_grad, False)
-    if not want_grad:
+    values, g, _ = J._kernel(_ce_spec(cfg), z, y, params, any(want), False)
+    if not any(want):
         return values, None, None, None
     g = g.astype(acc)
     if row_w is not None:
         g = g * row_w.astype(acc)[:, None]
     gl = g.astype(h.dtype)  # 16-bit inputs: the matmuls take 16-bit operands, accumulate in fp32
-    gh = jax.lax.dot_general(gl, w, (((1,), (0,)), ((), ())), preferred_element_type=acc).astype(h.dtype)
-    gw = jax.lax.dot_general(gl, h, (((0,), (0,)), ((), ())), preferred_element_type=acc)
-    gb = jnp.sum(g, axis=0) if b is not None else None
+    gh = jax.lax.dot_general(gl, w, (((1,), (0,)), ((), ())), preferred_element_type=acc).astype(h.dtype) \
+        if want[0] else None
+    gw = jax.lax.dot_general(gl, h, (((0,), (0,)), ((), ())), preferred_element_type=acc) if want[1] else None
+    gb = jnp.sum(g, axis=0) if want[2] and b is not None else None
     return values, gh, gw, gb
 
 
-def _sweep(cfg, h, w, b, y, params, row_w, want_grad):
-    """All chunks: (per-row losses (N,), d h, d W (fp32), d b (fp32)). Full chunks go through one
-    ``lax.scan`` (one compiled body); a ragged tail is one more call of the same body."""
+def _sweep(cfg, h, w, b, y, params, row_w, want):
+    """All chunks: (per-row losses (N,), d h, d W (fp32), d b (fp32)), the gradients None unless
+    ``want`` asks for them. Full chunks go through one ``lax.scan`` (one compiled body); a ragged
+    tail is one more call of the same body."""
     n, hdim = h.shape
     rows = cfg[3]
     full, tail = divmod(n, rows)
     acc = params.dtype
-    gw = jnp.zeros(w.shape, acc) if want_grad else None
-    gb = jnp.zeros(w.shape[:1], acc) if want_grad and b is not None else None
+    want_h, want_w, want_b = want[0], want[1], want[2] and b is not None
+    # Inside shard_map the accumulators vary over the mesh axes the chunks vary over (a scan's carry
+    # must keep its type): declared on the zeros they start from.
+    like = tuple(a for a in (h, w, b, y) if a is not None)
+    gw = _varying_like(jnp.zeros(w.shape, acc), like) if want_w else None
+    gb = _varying_like(jnp.zeros(w.shape[:1], acc), like) if want_b else None
     parts_v, parts_h = [], []
+
+    def add(acc_, part):
+        return None if acc_ is None else acc_ + part
+
     if full:
         hs = h[:full * rows].reshape(full, rows, hdim)
         ys = y[:full * rows].reshape(full, rows)
         rs = row_w[:full * rows].reshape(full, rows) if row_w is not None else None
 
         def body(carry, xs):
-            cw, cb = carry
             hc, yc, rc = xs
-            v, gh, dw, db = _chunk(cfg, w, b, params, hc, yc, rc, want_grad)
-            if want_grad:
-                cw = cw + dw
-                cb = cb + db if b is not None else None
-            return (cw, cb), (v, gh)
+            v, gh, dw, db = _chunk(cfg, w, b, params, hc, yc, rc, (want_h, want_w, want_b))
+            return (add(carry[0], dw), add(carry[1], db)), (v, gh)
 
         (gw, gb), (v, gh) = jax.lax.scan(body, (gw, gb), (hs, ys, rs))
         parts_v.append(v.reshape(-1))
-        if want_grad:
+        if want_h:
             parts_h.append(gh.reshape(-1, hdim))
     if tail:
         lo = full * rows
         v, gh, dw, db = _chunk(cfg, w, b, params, h[lo:], y[lo:], row_w[lo:] if row_w is not None else None,
-                               want_grad)
+                               (want_h, want_w, want_b))
         parts_v.append(v)
-        if want_grad:
+        if want_h:
             parts_h.append(gh)
-            gw = gw + dw
-            gb = gb + db if b is not None else None
+        gw, gb = add(gw, dw), add(gb, db)
     values = parts_v[0] if len(parts_v) == 1 else jnp.concatenate(parts_v)
-    if not want_grad:
-        return values, None, None, None
-    gh = parts_h[0] if len(parts_h) == 1 else jnp.concatenate(parts_h)
+    gh = (parts_h[0] if len(parts_h) == 1 else jnp.concatenate(parts_h)) if want_h else None
     return values, gh, gw, gb
 
 
@@ -120,33 +131,51 @@ def _finish(values, params, reduction):
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _linear_ce(cfg, h, w, b, y, params):
-    values, _, _, _ = _sweep(cfg, h, w, b, y, params, None, False)
+    values, _, _, _ = _sweep(cfg, h, w, b, y, params, None, _NONE)
     return _finish(values, params, cfg[1])
 
 
 def _linear_ce_fwd(cfg, h, w, b, y, params):
+    # symbolic_zeros=True: each argument comes with ``perturbed``, whether it is differentiated, so
+    # a frozen head (or frozen hidden states) costs no weight (hidden) gradient matmul.
+    want = (h.perturbed, w.perturbed, b is not None and b.perturbed)
+    h, w, y, params = h.value, w.value, y.value, params.value
+    b = None if b is None else b.value
     if cfg[1] == "none":
-        values, _, _, _ = _sweep(cfg, h, w, b, y, params, None, False)
+        values, _, _, _ = _sweep(cfg, h, w, b, y, params, None, _NONE)
         return values, (h, w, b, y, params)
-    values, gh, gw, gb = _sweep(cfg, h, w, b, y, params, None, True)
+    values, gh, gw, gb = _sweep(cfg, h, w, b, y, params, None, want)
     # The weight and bias gradients stay fp32 until the cotangent has scaled them (one rounding).
-    return _finish(values, params, cfg[1]), (gh, gw, gb)
+    # w[:0], b[:0]: empty slices that carry the inputs' types (their shard_map varying axes) to
+    # the backward, which needs them to sum per-device gradients of a replicated head.
+    return _finish(values, params, cfg[1]), (gh, gw, gb, w[:0], None if b is None else b[:0])
+
+
+def _sum_to_type_of(g, like):
+    """Inside shard_map: the cotangent of an input replicated over mesh axes that ``g`` varies over
+    is the sum of the per-device contributions (the transpose of broadcasting it)."""
+    axes = tuple(sorted(jax.typeof(g).manual_axis_type.varying - jax.typeof(like).manual_axis_type.varying))
+    return jax.lax.psum(g, axes) if axes else g
 
 
 def _linear_ce_bwd(cfg, res, ct):
-    if cfg[1] == "none":
+    if type(ct) is SymbolicZero:
+        return None, None, None, None, None
+    if cfg[1] == "none":  # every gradient: the residuals cannot carry which inputs were perturbed
         h, w, b, y, params = res
-        _, gh, gw, gb = _sweep(cfg, h, w, b, y, params, ct, True)
+        _, gh, gw, gb = _sweep(cfg, h, w, b, y, params, ct, _ALL)
     else:
-        gh, gw, gb = res
-        gh = (gh.astype(ct.dtype) * ct).astype(gh.dtype)
-        gw = gw * ct.astype(gw.dtype)
+        gh, gw, gb, w, b = res
+        gh = (gh.astype(ct.dtype) * ct).astype(gh.dtype) if gh is not None else None
+        gw = gw * ct.astype(gw.dtype) if gw is not None else None
         gb = gb * ct.astype(gb.dtype) if gb is not None else None
     wdt, bdt = cfg[4], cfg[5]
-    return gh, gw.astype(wdt), (gb.astype(bdt) if gb is not None else None), None, None
+    gw = _sum_to_type_of(gw, w).astype(wdt) if gw is not None else None
+    gb = _sum_to_type_of(gb, b).astype(bdt) if gb is not None else None
+    return gh, gw, gb, None, None
 
 
-_linear_ce.defvjp(_linear_ce_fwd, _linear_ce_bwd)
+_linear_ce.defvjp(_linear_ce_fwd, _linear_ce_bwd, symbolic_zeros=True)
 
 
 @partial(jax.jit, static_argnames=("cfg",))
