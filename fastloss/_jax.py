@@ -147,14 +147,17 @@ def _kernel(spec, x, other, params, want_x, want_other):
 
 
 # ------------------------------------------------------------------------------- the loss
-def _finish(values, params, spec):
-    """The loss from the kernel's values: per row for "none", else the accurate total, times the
-    mean's 1/count (``params[-1]``, 1 for "sum")."""
-    reduction = spec[2]
+def reduce_rows(values, params, reduction):
+    """The loss from a kernel's values: per row for "none", else the accurate total, times the
+    mean's 1/count (``params[-1]``, 1 for "sum"). Every loss here (and linear + CE) reduces so."""
     if reduction == "none":
         return values
     total = K.accurate_sum(values)
     return total * params[-1] if reduction == "mean" else total
+
+
+def _finish(values, params, spec):
+    return reduce_rows(values, params, spec[2])
 
 
 def _is_zero(t):
@@ -321,17 +324,10 @@ def _distill_kernel(spec, s, t, labels, params, want_s, want_t):
         default=lambda a, b, c, d: _distill_xla(spec, a, b, c, d, want_s, want_t))
 
 
-def _distill_finish(values, params, reduction):
-    if reduction == "none":
-        return values
-    total = K.accurate_sum(values)
-    return total * params[-1] if reduction == "mean" else total
-
-
 @partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _distill_loss(spec, s, t, labels, params):
     values, _, _ = _distill_kernel(spec, s, t, labels, params, False, False)
-    return _distill_finish(values, params, spec[3])
+    return reduce_rows(values, params, spec[3])
 
 
 @partial(_distill_loss.defjvp, symbolic_zeros=True)
@@ -341,7 +337,7 @@ def _distill_loss_jvp(spec, primals, tangents):
     want_s, want_t = not _is_zero(ds), not _is_zero(dt)
     values, gs, gt = _distill_kernel(spec, s, t, labels, params, want_s, want_t)
     reduction = spec[3]
-    out = _distill_finish(values, params, reduction)
+    out = reduce_rows(values, params, reduction)
     tangent = jnp.zeros_like(out)
     for g, dv in ((gs, ds), (gt, dt)):
         if g is not None:

@@ -122,17 +122,10 @@ def _sweep(cfg, h, w, b, y, params, row_w, want):
     return values, gh, gw, gb
 
 
-def _finish(values, params, reduction):
-    if reduction == "none":
-        return values
-    total = K.accurate_sum(values)
-    return total * params[-1] if reduction == "mean" else total
-
-
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _linear_ce(cfg, h, w, b, y, params):
     values, _, _, _ = _sweep(cfg, h, w, b, y, params, None, _NONE)
-    return _finish(values, params, cfg[1])
+    return J.reduce_rows(values, params, cfg[1])
 
 
 def _linear_ce_fwd(cfg, h, w, b, y, params):
@@ -148,7 +141,7 @@ def _linear_ce_fwd(cfg, h, w, b, y, params):
     # The weight and bias gradients stay fp32 until the cotangent has scaled them (one rounding).
     # w[:0], b[:0]: empty slices that carry the inputs' types (their shard_map varying axes) to
     # the backward, which needs them to sum per-device gradients of a replicated head.
-    return _finish(values, params, cfg[1]), (gh, gw, gb, w[:0], None if b is None else b[:0])
+    return J.reduce_rows(values, params, cfg[1]), (gh, gw, gb, w[:0], None if b is None else b[:0])
 
 
 def _sum_to_type_of(g, like):

@@ -194,3 +194,15 @@ def assert_close(actual, expected, rtol, atol, what):
         i = int(np.argmax(err - bound))
         raise AssertionError(f"{what}: max excess error at flat {i}: got {actual[ok][i]!r}, "
                              f"expected {expected[ok][i]!r} (|err|={err[i]:.3g}, bound={bound[i]:.3g})")
+
+
+def require_backend(name):
+    """Skip (or, with FASTLOSS_REQUIRE_ALL_BACKENDS set, as in CI, fail) unless the backend of a
+    driver name such as "numba-torch" can run here."""
+    import pytest
+    from fastloss import _dispatch
+    reason = _dispatch.unavailable_reason(name.split("-")[0])
+    if reason is not None:
+        if os.environ.get("FASTLOSS_REQUIRE_ALL_BACKENDS"):
+            pytest.fail(f"backend {name} unavailable: {reason}")
+        pytest.skip(reason)

@@ -10,24 +10,15 @@ import pytest
 import fastloss
 
 from . import reference as R
-from .harness import ACC_EPS, GRAD_RTOL, LOSS_RTOL, assert_close, np_dtype, rounded
+from .harness import ACC_EPS, GRAD_RTOL, LOSS_RTOL, assert_close, np_dtype, require_backend, rounded
 
 BACKENDS = ("numba", "numba-torch", "triton", "jax", "numba-jax")
 DIVS = ("forward_kl", "reverse_kl", "jsd")
 
 
-def _available(name):
-    from fastloss import _dispatch
-    reason = _dispatch.unavailable_reason(name.split("-")[0])
-    if reason is not None:
-        if os.environ.get("FASTLOSS_REQUIRE_ALL_BACKENDS"):
-            pytest.fail(f"backend {name} unavailable: {reason}")
-        pytest.skip(reason)
-
-
 def run(backend, s, t, y, dtype, opts, cot=None, want_t=True):
     """(loss, grad_s, grad_t | None) as float64 NumPy, and the dtypes, through the public API."""
-    _available(backend)
+    require_backend(backend)
     red = opts.get("reduction", "mean")
     if backend == "numba":
         sn, tn = s.astype(np_dtype(dtype)), t.astype(np_dtype(dtype))

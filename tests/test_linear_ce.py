@@ -15,19 +15,10 @@ import pytest
 import fastloss
 
 from . import reference as R
-from .harness import np_dtype, rounded
+from .harness import np_dtype, require_backend, rounded
 
 BACKENDS = ("numba", "numba-torch", "triton", "jax", "numba-jax")
 GRAD_BACKENDS = BACKENDS[1:]  # NumPy input gives the loss only
-
-
-def _available(name):
-    from fastloss import _dispatch
-    reason = _dispatch.unavailable_reason(name.split("-")[0])
-    if reason is not None:
-        if os.environ.get("FASTLOSS_REQUIRE_ALL_BACKENDS"):
-            pytest.fail(f"backend {name} unavailable: {reason}")
-        pytest.skip(reason)
 
 
 def _data(n, hdim, n_cls, seed=0, ignored=(), scale=1.0):
@@ -43,7 +34,7 @@ def _data(n, hdim, n_cls, seed=0, ignored=(), scale=1.0):
 def run(backend, h, w, y, b, dtype, opts, cot=None):
     """(loss, d h, d W, d b | None) as float64 NumPy through the public API (gradients None for
     NumPy input)."""
-    _available(backend)
+    require_backend(backend)
     red = opts.get("reduction", "mean")
     if backend == "numba":
         nd = np_dtype(dtype)
@@ -203,7 +194,7 @@ def test_against_torch_linear_cross_entropy():
 
 def test_torch_compile_fullgraph_and_frozen_head():
     torch = pytest.importorskip("torch")
-    _available("numba-torch")
+    require_backend("numba-torch")
     h, w, b, y = _data(21, 8, 30, seed=10)
     ht = torch.tensor(h, dtype=torch.float32, requires_grad=True)
     wt = torch.tensor(w, dtype=torch.float32)  # frozen: no weight gradient is computed or returned
@@ -289,7 +280,7 @@ def test_jax_sharded_batch_on_8_devices():
     # Data parallelism: hidden and labels sharded over 8 simulated CPU devices, the head replicated.
     # Under plain jit XLA gathers the hidden states (the chunk scan runs over the sharded axis);
     # inside shard_map each device runs its own rows.
-    _available("jax")
+    require_backend("jax")
     code = textwrap.dedent("""
         import numpy as np, jax, jax.numpy as jnp, fastloss
         from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
