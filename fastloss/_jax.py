@@ -57,6 +57,15 @@ def _context(x, other):
     return contextlib.nullcontext(), numpy_in
 
 
+def varying_like(out, args):
+    """``out`` declared to vary over every ``shard_map`` mesh axis that one of ``args`` varies over
+    (a no-op outside ``shard_map``): for results the type system cannot derive (an FFI call's
+    outputs, a scan carry that starts from zeros)."""
+    axes = frozenset().union(*(jax.typeof(a).manual_axis_type.varying for a in args))
+    missing = tuple(sorted(axes - jax.typeof(out).manual_axis_type.varying))
+    return jax.lax.pcast(out, missing, to="varying") if missing else out
+
+
 def _out(value, numpy_in):
     if not numpy_in:
         return value

@@ -25,6 +25,7 @@ import numpy as np
 from fastloss.kernels.numba_cpu import BLOCK, plan
 
 from . import _adapter
+from ._jax import varying_like
 
 _LOCK = threading.Lock()
 _HANDLERS = {}  # target name -> cfunc; kept alive for the process: XLA holds raw pointers to them
@@ -141,16 +142,9 @@ def _call(name, outs, args, alias_grad, **attrs):
     aliases = {0: 1} if alias_grad else {}
     res = jax.ffi.ffi_call(name, outs, vmap_method="sequential", input_output_aliases=aliases)(
         *args, **{k: np.int64(v) for k, v in attrs.items()})
-    return [_varying_like(r, args) for r in res]
-
-
-def _varying_like(out, args):
-    """Inside ``shard_map`` the results vary over the mesh axes their inputs vary over. The FFI call
-    does not say so by itself, and a JVP whose tangent varies while its primal does not is
-    rejected: declare it."""
-    axes = frozenset().union(*(jax.typeof(a).manual_axis_type.varying for a in args))
-    missing = tuple(sorted(axes - jax.typeof(out).manual_axis_type.varying))
-    return jax.lax.pcast(out, missing, to="varying") if missing else out
+    # Inside shard_map the results vary over the mesh axes their inputs vary over. The FFI call does
+    # not say so by itself, and a JVP whose tangent varies while its primal does not is rejected.
+    return [varying_like(r, args) for r in res]
 
 
 def sparse_cross_entropy(x, labels, params, ignore_index, *, want_x=True, want_other=False):

@@ -35,7 +35,6 @@ from fastloss.kernels import jax_xla as K
 
 from . import _chunks
 from . import _jax as J
-from ._jax_ffi import _varying_like
 
 _SPARSE = "sparse_softmax_cross_entropy"
 
@@ -88,8 +87,8 @@ def _sweep(cfg, h, w, b, y, params, row_w, want):
     # Inside shard_map the accumulators vary over the mesh axes the chunks vary over (a scan's carry
     # must keep its type): declared on the zeros they start from.
     like = tuple(a for a in (h, w, b, y) if a is not None)
-    gw = _varying_like(jnp.zeros(w.shape, acc), like) if want_w else None
-    gb = _varying_like(jnp.zeros(w.shape[:1], acc), like) if want_b else None
+    gw = J.varying_like(jnp.zeros(w.shape, acc), like) if want_w else None
+    gb = J.varying_like(jnp.zeros(w.shape[:1], acc), like) if want_b else None
     parts_v, parts_h = [], []
 
     def add(acc_, part):

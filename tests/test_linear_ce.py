@@ -347,3 +347,12 @@ def test_chunk_planner():
     assert _chunks.rows_per_chunk(8192, 32000, chunk_size=100) == 100
     assert _chunks.rows_per_chunk(8192, 32000, free=64 << 20) == 64  # short on memory: smaller chunks
     assert _chunks.rows_per_chunk(8192, 10 ** 7) == 16  # never fewer than 16 rows
+
+
+def test_jax_backend_needs_no_numba():
+    # The XLA path must run where only jax is installed: it imports neither numba nor the FFI module.
+    code = ("import sys, jax.numpy as jnp, fastloss\n"
+            "fastloss.linear_cross_entropy(jnp.ones((4, 3)), jnp.ones((5, 3)), jnp.zeros(4, jnp.int32), backend='jax')\n"
+            "assert 'numba' not in sys.modules and 'fastloss._jax_ffi' not in sys.modules\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
