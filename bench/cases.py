@@ -16,7 +16,11 @@ SPARSE = "sparse_softmax_cross_entropy"
 DENSE = "softmax_cross_entropy"
 SIGMOID = "sigmoid_cross_entropy"
 MSE = "mean_squared_error"
-SHORT = {SPARSE: "sparse-ce", DENSE: "dense-ce", SIGMOID: "sigmoid-ce", MSE: "mse",
+HUBER = "huber"
+FOCAL = "sigmoid_focal_loss"
+ELEMENTWISE = (SIGMOID, MSE, HUBER, FOCAL)
+SHORT = {SPARSE: "sparse-ce", DENSE: "dense-ce", SIGMOID: "sigmoid-ce", MSE: "mse", HUBER: "huber",
+         FOCAL: "sigmoid-focal",
          "distillation_loss": "distill"}  # the last: bench/test_distillation.py
 
 
@@ -52,14 +56,17 @@ CPU_CASES = [
     Case(SPARSE, (4096, 32000), "bfloat16"),
     Case(DENSE, (65536, 1000)),
     Case(MSE, (N24,)),
+    Case(HUBER, (N24,)),
     Case(SIGMOID, (N24,)),
+    Case(FOCAL, (N24,)),
 ]
 GPU_CASES = [
     Case(SPARSE, (16384, 131072), gpu_only=True),
     Case(SPARSE, (8192, 128256), "bfloat16", gpu_only=True),
     Case(SPARSE, (4096, 32000), gpu_only=True),
 ]
-QUICK_CASES = [Case(SPARSE, (4096, 32000)), Case(SPARSE, (65536, 1000)), Case(MSE, (N24,)), Case(SIGMOID, (N24,))]
+QUICK_CASES = [Case(SPARSE, (4096, 32000)), Case(SPARSE, (65536, 1000)), Case(MSE, (N24,)), Case(HUBER, (N24,)),
+               Case(SIGMOID, (N24,)), Case(FOCAL, (N24,))]
 TINY_CASES = [Case(SPARSE, (8, 1000)), Case(MSE, (4096,))]  # harness smoke runs (interpreter, CI)
 
 

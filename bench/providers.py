@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from .cases import DENSE, MSE, SIGMOID, SPARSE, data
+from .cases import DENSE, ELEMENTWISE, FOCAL, HUBER, MSE, SIGMOID, SPARSE, data
 
 PROVIDERS = ("fastloss-numba", "fastloss-jax", "fastloss-triton", "keras-stock-jax", "keras-stock-torch",
              "jax-autodiff", "optax", "torch", "torch-compile", "liger")
@@ -80,7 +80,17 @@ def _jax_autodiff(case):
     def mse(a, b):
         return jnp.mean(jnp.square(a.astype(jnp.float32) - b))
 
-    fn = {SPARSE: sparse, DENSE: dense, SIGMOID: sigmoid, MSE: mse}[case.loss]
+    def huber(a, b):
+        e = jnp.abs(a.astype(jnp.float32) - b)
+        return jnp.mean(jnp.where(e <= 1.0, 0.5 * e * e, e - 0.5))
+
+    def focal(a, b):  # Keras' formula from logits (gamma 2), autodiffed
+        z = a.astype(jnp.float32)
+        p = jax.nn.sigmoid(z)
+        bce = jnp.maximum(z, 0) - z * b + jnp.log1p(jnp.exp(-jnp.abs(z)))
+        return jnp.mean((1 - (b * p + (1 - b) * (1 - p))) ** 2 * bce)
+
+    fn = {SPARSE: sparse, DENSE: dense, SIGMOID: sigmoid, MSE: mse, HUBER: huber, FOCAL: focal}[case.loss]
     return _jax_step(fn, *_jax_inputs(case))
 
 
@@ -92,6 +102,8 @@ def _optax(case):
         DENSE: lambda a, b: jnp.mean(optax.softmax_cross_entropy(a.astype(jnp.float32), b)),
         SIGMOID: lambda a, b: jnp.mean(optax.sigmoid_binary_cross_entropy(a.astype(jnp.float32), b)),
         MSE: lambda a, b: 2 * jnp.mean(optax.l2_loss(a.astype(jnp.float32), b)),  # l2_loss is half the square
+        HUBER: lambda a, b: jnp.mean(optax.huber_loss(a.astype(jnp.float32), b)),
+        FOCAL: lambda a, b: jnp.mean(optax.sigmoid_focal_loss(a.astype(jnp.float32), b)),
     }
     return _jax_step(fns[case.loss], *_jax_inputs(case))
 
@@ -103,6 +115,8 @@ def _keras_fn(case):
         DENSE: keras.losses.CategoricalCrossentropy(from_logits=True),
         SIGMOID: keras.losses.BinaryCrossentropy(from_logits=True),
         MSE: keras.losses.MeanSquaredError(),
+        HUBER: keras.losses.Huber(),
+        FOCAL: keras.losses.BinaryFocalCrossentropy(from_logits=True),
     }[case.loss]
 
 
@@ -110,7 +124,7 @@ def _keras_stock_jax(case):
     _need_keras("jax")
     loss = _keras_fn(case)
     xj, oj = _jax_inputs(case)
-    if case.loss in (SIGMOID, MSE):  # keras reduces over the last axis first: give it rows
+    if case.loss in ELEMENTWISE:  # keras reduces over the last axis first: give it rows
         xj, oj = xj.reshape(-1, 1024), oj.reshape(-1, 1024)
     return _jax_step(lambda a, b: loss(b, a), xj, oj)
 
@@ -149,8 +163,20 @@ def _torch(case):
         DENSE: lambda a, b: F.cross_entropy(a.flatten(0, -2), b.flatten(0, -2)),
         SIGMOID: F.binary_cross_entropy_with_logits,
         MSE: F.mse_loss,
+        HUBER: F.huber_loss,
+        FOCAL: _torch_focal,
     }
     return _torch_step(fns[case.loss], *_torch_inputs(case, _device()))
+
+
+def _torch_focal(a, b):
+    """torchvision.ops.sigmoid_focal_loss's formula (gamma 2, no alpha), inlined: torchvision's wheel
+    does not load beside this torch build (docs/performance.md)."""
+    import torch
+    import torch.nn.functional as F
+    p = torch.sigmoid(a)
+    ce = F.binary_cross_entropy_with_logits(a, b, reduction="none")
+    return (ce * (1 - (p * b + (1 - p) * (1 - b))) ** 2).mean()
 
 
 def _torch_compile(case):
@@ -177,7 +203,7 @@ def _keras_stock_torch(case):
     _need_keras("torch")
     loss = _keras_fn(case)
     xt, ot = _torch_inputs(case, _device())
-    if case.loss in (SIGMOID, MSE):
+    if case.loss in ELEMENTWISE:
         return _torch_step(lambda a, b: loss(b.reshape(-1, 1024), a.reshape(-1, 1024)), xt, ot)
     return _torch_step(lambda a, b: loss(b, a), xt, ot)
 

@@ -7,9 +7,11 @@ from ._buffers import empty_cache
 from ._dispatch import available_backends
 from .losses import (
     distillation_loss,
+    huber,
     linear_cross_entropy,
     mean_squared_error,
     sigmoid_cross_entropy,
+    sigmoid_focal_loss,
     softmax_cross_entropy,
     sparse_softmax_cross_entropy,
     sparse_softmax_cross_entropy_,
@@ -21,9 +23,11 @@ __all__ = [
     "available_backends",
     "distillation_loss",
     "empty_cache",
+    "huber",
     "linear_cross_entropy",
     "mean_squared_error",
     "sigmoid_cross_entropy",
+    "sigmoid_focal_loss",
     "softmax_cross_entropy",
     "sparse_softmax_cross_entropy",
     "sparse_softmax_cross_entropy_",

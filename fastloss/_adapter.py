@@ -16,6 +16,8 @@ ROW_NDIM = {
     "softmax_cross_entropy": 1,
     "sigmoid_cross_entropy": 0,
     "mean_squared_error": 0,
+    "huber": 0,
+    "sigmoid_focal_loss": 0,
 }
 LOSS_NAMES = tuple(ROW_NDIM)
 

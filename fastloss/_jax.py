@@ -79,15 +79,20 @@ _OPTIONS = {
     "softmax_cross_entropy": ("temperature", "label_smoothing"),
     "sigmoid_cross_entropy": ("label_smoothing",),
     "mean_squared_error": (),
+    "huber": ("delta",),
+    "sigmoid_focal_loss": ("gamma", "alpha", "apply_class_balancing", "label_smoothing"),
 }
 _XLA = {
     "sparse_softmax_cross_entropy": (K.sparse_cross_entropy, K.sparse_option_grads),
     "softmax_cross_entropy": (K.softmax_cross_entropy, K.softmax_option_grads),
     "sigmoid_cross_entropy": (K.sigmoid_cross_entropy, K.sigmoid_option_grads),
     "mean_squared_error": (K.squared_error, None),
+    "huber": (K.huber, K.huber_option_grads),
+    "sigmoid_focal_loss": (K.sigmoid_focal, K.sigmoid_focal_option_grads),
 }
 _FFI = {"sparse_softmax_cross_entropy": "sparse_cross_entropy", "softmax_cross_entropy": "softmax_cross_entropy",
-        "sigmoid_cross_entropy": "sigmoid_cross_entropy", "mean_squared_error": "squared_error"}
+        "sigmoid_cross_entropy": "sigmoid_cross_entropy", "mean_squared_error": "squared_error",
+        "huber": "huber", "sigmoid_focal_loss": "sigmoid_focal"}
 
 
 def _elementwise(name):
@@ -182,6 +187,18 @@ def _contract(g, dv, spec):
     return prod if _elementwise(spec[0]) else jnp.sum(prod, axis=-1)
 
 
+def _wide_for_none(spec, x, other):
+    """16-bit inputs widened to fp32 for reduction="none": the kernel's gradient is that of a
+    cotangent of 1 and is scaled by the actual per-element cotangent afterwards, so stored in the
+    input's dtype it could overflow float16 where the scaled one does not (a focal loss's target
+    gradient reaches 3|x|: 9e4 at x = -3e4), and it would be rounded twice. The kernels widen every
+    load to fp32 anyway, so the values are the same; torch keeps such gradients in fp32 likewise."""
+    if spec[2] != "none" or x.dtype not in (jnp.bfloat16, jnp.float16):
+        return x, other
+    wide = other.astype(jnp.float32) if jnp.issubdtype(other.dtype, jnp.floating) else other
+    return x.astype(jnp.float32), wide
+
+
 @partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _loss(spec, x, other, params):
     values, _, _ = _kernel(spec, x, other, params, False, False)
@@ -195,7 +212,7 @@ def _loss_jvp(spec, primals, tangents):
     name = spec[0]
     want_x = not _is_zero(dx)
     want_other = not _is_zero(d_other) and name != "sparse_softmax_cross_entropy"
-    values, gx, go = _kernel(spec, x, other, params, want_x, want_other)
+    values, gx, go = _kernel(spec, *_wide_for_none(spec, x, other), params, want_x, want_other)
     out = _finish(values, params, spec)
     tangent = jnp.zeros_like(out)
     if want_x:
@@ -219,7 +236,11 @@ def _option(value, name, acc):
     v = jnp.asarray(value, dtype=acc)
     ok = {"temperature": (v > 0) & jnp.isfinite(v),
           "label_smoothing": (v >= 0) & (v <= 1),
-          "z_loss": (v >= 0) & jnp.isfinite(v)}[name]
+          "z_loss": (v >= 0) & jnp.isfinite(v),
+          "delta": (v > 0) & jnp.isfinite(v),
+          "gamma": (v >= 0) & jnp.isfinite(v),
+          "alpha": (v >= 0) & (v <= 1),
+          "apply_class_balancing": (v == 0) | (v == 1)}[name]
     return jnp.where(ok, v, jnp.nan)
 
 
@@ -265,7 +286,7 @@ def _provider(backend):
 
 
 def _run(name, x, other, opts, with_grad, backend=None):
-    _check_not_torch(x, "logits" if name != "mean_squared_error" else "predictions")
+    _check_not_torch(x, "predictions" if name in ("mean_squared_error", "huber") else "logits")
     _check_not_torch(other, "labels/targets")
     if name == "sparse_softmax_cross_entropy":
         _check_labels_eagerly(other, x.shape[-1], opts["ignore_index"])

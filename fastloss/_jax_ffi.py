@@ -196,13 +196,15 @@ def _elementwise(loss):
                            lambda xs, ts, acc: xla_ffi.elementwise_handler(loss, xs, ts, acc, want_values, want_x,
                                                                           want_other),
                            x, targets, params, want_x, want_other, first,
-                           loss == "squared_error" or not want_other)
+                           loss in ("squared_error", "huber") or not want_other)
     run.__name__ = loss
     return run
 
 
 sigmoid_cross_entropy = _elementwise("sigmoid_cross_entropy")
 squared_error = _elementwise("squared_error")
+huber = _elementwise("huber")
+sigmoid_focal = _elementwise("sigmoid_focal")
 
 
 def distillation(s, t, labels, params, divergence, ignore_index, has_labels, *, want_s=True, want_t=False):

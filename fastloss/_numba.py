@@ -260,6 +260,10 @@ _RUNNERS = {
     "sigmoid_cross_entropy": _elementwise(K.sigmoid_cross_entropy,
                                           lambda o, acc: (acc(o["label_smoothing"]), K.SIGMOID_COEF)),
     "mean_squared_error": _elementwise(K.squared_error, lambda o, acc: ()),
+    "huber": _elementwise(K.huber, lambda o, acc: (acc(o["delta"]),)),
+    "sigmoid_focal_loss": _elementwise(K.sigmoid_focal, lambda o, acc: (
+        acc(o["gamma"]), acc(o["alpha"]), acc(o["apply_class_balancing"]), acc(o["label_smoothing"]),
+        K.SIGMOID_COEF)),
 }
 
 

@@ -23,6 +23,7 @@ One op per loss, with the schema
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from . import _adapter
 
@@ -37,6 +38,8 @@ PARAMS = {
     "softmax_cross_entropy": ("temperature", "label_smoothing"),
     "sigmoid_cross_entropy": ("label_smoothing",),
     "mean_squared_error": (),
+    "huber": ("delta",),
+    "sigmoid_focal_loss": ("gamma", "alpha", "apply_class_balancing", "label_smoothing"),
 }
 
 
@@ -149,8 +152,42 @@ def _unfused_grads(name, x, other, opts, w):
         eps = opts["label_smoothing"]
         tt = other.to(acc) * (1 - eps) + eps / 2
         return (torch.sigmoid(xf) - tt) * w, -(1 - eps) * xf * w
+    if name == "sigmoid_focal_loss":
+        return _focal_grads(xf, other.to(acc), opts, w)
     d = xf - other.to(acc)
+    if name == "huber":
+        c = torch.clamp(d, -opts["delta"], opts["delta"])
+        return c * w, -c * w
     return 2 * d * w, -2 * d * w
+
+
+def _focal_grads(x, t, opts, w):
+    """The focal loss's gradients as torch expressions, in the log-space form of
+    kernels.jax_xla._focal_parts (whose derivatives stay finite at extreme logits)."""
+    gamma, alpha, eps = opts["gamma"], opts["alpha"], opts["label_smoothing"]
+    balance = float(opts["apply_class_balancing"])
+    ts = t * (1 - eps) + eps / 2
+    log_p, log_q = F.logsigmoid(x), F.logsigmoid(-x)
+    p, q = log_p.exp(), log_q.exp()
+    bce = torch.clamp(x, min=0) - x * ts + torch.log1p(torch.exp(-x.abs()))
+    ninf = torch.full_like(ts, -float("inf"))
+    log_t1 = torch.where(ts > 0, torch.log(torch.where(ts > 0, ts, torch.ones_like(ts))), ninf)
+    log_t0 = torch.where(ts < 1, torch.log1p(-torch.where(ts < 1, ts, torch.zeros_like(ts))), ninf)
+    log_u = torch.logaddexp(log_t1 + log_q, log_t0 + log_p)
+    zero_u = log_u == -float("inf")  # u = 0: f = 0^γ (1 for γ = 0, not exp(0 * -inf) = NaN)
+    f = torch.where(zero_u, torch.full_like(log_u, 1.0 if gamma == 0 else 0.0),
+                    torch.exp(gamma * torch.where(zero_u, torch.zeros_like(log_u), log_u)))
+    wt = 1 + balance * (ts * alpha + (1 - ts) * (1 - alpha) - 1)
+    finite = log_u != -float("inf")  # u = 0 at x = ±inf with a hard target: r = 0, its limit
+    r = torch.where(finite, torch.exp(log_p + log_q - torch.where(finite, log_u, torch.zeros_like(log_u))),
+                    torch.zeros_like(log_u))
+    gx = wt * f * ((p - ts) + gamma * (1 - 2 * ts) * torch.where(r == 0, torch.zeros_like(r), r * bce))
+    none = bce == 0  # (a NaN bce stays NaN)
+    sb = torch.where(none, torch.zeros_like(bce),
+                     torch.exp(torch.log(torch.where(none, torch.ones_like(bce), bce)) - log_u))
+    focal = wt * gamma * f * sb * (q - p) if gamma else 0.0  # γ = 0: no term (not 0 * inf)
+    dt = (balance * (2 * alpha - 1) * f * bce if balance else 0.0) + focal - wt * f * x
+    return gx * w, (1 - eps) * dt * w
 
 
 class _Fused(torch.autograd.Function):

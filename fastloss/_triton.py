@@ -189,6 +189,9 @@ if _IMPORT_ERROR is None:
         "softmax_cross_entropy": _dense,
         "sigmoid_cross_entropy": _elementwise(K.sigmoid_ce_kernel, lambda o: (o["label_smoothing"],)),
         "mean_squared_error": _elementwise(K.squared_error_kernel, lambda o: ()),
+        "huber": _elementwise(K.huber_kernel, lambda o: (o["delta"],)),
+        "sigmoid_focal_loss": _elementwise(K.sigmoid_focal_kernel, lambda o: (
+            o["gamma"], o["alpha"], float(o["apply_class_balancing"]), o["label_smoothing"])),
     }
 
 

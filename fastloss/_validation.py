@@ -130,6 +130,28 @@ def check_label_smoothing(value):
     return e
 
 
+def check_positive(value, arg: str):
+    """A finite number > 0 (Huber's ``delta``); tracers pass through."""
+    v = _finite_float(value, arg)
+    if not _is_tracer(v) and v <= 0.0:
+        raise ValueError(f"`{arg}` must be a finite number > 0; received {value!r}.")
+    return v
+
+
+def check_non_negative(value, arg: str):
+    """A finite number >= 0 (the focal loss's ``gamma``); tracers pass through."""
+    v = _finite_float(value, arg)
+    if not _is_tracer(v) and v < 0.0:
+        raise ValueError(f"`{arg}` must be a finite number >= 0; received {value!r}.")
+    return v
+
+
+def check_bool(value, arg: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"`{arg}` must be True or False; received {value!r}.")
+    return bool(value)
+
+
 def check_unit_interval(value, arg: str):
     """A weight in [0, 1] (``alpha``, ``beta`` of distillation_loss); tracers pass through."""
     e = _finite_float(value, arg)

@@ -29,11 +29,12 @@ from keras.src.losses.loss import squeeze_or_expand_to_same_rank
 
 import fastloss
 
-from ._validation import check_temperature
+from ._validation import check_positive, check_temperature
 
-__all__ = ["BinaryCrossentropy", "CategoricalCrossentropy", "KLDivergence", "LinearCrossEntropyHead",
-           "LogitsDistillation", "MeanSquaredError", "SparseCategoricalCrossentropy", "binary_crossentropy", "categorical_crossentropy", "kl_divergence",
-           "mean_squared_error", "sparse_categorical_crossentropy"]
+__all__ = ["BinaryCrossentropy", "BinaryFocalCrossentropy", "CategoricalCrossentropy", "Huber", "KLDivergence", "LinearCrossEntropyHead",
+           "LogitsDistillation", "MeanSquaredError", "SparseCategoricalCrossentropy", "binary_crossentropy",
+           "binary_focal_crossentropy", "categorical_crossentropy", "huber", "kl_divergence", "mean_squared_error",
+           "sparse_categorical_crossentropy"]
 
 _WARNED = []
 
@@ -146,18 +147,62 @@ def binary_crossentropy(y_true, y_pred, from_logits=False, label_smoothing=0.0, 
     _check_axis(axis)
     y_pred = ops.convert_to_tensor(y_pred)
     y_true = ops.cast(y_true, y_pred.dtype)
-    if from_logits:
-        logits = y_pred
-    else:
-        eps = keras.backend.epsilon()
-        p = ops.clip(y_pred, eps, 1.0 - eps)
-        logits = ops.log(p) - ops.log(1.0 - p)
+    logits = _logits_of(y_pred, from_logits)
     if _kernel_backend() is None:
-        t = y_true * (1.0 - label_smoothing) + 0.5 * label_smoothing
-        per = ops.relu(logits) - logits * t + ops.log1p(ops.exp(-ops.abs(logits)))
+        per = _unfused_bce(logits, y_true, label_smoothing)[1]
     else:
         per = fastloss.sigmoid_cross_entropy(logits, y_true, label_smoothing=float(label_smoothing), reduction="none")
     return ops.mean(per, axis=axis)
+
+
+def _unfused_bce(logits, y_true, label_smoothing):
+    """(t', per-element BCE from logits) in keras.ops: the fallback formula for backends without a kernel."""
+    t = y_true * (1.0 - label_smoothing) + 0.5 * label_smoothing
+    return t, ops.relu(logits) - logits * t + ops.log1p(ops.exp(-ops.abs(logits)))
+
+
+def _logits_of(y_pred, from_logits):
+    """Logits as they are, or probabilities clipped as stock (to [ε, 1 - ε], ε = 1e-7) and turned into
+    log(p) - log(1 - p), so that sigmoid of the result is exactly the clipped probability."""
+    if from_logits:
+        return y_pred
+    eps = keras.backend.epsilon()
+    p = ops.clip(y_pred, eps, 1.0 - eps)
+    return ops.log(p) - ops.log(1.0 - p)
+
+
+@keras.saving.register_keras_serializable(package="fastloss")
+def binary_focal_crossentropy(y_true, y_pred, apply_class_balancing=False, alpha=0.25, gamma=2.0, from_logits=False,
+                              label_smoothing=0.0, axis=-1):
+    """``keras.losses.binary_focal_crossentropy`` on the fused sigmoid focal kernel
+    (``fastloss.sigmoid_focal_loss``): the mean over ``axis`` of w (1 - p_t)^γ bce. Probabilities are
+    clipped as stock's cross-entropy clips them and turned into logits; stock's focal factor uses the
+    unclipped probability, so the two differ where p < 1e-7 or p > 1 - 1e-7 (by at most that much)."""
+    _check_axis(axis)
+    y_pred = ops.convert_to_tensor(y_pred)
+    y_true = ops.cast(y_true, y_pred.dtype)
+    logits = _logits_of(y_pred, from_logits)
+    if _kernel_backend() is None:
+        t, bce = _unfused_bce(logits, y_true, label_smoothing)
+        p, q = ops.sigmoid(logits), ops.sigmoid(-logits)
+        per = ops.power(t * q + (1.0 - t) * p, gamma) * bce
+        if apply_class_balancing:
+            per = per * (t * alpha + (1.0 - t) * (1.0 - alpha))
+    else:
+        per = fastloss.sigmoid_focal_loss(logits, y_true, gamma=gamma, alpha=alpha,
+                                          apply_class_balancing=bool(apply_class_balancing),
+                                          label_smoothing=float(label_smoothing), reduction="none")
+    return ops.mean(per, axis=axis)
+
+
+def _regression_pair(y_true, y_pred):
+    """Stock's regression-loss preamble: float predictions (integers in floatx), targets in their dtype,
+    ranks matched by squeezing or expanding a trailing axis of size 1."""
+    y_pred = ops.convert_to_tensor(y_pred)
+    if not keras.backend.is_float_dtype(y_pred.dtype):
+        y_pred = ops.cast(y_pred, keras.backend.floatx())
+    y_true = ops.convert_to_tensor(y_true, dtype=y_pred.dtype)
+    return squeeze_or_expand_to_same_rank(y_true, y_pred)
 
 
 @keras.saving.register_keras_serializable(package="fastloss")
@@ -165,15 +210,25 @@ def mean_squared_error(y_true, y_pred):
     """``keras.losses.mean_squared_error`` on the fused MSE kernel: mean over the last axis.
     Integer inputs are computed in ``keras.backend.floatx()`` (the kernels take floats; stock squares
     the integers, with the same values)."""
-    y_pred = ops.convert_to_tensor(y_pred)
-    if not keras.backend.is_float_dtype(y_pred.dtype):
-        y_pred = ops.cast(y_pred, keras.backend.floatx())
-    y_true = ops.convert_to_tensor(y_true, dtype=y_pred.dtype)
-    y_true, y_pred = squeeze_or_expand_to_same_rank(y_true, y_pred)
+    y_true, y_pred = _regression_pair(y_true, y_pred)
     if _kernel_backend() is None:
         per = ops.square(y_pred - y_true)
     else:
         per = fastloss.mean_squared_error(y_pred, y_true, reduction="none")
+    return ops.mean(per, axis=-1)
+
+
+@keras.saving.register_keras_serializable(package="fastloss")
+def huber(y_true, y_pred, delta=1.0):
+    """``keras.losses.huber`` on the fused Huber kernel: per element 0.5 e² for |e| <= delta, else
+    delta (|e| - 0.5 delta), e = y_pred - y_true; the mean over the last axis."""
+    delta = check_positive(delta, "delta")
+    y_true, y_pred = _regression_pair(y_true, y_pred)
+    if _kernel_backend() is None:
+        c = ops.clip(y_pred - y_true, -delta, delta)
+        per = c * (y_pred - y_true - 0.5 * c)
+    else:
+        per = fastloss.huber(y_pred, y_true, delta=delta, reduction="none")
     return ops.mean(per, axis=-1)
 
 
@@ -223,12 +278,38 @@ class BinaryCrossentropy(keras.losses.BinaryCrossentropy):
 
 
 @keras.saving.register_keras_serializable(package="fastloss")
+class BinaryFocalCrossentropy(keras.losses.BinaryFocalCrossentropy):
+    """``keras.losses.BinaryFocalCrossentropy`` on the fused sigmoid focal kernel (see
+    ``binary_focal_crossentropy``)."""
+
+    def __init__(self, apply_class_balancing=False, alpha=0.25, gamma=2.0, from_logits=False, label_smoothing=0.0,
+                 axis=-1, reduction="sum_over_batch_size", name="binary_focal_crossentropy", dtype=None):
+        super().__init__(apply_class_balancing=apply_class_balancing, alpha=alpha, gamma=gamma, from_logits=from_logits,
+                         label_smoothing=label_smoothing, axis=axis, reduction=reduction, name=name, dtype=dtype)
+        self.fn = binary_focal_crossentropy
+
+
+@keras.saving.register_keras_serializable(package="fastloss")
 class MeanSquaredError(keras.losses.MeanSquaredError):
     """``keras.losses.MeanSquaredError`` on the fused MSE kernel."""
 
     def __init__(self, reduction="sum_over_batch_size", name="mean_squared_error", dtype=None):
         super().__init__(reduction=reduction, name=name, dtype=dtype)
         self.fn = mean_squared_error
+
+
+@keras.saving.register_keras_serializable(package="fastloss")
+class Huber(keras.losses.Huber):
+    """``keras.losses.Huber`` on the fused Huber kernel. One difference: ``get_config`` keeps ``delta``
+    (stock's drops it, so a stock ``Huber(delta=0.8)`` reloads as ``delta=1.0``)."""
+
+    def __init__(self, delta=1.0, reduction="sum_over_batch_size", name="huber_loss", dtype=None):
+        super().__init__(delta=check_positive(delta, "delta"), reduction=reduction, name=name, dtype=dtype)
+        self.delta = self._fn_kwargs["delta"]
+        self.fn = huber
+
+    def get_config(self):
+        return {**super().get_config(), "delta": self.delta}
 
 
 # ----------------------------------------------------------------------------- distillation

@@ -79,21 +79,38 @@ def _validate_dense(logits, targets, *, temperature=1.0, label_smoothing=0.0, re
                                  reduction=V.check_reduction(reduction))
 
 
+def _float_pair(x, other, x_arg, other_arg):
+    """The two same-shape float inputs of an elementwise loss, checked."""
+    x, other = _pair(x, other, x_arg, other_arg)
+    V.check_float_input(x, x_arg)
+    V.check_float_input(other, other_arg)
+    V.check_same_shape(x, other, x_arg, other_arg)
+    return x, other
+
+
 def _validate_sigmoid(logits, targets, *, label_smoothing=0.0, reduction="mean"):
-    logits, targets = _pair(logits, targets, "logits", "targets")
-    V.check_float_input(logits, "logits")
-    V.check_float_input(targets, "targets")
-    V.check_same_shape(logits, targets, "logits", "targets")
+    logits, targets = _float_pair(logits, targets, "logits", "targets")
     return logits, targets, dict(label_smoothing=V.check_label_smoothing(label_smoothing),
                                  reduction=V.check_reduction(reduction))
 
 
 def _validate_mse(predictions, targets, *, reduction="mean"):
-    predictions, targets = _pair(predictions, targets, "predictions", "targets")
-    V.check_float_input(predictions, "predictions")
-    V.check_float_input(targets, "targets")
-    V.check_same_shape(predictions, targets, "predictions", "targets")
+    predictions, targets = _float_pair(predictions, targets, "predictions", "targets")
     return predictions, targets, dict(reduction=V.check_reduction(reduction))
+
+
+def _validate_huber(predictions, targets, *, delta=1.0, reduction="mean"):
+    predictions, targets = _float_pair(predictions, targets, "predictions", "targets")
+    return predictions, targets, dict(delta=V.check_positive(delta, "delta"), reduction=V.check_reduction(reduction))
+
+
+def _validate_sigmoid_focal(logits, targets, *, gamma=2.0, alpha=0.25, apply_class_balancing=False,
+                            label_smoothing=0.0, reduction="mean"):
+    logits, targets = _float_pair(logits, targets, "logits", "targets")
+    return logits, targets, dict(gamma=V.check_non_negative(gamma, "gamma"), alpha=V.check_unit_interval(alpha, "alpha"),
+                                 apply_class_balancing=V.check_bool(apply_class_balancing, "apply_class_balancing"),
+                                 label_smoothing=V.check_label_smoothing(label_smoothing),
+                                 reduction=V.check_reduction(reduction))
 
 
 _VALIDATORS = {
@@ -101,6 +118,8 @@ _VALIDATORS = {
     "softmax_cross_entropy": _validate_dense,
     "sigmoid_cross_entropy": _validate_sigmoid,
     "mean_squared_error": _validate_mse,
+    "huber": _validate_huber,
+    "sigmoid_focal_loss": _validate_sigmoid_focal,
 }
 
 
@@ -215,6 +234,77 @@ def mean_squared_error(predictions, targets, *, reduction="mean", backend=None):
     """
     x, other, opts = _validate_mse(predictions, targets, reduction=reduction)
     return _call("mean_squared_error", x, other, backend, opts)
+
+
+def huber(predictions, targets, *, delta=1.0, reduction="mean", backend=None):
+    """Huber loss per element: quadratic near zero, linear beyond ``delta`` (Keras ``Huber``, torch
+    ``F.huber_loss``), fused with its gradient. With ``e = p - t`` and ``c = clip(e, -δ, δ)``::
+
+        loss = e²/2              for |e| <= δ
+               δ (|e| - δ/2)     otherwise        (= c (e - c/2), one branch-free form)
+        d loss / d p = c,   d loss / d t = -c
+
+    so one large error moves the gradient by at most δ (MSE's grows with the error). Two reads and
+    one write per element, as MSE; fp32 accumulation (fp64 for fp64 input).
+
+    Args:
+        predictions: float array of any shape; targets: float array of the same shape.
+        delta: δ > 0, where the loss turns from quadratic to linear. A jax scalar or tracer works
+            under ``jit`` (the loss is differentiable with respect to it).
+        reduction: "mean" over elements, "sum", or "none" (per element).
+        backend: None (by input type), "jax", "numba" or "triton".
+
+    Returns:
+        Scalar loss, or per-element losses for "none": float32 (float64 for float64 input).
+
+    Example:
+        >>> import numpy as np, fastloss
+        >>> pred, target = np.array([0.5, 2.0, -4.0], np.float32), np.array([0.0, 0.0, 0.0], np.float32)
+        >>> print(f"{float(fastloss.huber(pred, target, delta=1.0)):.4f}")
+        1.7083
+    """
+    x, other, opts = _validate_huber(predictions, targets, delta=delta, reduction=reduction)
+    return _call("huber", x, other, backend, opts)
+
+
+def sigmoid_focal_loss(logits, targets, *, gamma=2.0, alpha=0.25, apply_class_balancing=False, label_smoothing=0.0,
+                       reduction="mean", backend=None):
+    """Binary focal loss from logits (Lin et al., 2017), per element, fused with its gradient; the
+    semantics of Keras ``BinaryFocalCrossentropy(from_logits=True)``. With ``t' = t(1-ε) + ε/2``,
+    ``p = sigmoid(x)``::
+
+        p_t  = t' p + (1 - t')(1 - p)
+        loss = w (1 - p_t)^γ bce(x, t'),    bce = max(x, 0) - x t' + log1p(exp(-|x|))
+        w    = t' α + (1 - t')(1 - α)   with apply_class_balancing, else 1
+
+    ``1 - p_t`` is formed from ``sigmoid(-x)``, never as ``1 - p`` (which rounds a confident
+    prediction's factor to 0), and the gradient is the closed form (no log of a rounded
+    probability). torchvision's ``sigmoid_focal_loss(alpha=a)`` is this with
+    ``apply_class_balancing=True, alpha=a``; optax's with ``alpha=None`` is the default here.
+
+    Args:
+        logits: float array of any shape; targets: float array of the same shape (in [0, 1]).
+        gamma: focusing parameter γ >= 0 (0: plain BCE). Integers 0 to 4 take the fastest CPU path.
+        alpha: class-1 weight in [0, 1], used with ``apply_class_balancing``.
+        apply_class_balancing: weight class 1 by α and class 0 by 1 - α.
+        label_smoothing: ε in [0, 1], squeezing targets towards 1/2 (Keras).
+        reduction: "mean" over elements, "sum", or "none" (per element).
+        backend: None (by input type), "jax", "numba" or "triton".
+
+    Returns:
+        Scalar loss, or per-element losses for "none": float32 (float64 for float64 input).
+
+    Example:
+        >>> import numpy as np, fastloss
+        >>> x = np.array([2.0, -1.0, 0.0], np.float32)
+        >>> loss = fastloss.sigmoid_focal_loss(x, np.array([1.0, 0.0, 1.0], np.float32))
+        >>> print(f"{float(loss):.4f}")
+        0.0659
+    """
+    x, other, opts = _validate_sigmoid_focal(logits, targets, gamma=gamma, alpha=alpha,
+                                             apply_class_balancing=apply_class_balancing,
+                                             label_smoothing=label_smoothing, reduction=reduction)
+    return _call("sigmoid_focal_loss", x, other, backend, opts)
 
 
 def _validate_distill(student_logits, teacher_logits, labels=None, *, temperature=1.0, alpha=0.5,
@@ -440,7 +530,8 @@ def sparse_softmax_cross_entropy_(logits, labels, *, temperature=1.0, label_smoo
 
 
 _BY_NAME = {f.__name__: f for f in (sparse_softmax_cross_entropy, softmax_cross_entropy,
-                                    sigmoid_cross_entropy, mean_squared_error, distillation_loss)}
+                                    sigmoid_cross_entropy, mean_squared_error, huber, sigmoid_focal_loss,
+                                    distillation_loss)}
 
 
 def value_and_grad(loss_fn):

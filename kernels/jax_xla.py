@@ -223,6 +223,103 @@ def squared_error(p, targets, params, *, want_x=True, want_other=False):
             (-two_d).astype(targets.dtype) if want_other else None)
 
 
+# ------------------------------------------------------------------------------ sigmoid focal
+def _focal_parts(x, targets, params):
+    """The shared terms of the binary focal loss (see sigmoid_focal), params [γ, α, balance, ε, scale].
+
+    u = 1 - p_t is carried as log u = logaddexp(log t' + log q, log(1-t') + log p), with
+    log p = log_sigmoid(x), log q = log_sigmoid(-x): it never underflows (u = e^-30000 at x = 3e4 is
+    log u = -30000), so f = exp(γ log u), r = p q / u = exp(log p + log q - log u) and bce / u stay
+    finite, and so do their derivatives: the second derivative (hessian, and the Numba kernels' own
+    second order) differentiates these lines, and the direct forms' derivatives divide by u²,
+    which underflows to 0 for |x| > ~44 (optax's extreme-logit hessian test: NaN)."""
+    gamma, alpha, balance, eps = params[0], params[1], params[2], params[3]
+    xa = x.astype(acc_dtype(x))
+    ts = _smoothed_target(targets, eps, xa.dtype)
+    log_p, log_q = jax.nn.log_sigmoid(xa), jax.nn.log_sigmoid(-xa)
+    p, q = jnp.exp(log_p), jnp.exp(log_q)
+    bce = jnp.maximum(xa, 0.0) - xa * ts + jnp.log1p(jnp.exp(-jnp.abs(xa)))
+    # log t' and log(1 - t') through selects, so that hard targets (0, 1) give -inf with a finite
+    # derivative in the unselected branch (a log(0) there would put 0 * inf = NaN into tangents).
+    one, ninf = jnp.ones_like(ts), jnp.full_like(ts, -jnp.inf)
+    log_t1 = jnp.where(ts > 0, jnp.log(jnp.where(ts > 0, ts, one)), ninf)
+    log_t0 = jnp.where(ts < 1, jnp.log1p(-jnp.where(ts < 1, ts, 0.0 * one)), ninf)
+    log_u = jnp.logaddexp(log_t1 + log_q, log_t0 + log_p)
+    zero_u = log_u == -jnp.inf  # u = 0: f = 0^γ (1 for γ = 0, not exp(0 * -inf) = NaN)
+    f = jnp.where(zero_u, jnp.where(gamma == 0, 1.0, 0.0), jnp.exp(gamma * jnp.where(zero_u, 0.0, log_u)))
+    w = 1.0 + balance * (ts * alpha + (1.0 - ts) * (1.0 - alpha) - 1.0)
+    return xa, ts, p, q, log_p, log_q, bce, log_u, f, w
+
+
+def _focal_dt(params, xa, ts, p, q, bce, log_u, f, w):
+    """d loss / d t' (the smoothed target); bce / u from logs (0 where bce is 0)."""
+    gamma, alpha, balance = params[0], params[1], params[2]
+    none = bce == 0  # (a NaN bce stays NaN)
+    sb = jnp.where(none, 0.0, jnp.exp(jnp.log(jnp.where(none, 1.0, bce)) - log_u))
+    bal = jnp.where(balance != 0, balance * (2.0 * alpha - 1.0) * f * bce, 0.0)  # no 0 * inf at x = -inf
+    focal = jnp.where(gamma == 0, 0.0, w * gamma * f * sb * (q - p))  # γ = 0: no term (not 0 * inf)
+    return bal + focal - w * f * xa
+
+
+def sigmoid_focal(x, targets, params, *, want_x=True, want_other=False):
+    """Elementwise binary focal loss from logits (Keras BinaryFocalCrossentropy semantics).
+
+    With t' = t(1-ε) + ε/2, p = sigmoid(x), q = sigmoid(-x), bce the stable BCE from logits,
+    u = 1 - p_t = t' q + (1-t') p, f = u^γ, w = t' α + (1-t')(1-α) if balance else 1:
+    loss = w f bce; d/dx = w f [(p - t') + γ (1 - 2t') bce p q / u]; d/dt = (1-ε) d/dt'.
+    params [γ, α, balance (0 or 1), ε, scale]."""
+    scale = params[4]
+    xa, ts, p, q, log_p, log_q, bce, log_u, f, w = _focal_parts(x, targets, params)
+    loss = w * f * bce
+    gx = gt = None
+    if want_x:
+        # p q / u <= max(p, q): γ u^(γ-1) p q = γ f r never overflows; u = 0 (log u = -inf, at x = ±inf
+        # with a hard target) has r = 0, its limit
+        r = jnp.where(log_u == -jnp.inf, 0.0, jnp.exp(log_p + log_q - jnp.where(log_u == -jnp.inf, 0.0, log_u)))
+        rb = jnp.where(r == 0, 0.0, r * bce)  # 0 at x = ±inf (the limit), not 0 * inf
+        gx = (w * f * ((p - ts) + params[0] * (1.0 - 2.0 * ts) * rb) * scale).astype(x.dtype)
+    if want_other:
+        dt = _focal_dt(params, xa, ts, p, q, bce, log_u, f, w)
+        gt = ((1.0 - params[3]) * dt * scale).astype(targets.dtype)
+    return loss, gx, gt
+
+
+def sigmoid_focal_option_grads(x, targets, params):
+    """d loss / d (γ, α, balance, ε) per element, (n, 4): w f log(u) bce, balance (2t' - 1) f bce,
+    (t' α + (1-t')(1-α) - 1) f bce and (1/2 - t) d loss / d t'."""
+    alpha = params[1]
+    xa, ts, p, q, log_p, log_q, bce, log_u, f, w = _focal_parts(x, targets, params)
+    d_gamma = jnp.where(f > 0, w * f * log_u * bce, 0.0)  # f = 0: u^γ log u -> 0 (and no 0 * -inf)
+    d_alpha = params[2] * (2.0 * ts - 1.0) * f * bce
+    d_balance = (ts * alpha + (1.0 - ts) * (1.0 - alpha) - 1.0) * f * bce
+    d_eps = (0.5 - targets.astype(xa.dtype)) * _focal_dt(params, xa, ts, p, q, bce, log_u, f, w)
+    return jnp.stack([d_gamma, d_alpha, d_balance, d_eps], axis=-1)
+
+
+# ---------------------------------------------------------------------------------------- Huber
+def _huber_clip(p, targets, delta):
+    acc = acc_dtype(p)
+    d = p.astype(acc) - targets.astype(acc)
+    # Two selects, as in the Numba kernel: NaN stays NaN (jnp.clip would too, but say it once).
+    return d, jnp.where(d > delta, delta, jnp.where(d < -delta, -delta, d))
+
+
+def huber(p, targets, params, *, want_x=True, want_other=False):
+    """Elementwise Huber loss; params [δ, scale]. With d = p - t and c = clip(d, -δ, δ):
+    loss = c (d - c/2) (d²/2 inside [-δ, δ], δ(|d| - δ/2) outside); gradients c and -c."""
+    delta, scale = params[0], params[1]
+    d, c = _huber_clip(p, targets, delta)
+    gc = c * scale
+    return (c * (d - 0.5 * c), gc.astype(p.dtype) if want_x else None,
+            (-gc).astype(targets.dtype) if want_other else None)
+
+
+def huber_option_grads(p, targets, params):
+    """d loss / dδ per element, (n, 1): |d| - δ outside [-δ, δ] (= |d| - |c|), 0 inside."""
+    d, c = _huber_clip(p, targets, params[0])
+    return (jnp.abs(d) - jnp.abs(c))[:, None]
+
+
 # ------------------------------------------------------------------------------------ reduction
 # -------------------------------------------------------------------------------- distillation
 def _log_softmax(x, temperature):

@@ -213,6 +213,72 @@ def squared_error_kernel(P, T, OUT, PARTIAL, GP, GT, PARAMS, n, BLOCK: tl.conste
         tl.store(GT + offs, (-d2).to(GT.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def sigmoid_focal_kernel(X, T, OUT, PARTIAL, GX, GT, PARAMS, n, BLOCK: tl.constexpr, WANT_OUT: tl.constexpr,
+                         WANT_GX: tl.constexpr, WANT_GT: tl.constexpr, ACC_F64: tl.constexpr):
+    """Elementwise binary focal loss from logits; per-program partial sum; PARAMS = [γ, α, balance,
+    ε, scale]. The math and its bounded gradient factors: kernels.numba_cpu.elementwise.sigmoid_focal.
+    u^γ is exp2(γ log2 u) (u = 0 gives 0, or 1 for γ = 0)."""
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    gamma = tl.load(PARAMS)
+    alpha = tl.load(PARAMS + 1)
+    balance = tl.load(PARAMS + 2)
+    eps = tl.load(PARAMS + 3)
+    x = _acc(tl.load(X + offs, mask=mask, other=0.0), ACC_F64)
+    t = _acc(tl.load(T + offs, mask=mask, other=0.0), ACC_F64) * (1.0 - eps) + 0.5 * eps
+    e = tl.exp(-tl.abs(x))
+    sp = tl.where(e < 1e-4, e * (1.0 - 0.5 * e), tl.log(1.0 + e))  # log1p(e), as sigmoid_ce_kernel
+    bce = tl.maximum(x, 0.0) - x * t + sp
+    inv = 1.0 / (1.0 + e)
+    p = tl.where(x >= 0, inv, e * inv)
+    q = tl.where(x >= 0, e * inv, inv)
+    u = t * q + (1.0 - t) * p
+    pos = u > 0.0
+    safe_u = tl.where(pos, u, 1.0)
+    f = tl.where(pos, tl.exp2(gamma * tl.log2(safe_u)), tl.where(gamma == 0.0, 1.0, 0.0))
+    w = 1.0 + balance * (t * alpha + (1.0 - t) * (1.0 - alpha) - 1.0)
+    val = tl.where(mask, w * f * bce, 0.0)
+    tl.store(PARTIAL + pid, tl.sum(val, 0))
+    if WANT_OUT:
+        tl.store(OUT + offs, val, mask=mask)
+    scale = tl.load(PARAMS + 4)
+    if WANT_GX:
+        r = tl.where(pos, p * q / safe_u, 0.0)
+        rb = tl.where(r == 0.0, 0.0, r * bce)  # 0 at x = ±inf (p q = 0), not 0 * inf
+        gx = w * f * ((p - t) + gamma * (1.0 - 2.0 * t) * rb) * scale
+        tl.store(GX + offs, gx.to(GX.dtype.element_ty), mask=mask)
+    if WANT_GT:
+        sb = tl.where(pos, bce / safe_u, 0.0)
+        bal = tl.where(balance != 0.0, balance * (2.0 * alpha - 1.0) * f * bce, 0.0)
+        dt = bal + tl.where(gamma == 0.0, 0.0, w * gamma * f * sb * (q - p)) - w * f * x
+        tl.store(GT + offs, (dt * (1.0 - eps) * scale).to(GT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def huber_kernel(P, T, OUT, PARTIAL, GP, GT, PARAMS, n, BLOCK: tl.constexpr, WANT_OUT: tl.constexpr,
+                 WANT_GP: tl.constexpr, WANT_GT: tl.constexpr, ACC_F64: tl.constexpr):
+    """Elementwise Huber loss, c (d - c/2) with d = p - t, c = clip(d, -δ, δ); per-program partial
+    sum; gradients ±c scale; PARAMS = [δ, scale]. The clip is two selects, so a NaN d stays NaN."""
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    delta = tl.load(PARAMS)
+    d = _acc(tl.load(P + offs, mask=mask, other=0.0), ACC_F64) - _acc(tl.load(T + offs, mask=mask, other=0.0),
+                                                                       ACC_F64)
+    c = tl.where(d > delta, delta, tl.where(d < -delta, -delta, d))
+    val = c * (d - 0.5 * c)
+    tl.store(PARTIAL + pid, tl.sum(val, 0))
+    if WANT_OUT:
+        tl.store(OUT + offs, val, mask=mask)
+    gc = c * tl.load(PARAMS + 1)
+    if WANT_GP:
+        tl.store(GP + offs, gc.to(GP.dtype.element_ty), mask=mask)
+    if WANT_GT:
+        tl.store(GT + offs, (-gc).to(GT.dtype.element_ty), mask=mask)
+
+
 # ---------------------------------------------------------------------------- distillation
 @triton.jit
 def _online(m, s, x, inv_t):
@@ -402,10 +468,11 @@ def specializations():
                        stride_gt="i64", PARAMS=acc, n_cols="i32")
             out.append((dense_ce_kernel, sig, dict(BLOCK=block, WANT_GX=gx, WANT_GT=gt, ACC_F64=f64),
                         num_warps(block)))
-        for kern, names in ((sigmoid_ce_kernel, ("WANT_GX", "WANT_GT")), (squared_error_kernel, ("WANT_GP", "WANT_GT"))):
+        for kern, names in ((sigmoid_ce_kernel, ("WANT_GX", "WANT_GT")), (squared_error_kernel, ("WANT_GP", "WANT_GT")),
+                            (huber_kernel, ("WANT_GP", "WANT_GT")), (sigmoid_focal_kernel, ("WANT_GX", "WANT_GT"))):
             for w_out, g1, g2 in itertools.product(bools, bools, bools):
-                first = "X" if kern is sigmoid_ce_kernel else "P"
-                grad1 = "GX" if kern is sigmoid_ce_kernel else "GP"
+                first = "P" if names[0] == "WANT_GP" else "X"
+                grad1 = "GP" if names[0] == "WANT_GP" else "GX"
                 sig = {first: x, "T": x, "OUT": acc, "PARTIAL": acc, grad1: x, "GT": x, "PARAMS": acc, "n": "i32"}
                 const = {"BLOCK": ELEM_BLOCK, "WANT_OUT": w_out, names[0]: g1, names[1]: g2, "ACC_F64": f64}
                 out.append((kern, sig, const, 8))

@@ -14,7 +14,7 @@ import numpy as np
 import fastloss
 
 DTYPES = ("float16", "bfloat16", "float32", "float64")
-FLOAT_SECOND = {"softmax_cross_entropy", "sigmoid_cross_entropy", "mean_squared_error"}
+FLOAT_SECOND = {"softmax_cross_entropy", "sigmoid_cross_entropy", "mean_squared_error", "huber", "sigmoid_focal_loss"}
 
 
 def np_dtype(name):

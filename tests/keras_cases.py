@@ -62,12 +62,18 @@ CLASS_CASES = (
     + [("categorical", dict(from_logits=fl, label_smoothing=ls)) for fl, ls in itertools.product((True, False), (0.0, 0.1))]
     + [("binary", dict(from_logits=fl, label_smoothing=ls)) for fl, ls in itertools.product((True, False), (0.0, 0.2))]
     + [("mse", {})]
+    + [("huber", dict(delta=d)) for d in (1.0, 0.3)]
+    + [("focal", dict(from_logits=fl, label_smoothing=ls, apply_class_balancing=b, gamma=g))
+       for fl, ls, b, g in ((True, 0.0, False, 2.0), (True, 0.1, True, 0.5), (False, 0.0, True, 2.0),
+                            (False, 0.2, False, 3.0))]
 )
 PAIRS = {
     "sparse": (keras.losses.SparseCategoricalCrossentropy, fk.SparseCategoricalCrossentropy, Y),
     "categorical": (keras.losses.CategoricalCrossentropy, fk.CategoricalCrossentropy, Y_ONEHOT),
     "binary": (keras.losses.BinaryCrossentropy, fk.BinaryCrossentropy, Y_BIN),
     "mse": (keras.losses.MeanSquaredError, fk.MeanSquaredError, Y_ONEHOT),
+    "huber": (keras.losses.Huber, fk.Huber, Y_ONEHOT),
+    "focal": (keras.losses.BinaryFocalCrossentropy, fk.BinaryFocalCrossentropy, Y_BIN),
 }
 
 
@@ -76,7 +82,8 @@ PAIRS = {
 @pytest.mark.parametrize("kind,kwargs", CLASS_CASES, ids=lambda v: str(v))
 def test_classes_match_stock(kind, kwargs, reduction, weight):
     stock_cls, ours_cls, y = PAIRS[kind]
-    pred = X if kwargs.get("from_logits", kind == "mse") else (PROBS if kind != "binary" else 1 / (1 + np.exp(-X)))
+    pred = X if kwargs.get("from_logits", kind in ("mse", "huber")) else \
+        (PROBS if kind not in ("binary", "focal") else 1 / (1 + np.exp(-X)))
     stock = stock_cls(reduction=reduction, **kwargs)
     ours = ours_cls(reduction=reduction, **kwargs)
     assert_same(stock, ours, y, pred.astype("float32"), WEIGHTS[weight])
@@ -89,10 +96,13 @@ def test_classes_match_stock(kind, kwargs, reduction, weight):
     ("categorical_crossentropy", dict(from_logits=False)),
     ("binary_crossentropy", dict(from_logits=True, label_smoothing=0.1)),
     ("mean_squared_error", {}),
+    ("huber", dict(delta=0.4)),
+    ("binary_focal_crossentropy", dict(from_logits=True, gamma=1.5, apply_class_balancing=True)),
 ])
 def test_functions_match_stock(fn_name, kwargs):
-    y = {"sparse_categorical_crossentropy": Y, "binary_crossentropy": Y_BIN}.get(fn_name, Y_ONEHOT)
-    pred = X if kwargs.get("from_logits", fn_name == "mean_squared_error") else PROBS
+    y = {"sparse_categorical_crossentropy": Y, "binary_crossentropy": Y_BIN,
+         "binary_focal_crossentropy": Y_BIN}.get(fn_name, Y_ONEHOT)
+    pred = X if kwargs.get("from_logits", fn_name in ("mean_squared_error", "huber")) else PROBS
     a = _np(getattr(keras.losses, fn_name)(y, pred, **kwargs))
     b = _np(getattr(fk, fn_name)(y, pred, **kwargs))
     np.testing.assert_allclose(b, a, rtol=2e-5, atol=1e-6)
@@ -171,6 +181,8 @@ def test_bad_temperature_is_a_value_error():
                                       reduction="sum", dtype="float32")),
     (fk.BinaryCrossentropy, dict(from_logits=True, label_smoothing=0.3, axis=-1)),
     (fk.MeanSquaredError, dict(reduction="none", name="my_mse")),
+    (fk.Huber, dict(delta=0.8, reduction="sum", name="my_huber")),
+    (fk.BinaryFocalCrossentropy, dict(from_logits=True, gamma=3.0, alpha=0.4, apply_class_balancing=True, axis=-1)),
 ])
 def test_serialization_round_trip(cls, kwargs):
     obj = cls(**kwargs)
@@ -189,8 +201,8 @@ def test_serialization_round_trip(cls, kwargs):
 def test_signatures_match_stock():
     import inspect
     for name in ("CategoricalCrossentropy", "SparseCategoricalCrossentropy", "BinaryCrossentropy", "MeanSquaredError",
-                 "categorical_crossentropy", "sparse_categorical_crossentropy", "binary_crossentropy",
-                 "mean_squared_error"):
+                 "Huber", "BinaryFocalCrossentropy", "categorical_crossentropy", "sparse_categorical_crossentropy",
+                 "binary_crossentropy", "mean_squared_error", "huber", "binary_focal_crossentropy"):
         stock = inspect.signature(getattr(keras.losses, name))
         ours = inspect.signature(getattr(fk, name))
         extra = [p for p in ours.parameters if p not in stock.parameters]
@@ -230,6 +242,15 @@ def test_out_of_range_label_message_says_what_the_user_passed():
     with pytest.raises(ValueError, match=r"class indices in \[0, 5\); received label 9\.") as info:
         fk.SparseCategoricalCrossentropy(from_logits=True)(np.array([0, 9]), X[:2])
     assert "ignore_index" not in str(info.value)
+
+
+def test_huber_keeps_delta_through_save_and_load():
+    # Stock's get_config drops delta: keras.losses.Huber(delta=0.8) reloads as delta=1.0.
+    again = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(fk.Huber(delta=0.8)))
+    ref = keras.losses.Huber(delta=0.8)
+    np.testing.assert_allclose(_np(again(Y_ONEHOT, X)), _np(ref(Y_ONEHOT, X)), rtol=2e-6)
+    with pytest.raises(ValueError, match="delta"):
+        fk.Huber(delta=-1.0)
 
 
 def test_integer_inputs_and_target_shape_check_as_stock():

@@ -3,7 +3,7 @@
 The test classes come from the installed optax wheel (``optax/losses/_classification_test.py`` and
 ``_regression_test.py``): nothing is copied. Their modules' ``_classification`` / ``_regression``
 names are rebound to namespaces whose softmax_cross_entropy, softmax_cross_entropy_with_integer_labels,
-sigmoid_binary_cross_entropy and squared_error call fastloss (optax's signatures: ``axis``, and
+sigmoid_binary_cross_entropy, squared_error and huber_loss call fastloss (optax's signatures: ``axis``, and
 ``where`` as masked logits), everything else stock. Run by tests/test_optax.py once per backend
 (``FASTLOSS_OPTAX_BACKEND=jax|numba``, one process each), always on jax arrays: "jax" is the XLA
 formulation, "numba" the Numba kernels called through the XLA FFI, under optax's own ``jit``,
@@ -83,6 +83,21 @@ def squared_error(predictions, targets=None):
     return fastloss.mean_squared_error(predictions, targets, reduction="none", backend=BACKEND)
 
 
+def huber_loss(predictions, targets=None, *, delta=1.0):
+    predictions = _array(predictions)
+    targets = jnp.zeros_like(predictions) if targets is None else jnp.broadcast_to(_array(targets), predictions.shape)
+    return fastloss.huber(predictions, targets.astype(predictions.dtype), delta=delta, reduction="none",
+                          backend=BACKEND)
+
+
+def sigmoid_focal_loss(logits, labels, *, alpha=None, gamma=2.0):
+    logits = _array(logits)
+    labels = jnp.broadcast_to(_array(labels), logits.shape).astype(logits.dtype)
+    # optax's alpha=None is no class balancing; a given alpha is Keras' apply_class_balancing
+    return fastloss.sigmoid_focal_loss(logits, labels, gamma=gamma, alpha=0.25 if alpha is None else alpha,
+                                       apply_class_balancing=alpha is not None, reduction="none", backend=BACKEND)
+
+
 def _rebind(module, name, stock, **ours):
     ns = types.SimpleNamespace(**{k: v for k, v in vars(stock).items() if not k.startswith("__")})
     for k, v in ours.items():
@@ -93,8 +108,8 @@ def _rebind(module, name, stock, **ours):
 _rebind(_classification_test, "_classification", _classification,
         softmax_cross_entropy=softmax_cross_entropy,
         softmax_cross_entropy_with_integer_labels=softmax_cross_entropy_with_integer_labels,
-        sigmoid_binary_cross_entropy=sigmoid_binary_cross_entropy)
-_rebind(_regression_test, "_regression", _regression, squared_error=squared_error)
+        sigmoid_binary_cross_entropy=sigmoid_binary_cross_entropy, sigmoid_focal_loss=sigmoid_focal_loss)
+_rebind(_regression_test, "_regression", _regression, squared_error=squared_error, huber_loss=huber_loss)
 
 
 class TestSoftmaxCrossEntropy(_classification_test.SoftmaxCrossEntropyTest):
@@ -109,7 +124,15 @@ class TestSigmoidCrossEntropy(_classification_test.SigmoidCrossEntropyTest):
     pass
 
 
+class TestSigmoidFocalLoss(_classification_test.SigmoidFocalLossTest):
+    pass
+
+
 class TestSquaredError(_regression_test.SquaredErrorTest):
+    pass
+
+
+class TestHuberLoss(_regression_test.HuberLossTest):
     pass
 
 

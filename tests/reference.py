@@ -116,11 +116,55 @@ def mean_squared_error(predictions, targets, reduction="mean", cot=None):
     return _reduce((d * d).reshape(-1), reduction, p.size, p.shape), 2 * d * scale, -2 * d * scale
 
 
+def huber(predictions, targets, delta=1.0, reduction="mean", cot=None):
+    """Returns (loss, d loss / d predictions, d loss / d targets): the two-branch textbook form."""
+    with np.errstate(all="ignore"):
+        p, t = f64(predictions), f64(targets)
+        e = p - t
+        a = np.abs(e)
+        vals = np.where(a <= delta, 0.5 * e * e, delta * (a - 0.5 * delta))
+        vals = np.where(np.isnan(e), np.nan, vals)
+        g = np.where(a <= delta, e, delta * np.sign(e))
+        g = np.where(np.isnan(e), np.nan, g)
+        scale = _row_scale(p.size, reduction, p.size, cot).reshape(p.shape)
+        return _reduce(vals.reshape(-1), reduction, p.size, p.shape), g * scale, -g * scale
+
+
+def sigmoid_focal_loss(logits, targets, gamma=2.0, alpha=0.25, apply_class_balancing=False, label_smoothing=0.0,
+                       reduction="mean", cot=None):
+    """Returns (loss, d loss / d logits, d loss / d targets): Keras' formula from logits, and its
+    derivatives by the chain rule through p_t, in float64 (1 - p_t from sigmoid(-x))."""
+    with np.errstate(all="ignore"):
+        x = f64(logits)
+        eps = label_smoothing
+        t = f64(targets) * (1 - eps) + 0.5 * eps
+        p = np.where(x >= 0, 1 / (1 + np.exp(-x)), np.exp(x) / (1 + np.exp(x)))
+        q = np.where(x >= 0, np.exp(-x) / (1 + np.exp(-x)), 1 / (1 + np.exp(x)))
+        bce = np.maximum(x, 0) - x * t + np.log1p(np.exp(-np.abs(x)))
+        one_minus_pt = t * q + (1 - t) * p
+        focal = one_minus_pt ** gamma
+        bal = float(apply_class_balancing)
+        w = 1 + bal * (t * alpha + (1 - t) * (1 - alpha) - 1)
+        vals = w * focal * bce
+        # d focal / d u = gamma u^(gamma-1); where u == 0 (p or q underflowed) the products below are 0
+        dfocal = np.where(one_minus_pt > 0, gamma * one_minus_pt ** (gamma - 1), 0.0)
+        # p q bce -> 0 as x -> ±inf (p q decays like exp(-|x|)): the limit, not 0 * inf = NaN
+        pq_bce = np.where(p * q == 0, 0.0, p * q * bce)
+        gx = w * (dfocal * (1 - 2 * t) * pq_bce + focal * (p - t))
+        bal_term = (2 * alpha - 1) * focal * bce if apply_class_balancing else 0.0
+        focal_term = np.where(dfocal == 0, 0.0, w * dfocal * (q - p) * bce)  # γ = 0: no term (not 0 * inf)
+        gt = (1 - eps) * (bal_term + focal_term - w * focal * x)
+        scale = _row_scale(x.size, reduction, x.size, cot).reshape(x.shape)
+        return _reduce(vals.reshape(-1), reduction, x.size, x.shape), gx * scale, gt * scale
+
+
 LOSSES = {
     "sparse_softmax_cross_entropy": sparse_softmax_cross_entropy,
     "softmax_cross_entropy": softmax_cross_entropy,
     "sigmoid_cross_entropy": sigmoid_cross_entropy,
     "mean_squared_error": mean_squared_error,
+    "huber": huber,
+    "sigmoid_focal_loss": sigmoid_focal_loss,
 }
 
 

@@ -51,6 +51,21 @@ def test_bad_argument_messages_name_allowed_values():
         fastloss.sigmoid_cross_entropy(X, X, label_smoothing=2)
 
 
+@pytest.mark.parametrize("delta", [0.0, -1.0, float("inf"), float("nan"), "1"])
+def test_huber_delta_must_be_a_positive_number(delta):
+    with pytest.raises(ValueError, match="`delta`.*received"):
+        fastloss.huber(X, X, delta=delta)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(gamma=-1.0), "`gamma`.*>= 0"), (dict(gamma=float("inf")), "`gamma`"), (dict(alpha=1.5), r"`alpha`.*\[0, 1\]"),
+    (dict(apply_class_balancing=1), "`apply_class_balancing`.*True or False"), (dict(label_smoothing=-0.1), "label_smoothing"),
+])
+def test_focal_options_are_checked(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        fastloss.sigmoid_focal_loss(X, X, **kwargs)
+
+
 def test_shape_mismatch_names_both_shapes():
     with pytest.raises(ValueError, match=r"\(3, 4\).*\(3, 5\)"):
         fastloss.softmax_cross_entropy(X, np.zeros((3, 5), np.float32))
@@ -63,7 +78,8 @@ def test_shape_mismatch_names_both_shapes():
 
 
 @pytest.mark.parametrize("fn", [fastloss.sparse_softmax_cross_entropy, fastloss.softmax_cross_entropy,
-                                fastloss.sigmoid_cross_entropy, fastloss.mean_squared_error])
+                                fastloss.sigmoid_cross_entropy, fastloss.mean_squared_error, fastloss.huber,
+                                fastloss.sigmoid_focal_loss])
 @pytest.mark.parametrize("dtype", [np.int32, np.int64, np.bool_])
 def test_integer_logits_are_rejected(fn, dtype):
     other = Y if fn is fastloss.sparse_softmax_cross_entropy else X
@@ -121,6 +137,8 @@ LOSS_INPUTS = [
      np.array([[0.2, 0.8, 0.0], [0.0, 0.0, 1.0]], np.float32)),
     ("sigmoid_cross_entropy", np.array([1.0, -2.0, 0.5], np.float32), np.array([1.0, 0.0, 1.0], np.float32)),
     ("mean_squared_error", np.array([1.0, -2.0, 0.5], np.float32), np.array([0.0, 0.0, 1.0], np.float32)),
+    ("huber", np.array([1.0, -2.0, 0.5], np.float32), np.array([0.0, 0.0, 1.0], np.float32)),
+    ("sigmoid_focal_loss", np.array([1.0, -2.0, 0.5], np.float32), np.array([1.0, 0.0, 1.0], np.float32)),
 ]
 
 

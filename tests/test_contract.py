@@ -15,6 +15,8 @@ SPARSE = "sparse_softmax_cross_entropy"
 DENSE = "softmax_cross_entropy"
 SIGMOID = "sigmoid_cross_entropy"
 MSE = "mean_squared_error"
+HUBER = "huber"
+FOCAL = "sigmoid_focal_loss"
 
 
 def make_inputs(loss, shape, seed=0, scale=3.0, ignore_frac=0.0, ignore_index=-100):
@@ -27,7 +29,7 @@ def make_inputs(loss, shape, seed=0, scale=3.0, ignore_frac=0.0, ignore_index=-1
     elif loss == DENSE:
         a = rng.standard_normal(shape)
         other = np.exp(a) / np.exp(a).sum(-1, keepdims=True)
-    elif loss == SIGMOID:
+    elif loss in (SIGMOID, FOCAL):
         other = rng.random(shape)
     else:
         other = rng.standard_normal(shape)
@@ -69,7 +71,7 @@ def check(h, loss, x, other, dtype, opts, seed=1, grads=True):
         assert res.grad_x_dtype == dtype
         g = _as_stored(ref[1], dtype)
         gmax = np.abs(g[np.isfinite(g)]).max() if np.isfinite(g).any() else 1.0
-        if loss in (SPARSE, DENSE, SIGMOID):
+        if loss in (SPARSE, DENSE, SIGMOID, FOCAL):
             # The softmax (sigmoid) term p * scale / T bounds what fp32 rounding can cost, even where
             # the gradient itself is far smaller (C = 1: only the z-loss term survives p - q = 0;
             # sigmoid(3e4) - 1 = 0 while the fp32 sigmoid is within an ulp of 1).
@@ -98,8 +100,13 @@ DENSE_OPTS = [dict(temperature=t, label_smoothing=e, reduction=r)
               for t, e, r in itertools.product((1.0, 2.5), (0.0, 0.2), ("mean", "sum", "none"))]
 SIGMOID_OPTS = [dict(label_smoothing=e, reduction=r) for e, r in itertools.product((0.0, 0.1), ("mean", "sum", "none"))]
 MSE_OPTS = [dict(reduction=r) for r in ("mean", "sum", "none")]
+HUBER_OPTS = [dict(delta=d, reduction=r) for d, r in itertools.product((1.0, 0.3, 40.0), ("mean", "sum", "none"))]
+FOCAL_OPTS = [dict(gamma=g, alpha=a, apply_class_balancing=b, label_smoothing=e, reduction=r)
+              for g, (a, b), e, r in itertools.product((2.0, 0.5, 0.0, 3.7), ((0.25, False), (0.25, True), (0.9, True)),
+                                                       (0.0, 0.1), ("mean", "none"))]
 ALL_OPTS = [(SPARSE, o) for o in SPARSE_OPTS] + [(DENSE, o) for o in DENSE_OPTS] + \
-    [(SIGMOID, o) for o in SIGMOID_OPTS] + [(MSE, o) for o in MSE_OPTS]
+    [(SIGMOID, o) for o in SIGMOID_OPTS] + [(MSE, o) for o in MSE_OPTS] + [(HUBER, o) for o in HUBER_OPTS] + \
+    [(FOCAL, o) for o in FOCAL_OPTS]
 
 
 def _id(v):
@@ -117,13 +124,14 @@ SHAPES = [(7, 13), (3, 5, 17), (4, 32001), (5, 1), (11,)]
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("loss", [SPARSE, DENSE, SIGMOID, MSE])
+@pytest.mark.parametrize("loss", [SPARSE, DENSE, SIGMOID, MSE, HUBER, FOCAL])
 def test_shapes_and_dtypes(harness, loss, shape, dtype):
     if len(shape) == 1 and loss in (SPARSE, DENSE):
         shape = (1,) + shape  # a single row of 11 classes
     opts = {SPARSE: dict(temperature=0.7, label_smoothing=0.1, z_loss=1e-4),
             DENSE: dict(temperature=1.3, label_smoothing=0.1),
-            SIGMOID: dict(label_smoothing=0.1), MSE: {}}[loss]
+            SIGMOID: dict(label_smoothing=0.1), MSE: {}, HUBER: dict(delta=2.5),
+            FOCAL: dict(gamma=1.5, apply_class_balancing=True, label_smoothing=0.1)}[loss]
     x, other = make_inputs(loss, shape, seed=hash(shape) % 1000, ignore_frac=0.2 if loss == SPARSE else 0.0)
     check(harness, loss, x, other, dtype, opts)
 
@@ -210,6 +218,45 @@ def test_sigmoid_extreme_logits(harness, label_smoothing):
         assert np.isfinite(res.grad_x[np.isinf(xs)]).all()
 
 
+@pytest.mark.parametrize("gamma", [2.0, 0.5, 0.0, 1.0])
+def test_focal_extreme_logits(harness, gamma):
+    # As for sigmoid CE, plus what the focal factor adds: confident predictions whose 1 - p_t is far
+    # below fp32's epsilon (x = ±17, ±88.5: 1 - p would round to 0, sigmoid(-x) does not), exactly
+    # saturated ones (±3e4: 1 - p_t underflows to 0 with the BCE; the gradient is 0, its limit, even for
+    # γ < 1 where u^(γ-1) is infinite), and NaN / ±inf logits.
+    xs = np.array([-3e4, 3e4, -100.0, 100.0, -88.5, 88.5, -17.0, 17.0, 0.0, -0.0, 1e-30, 0.5, -0.5,
+                   np.nan, np.inf, -np.inf])
+    ts = np.array([0.0, 0.3, 1.0])
+    x = np.repeat(xs, ts.size).reshape(-1, ts.size)
+    t = np.tile(ts, (xs.size, 1))
+    res = check(harness, FOCAL, x, t, "float32", dict(reduction="none", gamma=gamma, apply_class_balancing=True))
+    assert np.isnan(res.loss[xs != xs]).all() and (res.loss[np.isfinite(xs)] >= 0).all()
+    if res.grad_x is not None:
+        assert np.isfinite(res.grad_x[np.isfinite(xs)]).all() and np.isnan(res.grad_x[xs != xs]).all()
+        assert np.isfinite(res.grad_x[np.isinf(xs)][:, [0, 2]]).all()  # hard targets at ±inf: the finite limit
+    # A confident, correct prediction keeps its small loss (not 0 from 1 - p rounded away).
+    conf = harness.run(FOCAL, np.array([17.0]), np.array([1.0]), "float32", dict(gamma=gamma, reduction="none"),
+                       grads=False)
+    assert conf.loss[0] > 0 and np.isclose(conf.loss[0], R.sigmoid_focal_loss([17.0], [1.0], gamma=gamma,
+                                                                              reduction="none")[0][0], rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+@pytest.mark.parametrize("delta", [1.0, 1e-3, 3e4])
+def test_huber_extreme_errors(harness, dtype, delta):
+    # Errors around ±3e4 (in float16 too: the difference of two such values is 6e4, held in fp32),
+    # exactly ±delta (the joint, where both branches agree), ±0, ±inf (loss inf, gradient ±delta)
+    # and NaN (NaN loss and NaN gradient: the clip must not turn NaN into ±delta).
+    ps = np.array([3e4, -3e4, 3e4, 1.0, -1.0, 0.0, -0.0, 1e-3, np.inf, -np.inf, np.nan, 2.0])
+    ts = np.array([-3e4, 3e4, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, np.nan])
+    res = check(harness, HUBER, ps, ts, dtype, dict(delta=delta, reduction="none"))
+    assert np.isnan(res.loss[-2:]).all() and not np.isnan(res.loss[:-2]).any()
+    assert np.isinf(res.loss[8:10]).all() and (res.loss[:-2] >= 0).all()
+    if res.grad_x is not None:
+        assert np.isnan(res.grad_x[-2:]).all()
+        assert np.isfinite(res.grad_x[:-2]).all()  # ±inf errors: the gradient is ±delta (times the cotangent)
+
+
 # ----------------------------------------------------------------------- ignore and reductions
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_all_rows_ignored(harness, reduction):
@@ -231,7 +278,7 @@ def test_ignore_index_that_is_a_valid_class(harness):
         assert np.all(res.grad_x[y == 0] == 0)
 
 
-@pytest.mark.parametrize("loss", [SPARSE, DENSE, SIGMOID, MSE])
+@pytest.mark.parametrize("loss", [SPARSE, DENSE, SIGMOID, MSE, HUBER, FOCAL])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_empty_batch(harness, loss, reduction):
     shape = (0, 5)

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from fastloss import _dispatch
 
 from . import harness as H
-from .test_contract import DENSE, MSE, SIGMOID, SPARSE, check
+from .test_contract import DENSE, FOCAL, HUBER, MSE, SIGMOID, SPARSE, check
 
 _AVAILABLE = [name for name in ("jax", "numba-jax", "numba", "numba-torch", "triton")
               if _dispatch.unavailable_reason(name.split("-")[0]) is None]
@@ -81,7 +81,9 @@ def _opts(draw_opts, loss):
         SPARSE: ("temperature", "label_smoothing", "z_loss", "reduction", "ignore_index"),
         DENSE: ("temperature", "label_smoothing", "reduction"),
         SIGMOID: ("label_smoothing", "reduction"),
-        MSE: ("reduction",)}[loss]}
+        MSE: ("reduction",),
+        HUBER: ("delta", "reduction"),
+        FOCAL: ("gamma", "alpha", "apply_class_balancing", "label_smoothing", "reduction")}[loss]}
 
 
 OPTIONS = st.fixed_dictionaries(dict(
@@ -90,6 +92,10 @@ OPTIONS = st.fixed_dictionaries(dict(
     z_loss=st.sampled_from([0.0, 0.0, 1e-3]),
     reduction=st.sampled_from(["mean", "sum", "none"]),
     ignore_index=st.sampled_from([-100, 0]),
+    delta=st.sampled_from([1.0, 1.0, 0.1, 5.0, 1e-3]),
+    gamma=st.sampled_from([2.0, 2.0, 0.0, 0.5, 1.0, 3.0, 2.5]),
+    alpha=st.sampled_from([0.25, 0.9]),
+    apply_class_balancing=st.booleans(),
 ))
 
 
@@ -102,7 +108,7 @@ def _other(loss, case, opts, rng):
     if loss == DENSE:
         t = rng.dirichlet(np.ones(shape[-1]), size=shape[:-1])
         return np.where(rng.random(shape) < 0.2, 0.0, t)
-    if loss == SIGMOID:
+    if loss in (SIGMOID, FOCAL):
         return np.where(rng.random(shape) < 0.5, rng.random(shape), (rng.random(shape) > 0.5).astype(float))
     return rng.standard_normal(shape) * case["scale"]
 
@@ -128,6 +134,8 @@ test_fuzz_sparse_cross_entropy = _fuzz(SPARSE)
 test_fuzz_dense_cross_entropy = _fuzz(DENSE)
 test_fuzz_sigmoid_cross_entropy = _fuzz(SIGMOID)
 test_fuzz_mean_squared_error = _fuzz(MSE)
+test_fuzz_huber = _fuzz(HUBER)
+test_fuzz_sigmoid_focal_loss = _fuzz(FOCAL)
 
 
 def test_every_backend_is_fuzzed():

@@ -29,7 +29,7 @@ def test_jit_matches_eager():
 
 
 @pytest.mark.parametrize("loss", ["sparse_softmax_cross_entropy", "softmax_cross_entropy",
-                                  "sigmoid_cross_entropy", "mean_squared_error"])
+                                  "sigmoid_cross_entropy", "mean_squared_error", "huber", "sigmoid_focal_loss"])
 def test_vmap_matches_loop(loss):
     rng = np.random.default_rng(1)
     x = rng.standard_normal((4, 5, 9)).astype(np.float32)

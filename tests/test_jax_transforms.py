@@ -19,10 +19,12 @@ jax = pytest.importorskip("jax")
 jnp = jax.numpy
 
 BACKENDS = ["jax", "numba"]
-LOSSES = ["sparse_softmax_cross_entropy", "softmax_cross_entropy", "sigmoid_cross_entropy", "mean_squared_error"]
+LOSSES = ["sparse_softmax_cross_entropy", "softmax_cross_entropy", "sigmoid_cross_entropy", "mean_squared_error",
+          "huber", "sigmoid_focal_loss"]
 OPTIONS = {"sparse_softmax_cross_entropy": ("temperature", "label_smoothing", "z_loss"),
            "softmax_cross_entropy": ("temperature", "label_smoothing"),
-           "sigmoid_cross_entropy": ("label_smoothing",), "mean_squared_error": ()}
+           "sigmoid_cross_entropy": ("label_smoothing",), "mean_squared_error": (), "huber": ("delta",),
+           "sigmoid_focal_loss": ("gamma", "alpha", "label_smoothing")}
 
 
 def _inputs(loss, n=5, c=37, seed=0):
@@ -36,10 +38,20 @@ def _inputs(loss, n=5, c=37, seed=0):
     return x, other
 
 
-def _reference_jnp(loss, x, other, temperature=1.0, label_smoothing=0.0, z_loss=0.0):
+def _reference_jnp(loss, x, other, temperature=1.0, label_smoothing=0.0, z_loss=0.0, delta=1.0, gamma=2.0,
+                   alpha=0.25, apply_class_balancing=False):
     """The textbook formulas in plain jnp (autodiff of these is the second reference)."""
+    if loss == "sigmoid_focal_loss":  # Keras' formula from logits
+        t = other * (1 - label_smoothing) + 0.5 * label_smoothing
+        p = jax.nn.sigmoid(x)
+        bce = jnp.maximum(x, 0) - x * t + jnp.log1p(jnp.exp(-jnp.abs(x)))
+        w = t * alpha + (1 - t) * (1 - alpha) if apply_class_balancing else 1.0
+        return jnp.mean(w * (1 - (t * p + (1 - t) * (1 - p))) ** gamma * bce)
     if loss == "mean_squared_error":
         return jnp.mean((x - other) ** 2)
+    if loss == "huber":
+        e = jnp.abs(x - other)
+        return jnp.mean(jnp.where(e <= delta, 0.5 * e ** 2, delta * (e - 0.5 * delta)))
     if loss == "sigmoid_cross_entropy":
         t = other * (1 - label_smoothing) + 0.5 * label_smoothing
         return jnp.mean(jnp.maximum(x, 0) - x * t + jnp.log1p(jnp.exp(-jnp.abs(x))))
@@ -97,20 +109,21 @@ def _option_fd(loss, x, other, opts, name, h=1e-5):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("loss", LOSSES[:3])
+@pytest.mark.parametrize("loss", [name for name in LOSSES if OPTIONS[name]])
 def test_gradient_with_respect_to_options(backend, loss):
     x, other = _inputs(loss, seed=3)
-    opts = {"temperature": 1.7, "label_smoothing": 0.2, "z_loss": 0.01}
+    opts = {"temperature": 1.7, "label_smoothing": 0.2, "z_loss": 0.01, "delta": 1.3, "gamma": 1.7, "alpha": 0.3}
     opts = {k: opts[k] for k in OPTIONS[loss]}
+    fixed = {"apply_class_balancing": True} if loss == "sigmoid_focal_loss" else {}  # so that alpha counts
     fn = getattr(fastloss, loss)
 
     def f(vals):
-        return fn(jnp.asarray(x), jnp.asarray(other), **dict(zip(opts, vals)), backend=backend)
+        return fn(jnp.asarray(x), jnp.asarray(other), **dict(zip(opts, vals)), **fixed, backend=backend)
 
     grads = jax.jit(jax.grad(f))(tuple(jnp.float32(v) for v in opts.values()))
     for name, g in zip(opts, grads):
-        np.testing.assert_allclose(float(g), _option_fd(loss, x, other, opts, name), rtol=2e-4, atol=1e-5,
-                                   err_msg=name)
+        np.testing.assert_allclose(float(g), _option_fd(loss, x, other, dict(opts, **fixed), name), rtol=2e-4,
+                                   atol=1e-5, err_msg=name)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -128,7 +141,8 @@ def test_learnable_temperature_with_large_offset(backend):
 @pytest.mark.parametrize("loss", LOSSES)
 def test_jvp_and_jacfwd_match_autodiff_of_the_formula(backend, loss):
     x, other = _inputs(loss, seed=5)
-    opts = {k: v for k, v in {"temperature": 1.3, "label_smoothing": 0.1, "z_loss": 1e-3}.items()
+    opts = {k: v for k, v in {"temperature": 1.3, "label_smoothing": 0.1, "z_loss": 1e-3, "delta": 0.9, "gamma": 1.5,
+                              "alpha": 0.3}.items()
             if k in OPTIONS[loss]}
     fn = getattr(fastloss, loss)
     xj, oj = jnp.asarray(x), jnp.asarray(other)

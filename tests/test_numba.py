@@ -400,6 +400,30 @@ def test_single_long_row_uses_all_threads_and_is_correct():
     np.testing.assert_allclose(g, ref[1], rtol=1e-4, atol=1e-10)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16", "float16"])
+@pytest.mark.parametrize("loss,opts", [("huber", dict(delta=0.6)), ("mean_squared_error", {}),
+                                       ("sigmoid_cross_entropy", dict(label_smoothing=0.1)),
+                                       ("sigmoid_focal_loss", dict(gamma=2.0)),
+                                       ("sigmoid_focal_loss", dict(gamma=0.7, apply_class_balancing=True,
+                                                                   label_smoothing=0.1))])
+def test_elementwise_kernels_across_blocks_and_alignments(loss, opts, dtype):
+    # Lengths around the kernels' BLOCK and the non-temporal store's vector width, with views that
+    # start off a 32-byte boundary: each block's scalar head, vector body and tail against float64.
+    from .harness import np_dtype, rounded
+    rng = np.random.default_rng(len(loss))
+    for n, start in ((1, 0), (7, 1), (K.BLOCK - 1, 3), (K.BLOCK + 5, 1), (3 * K.BLOCK + 17, 0)):
+        p = (rng.standard_normal(n + start) * 2).astype(np_dtype(dtype))[start:]
+        t = rng.random(n + start).astype(np_dtype(dtype))[start:]
+        for reduction in ("sum", "none"):
+            got = getattr(fastloss, loss)(p, t, reduction=reduction, backend="numba", **opts)
+            ref = R.LOSSES[loss](rounded(p, dtype), rounded(t, dtype), reduction=reduction, **opts)
+            np.testing.assert_allclose(np.asarray(got, np.float64), ref[0], rtol=2e-5, atol=1e-6)
+        _, g = fastloss.value_and_grad(getattr(fastloss, loss))(p, t, reduction="sum", backend="numba", **opts)
+        g_ref = rounded(ref[1], dtype)
+        tol = {"float32": 2e-6, "float64": 1e-12, "bfloat16": 8e-3, "float16": 1e-3}[dtype]
+        np.testing.assert_allclose(rounded(g, dtype), g_ref, rtol=tol, atol=tol)
+
+
 def test_strided_inputs():
     rng = np.random.default_rng(3)
     base = rng.standard_normal((10, 40)).astype(np.float32)

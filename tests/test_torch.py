@@ -36,7 +36,26 @@ CASES = {  # name -> (make other, a torch reference with the same options, optio
         lambda g: torch.randn(N, C, dtype=torch.float64, generator=g),
         lambda p, t, reduction="mean": F.mse_loss(p, t, reduction=reduction),
         dict()),
+    "huber": (
+        lambda g: torch.randn(N, C, dtype=torch.float64, generator=g),
+        lambda p, t, delta=1.0, reduction="mean": F.huber_loss(p, t, delta=delta, reduction=reduction),
+        dict(delta=0.7)),
+    "sigmoid_focal_loss": (
+        lambda g: torch.rand(N, C, dtype=torch.float64, generator=g),
+        lambda x, t, gamma=2.0, alpha=0.25, apply_class_balancing=False, label_smoothing=0.0, reduction="mean":
+            _torch_focal(x, t, gamma, alpha, apply_class_balancing, label_smoothing, reduction),
+        dict(gamma=1.5, apply_class_balancing=True, alpha=0.4, label_smoothing=0.1)),
 }
+
+
+def _torch_focal(x, t, gamma, alpha, balance, eps, reduction):
+    """Keras' formula from logits, autodiffed by torch (the second reference)."""
+    t = t * (1 - eps) + eps / 2
+    p = torch.sigmoid(x)
+    per = (1 - (t * p + (1 - t) * (1 - p))) ** gamma * F.binary_cross_entropy_with_logits(x, t, reduction="none")
+    if balance:
+        per = per * (t * alpha + (1 - t) * (1 - alpha))
+    return {"mean": per.mean, "sum": per.sum, "none": lambda: per}[reduction]()
 
 
 def _torch_sparse(x, y, temperature, label_smoothing, z_loss, reduction):
@@ -166,7 +185,8 @@ torch.manual_seed(0)
 h = torch.randn(16, 8)
 other = {"sparse_softmax_cross_entropy": torch.randint(0, 6, (16,)),
          "softmax_cross_entropy": torch.softmax(torch.randn(16, 6), -1),
-         "sigmoid_cross_entropy": torch.rand(16, 6), "mean_squared_error": torch.randn(16, 6)}[name]
+         "sigmoid_cross_entropy": torch.rand(16, 6), "mean_squared_error": torch.randn(16, 6),
+         "huber": torch.randn(16, 6), "sigmoid_focal_loss": torch.rand(16, 6)}[name]
 fn = getattr(fastloss, name)
 
 def make():

@@ -18,11 +18,12 @@ from . import plan
 from .approx import SIGMOID_COEF
 from .dense_ce import dense_blocks, dense_tiny
 from .distill import DIVERGENCES, distill_rows
-from .elementwise import BLOCK, sigmoid_cross_entropy, squared_error
+from .elementwise import BLOCK, huber, sigmoid_cross_entropy, sigmoid_focal, squared_error
 from .sparse_ce import sparse_blocks, sparse_short, sparse_tiny
 from .sparse_split import sparse_split
 
 SPARSE = {"tiny": sparse_tiny, "short": sparse_short, "blocks": sparse_blocks, "split": sparse_split}
 DENSE = {"tiny": dense_tiny, "blocks": dense_blocks}
 
-__all__ = ["BLOCK", "DENSE", "DIVERGENCES", "distill_rows", "SIGMOID_COEF", "SPARSE", "plan", "sigmoid_cross_entropy", "squared_error"]
+__all__ = ["BLOCK", "DENSE", "DIVERGENCES", "distill_rows", "huber", "SIGMOID_COEF", "SPARSE", "plan", "sigmoid_cross_entropy", "sigmoid_focal",
+           "squared_error"]

@@ -202,3 +202,31 @@ def _sigmoid_parts_ov(xv, c):
             return np.log1p(e), (inv if xv >= 0.0 else e * inv)
         return parts64
     return None
+
+
+def _sigmoid_pair(xv, c):
+    pass
+
+
+@overload(_sigmoid_pair, jit_options=dict(fastmath=EXP_FLAGS))
+def _sigmoid_pair_ov(xv, c):
+    """(log1p(e), p, q, p q) with p = sigmoid(x) and q = sigmoid(-x) = 1 - p, from one
+    e = exp(-|x|), for the focal loss: q is never formed as 1 - p, so a confident prediction keeps
+    its small complement (whose power is the focal factor); p q = e/(1+e)² needs no select."""
+    if xv == types.float32:
+        def pair32(xv, c):
+            e = _exp2_core(abs(xv) * c[14], c[15], c[16], c[0], c[1], c[2], c[3], c[4], c[5])
+            inv = _recip_core(e, c[17])
+            w = e * inv
+            sp = w * _g_core(e, c[6], c[7], c[8], c[9], c[10], c[11], c[12], c[13])
+            neg = _sign_bit_set(xv)
+            return sp, (w if neg else inv), (inv if neg else w), w * inv
+        return pair32
+    if xv == types.float64:
+        def pair64(xv, c):
+            e = np.exp(-abs(xv))
+            inv = 1.0 / (1.0 + e)
+            w = e * inv
+            return np.log1p(e), (inv if xv >= 0.0 else w), (w if xv >= 0.0 else inv), w * inv
+        return pair64
+    return None

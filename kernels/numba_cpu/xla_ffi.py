@@ -35,7 +35,7 @@ from numba.extending import intrinsic
 from .approx import SIGMOID_COEF
 from .dense_ce import dense_blocks, dense_tiny
 from .distill import distill_rows
-from .elementwise import BLOCK, sigmoid_cross_entropy, squared_error
+from .elementwise import BLOCK, huber, sigmoid_cross_entropy, sigmoid_focal, squared_error
 from .sparse_ce import _row_params, sparse_blocks, sparse_short, sparse_tiny
 from .sparse_split import _chunk_grads, _chunk_stats, _combine_rows
 
@@ -210,10 +210,11 @@ def distill_handler(s_dtype, t_dtype, y_dtype, acc, has_labels, want_s, want_t):
 
 # ----------------------------------------------------------------------------- elementwise
 def elementwise_handler(loss, x_dtype, t_dtype, acc, want_values, want_x, want_t):
-    """Handler for sigmoid CE (params [ε, scale]) and squared error (params [scale]): args
-    (x, targets, params), results (per-element values if ``want_values`` else per-block partial
-    sums (ceil(n / BLOCK),), [grad x], [grad targets])."""
-    sigmoid = loss == "sigmoid_cross_entropy"
+    """Handler for sigmoid CE (params [ε, scale]), squared error (params [scale]), Huber (params
+    [δ, scale]) and sigmoid focal (params [γ, α, balance, ε, scale]): args (x, targets, params),
+    results (per-element values if ``want_values`` else per-block partial sums (ceil(n / BLOCK),),
+    [grad x], [grad targets])."""
+    kind = ("sigmoid_cross_entropy", "squared_error", "huber", "sigmoid_focal").index(loss)  # a literal in the body
 
     def run(frame):
         _, rows, last = _buffer(frame, _ARGS, 0)
@@ -226,11 +227,16 @@ def elementwise_handler(loss, x_dtype, t_dtype, acc, want_values, want_x, want_t
         partial = np.empty((n + BLOCK - 1) // BLOCK, acc) if want_values else first
         gx = _flat_out(frame, 1, x_dtype) if want_x else np.empty(1, x_dtype)
         gt = _flat_out(frame, 1 + want_x, t_dtype) if want_t else np.empty(1, t_dtype)
-        if sigmoid:
+        if kind == 0:
             sigmoid_cross_entropy(x, t, vals, partial, gx, gt, p[0], SIGMOID_COEF, p[1], want_values, want_x,
                                   want_t)
-        else:
+        elif kind == 1:
             squared_error(x, t, vals, partial, gx, gt, p[0], want_values, want_x, want_t)
+        elif kind == 2:
+            huber(x, t, vals, partial, gx, gt, p[0], p[1], want_values, want_x, want_t)
+        else:
+            sigmoid_focal(x, t, vals, partial, gx, gt, p[0], p[1], p[2], p[3], SIGMOID_COEF, p[4], want_values,
+                          want_x, want_t)
     return _handler(run)
 
 
