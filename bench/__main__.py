@@ -67,7 +67,8 @@ def _rows(benchmarks):
             continue
         med = b["stats"]["median"]
         floor = info["bytes"] / info["copy_bw"]
-        rows.append(dict(case=info["case"], loss=info["loss"], shape="x".join(map(str, info["shape"])),
+        rows.append(dict(case=info["case"], loss=info["loss"], variant=info.get("variant", ""),
+                         shape="x".join(map(str, info["shape"])),
                          dtype=info["dtype"], provider=info["provider"], median_ms=med * 1e3,
                          min_ms=b["stats"]["min"] * 1e3,
                          gbps=info["bytes"] / med / 1e9, floor_frac=floor / med, peak_mib=info["peak_extra_mib"],
@@ -82,6 +83,10 @@ def _rows(benchmarks):
                 break
         else:
             r["speedup_vs_keras"], r["baseline"] = float("nan"), None
+        # an option's cost (class weights, softcap): its time over the same provider's plain loss
+        plain = [o for o in rows if r["variant"] and not o["variant"] and o["loss"] == r["loss"]
+                 and (o["shape"], o["dtype"], o["provider"]) == (r["shape"], r["dtype"], r["provider"])]
+        r["vs_plain"] = r["median_ms"] / plain[0]["median_ms"] if plain else None
     from .providers import PROVIDERS
     order = {p: i for i, p in enumerate(PROVIDERS)}
     return sorted(rows, key=lambda r: (r["case"], order.get(r["provider"], 99)))
@@ -163,7 +168,10 @@ def _table(rows):
         ok = "yes" if r["correct"] else f"**NO** (rel err {r['rel_err']:.1e})"
         speed = "n/a" if r["baseline"] is None else \
             f"{r['speedup_vs_keras']:.2f}x" + ("" if r["baseline"] == "keras-stock-jax" else " (torch)")
-        lines.append(f"| {r['loss'].replace('_', ' ')} | {r['shape']} | {r['dtype']} | {r['provider']} | "
+        if r["vs_plain"] is not None:
+            speed = f"{r['vs_plain']:.2f}x plain's time"
+        name = r["loss"].replace("_", " ") + (f" ({r['variant']})" if r["variant"] else "")
+        lines.append(f"| {name} | {r['shape']} | {r['dtype']} | {r['provider']} | "
                      f"{r['median_ms']:.1f} | {r['min_ms']:.1f} | {speed} | {r['gbps']:.1f} | "
                      f"{100 * r['floor_frac']:.0f}% | {r['peak_mib']:.0f} | {ok} |")
     return head + "\n".join(lines) + "\n"

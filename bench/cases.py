@@ -24,16 +24,30 @@ SHORT = {SPARSE: "sparse-ce", DENSE: "dense-ce", SIGMOID: "sigmoid-ce", MSE: "ms
          "distillation_loss": "distill"}  # the last: bench/test_distillation.py
 
 
+SOFTCAP = 30.0  # Gemma 2's final-logit cap
+
+
 @dataclasses.dataclass(frozen=True)
 class Case:
     loss: str
     shape: tuple
     dtype: str = "float32"
     gpu_only: bool = False
+    variant: str = ""  # sparse CE: "weighted" (class weights) or "softcap"
 
     @property
     def id(self):
-        return f"{SHORT[self.loss]}-{'x'.join(map(str, self.shape))}-{self.dtype}"
+        name = SHORT[self.loss] + (f"-{self.variant}" if self.variant else "")
+        return f"{name}-{'x'.join(map(str, self.shape))}-{self.dtype}"
+
+    def options(self):
+        """The loss's keyword options for this case: class weights (uniform in [0.5, 2), fixed
+        seed) or the softcap; none for the plain case."""
+        if self.variant == "weighted":
+            return dict(weight=np.random.default_rng(7).uniform(0.5, 2.0, self.shape[-1]).astype(np.float32))
+        if self.variant == "softcap":
+            return dict(softcap=SOFTCAP)
+        return {}
 
     @property
     def itemsize(self):
@@ -54,6 +68,8 @@ CPU_CASES = [
     Case(SPARSE, (65536, 10)),
     Case(SPARSE, (65536, 1000)),
     Case(SPARSE, (4096, 32000), "bfloat16"),
+    Case(SPARSE, (4096, 32000), variant="weighted"),
+    Case(SPARSE, (4096, 32000), variant="softcap"),
     Case(DENSE, (65536, 1000)),
     Case(MSE, (N24,)),
     Case(HUBER, (N24,)),
@@ -65,7 +81,9 @@ GPU_CASES = [
     Case(SPARSE, (8192, 128256), "bfloat16", gpu_only=True),
     Case(SPARSE, (4096, 32000), gpu_only=True),
 ]
-QUICK_CASES = [Case(SPARSE, (4096, 32000)), Case(SPARSE, (65536, 1000)), Case(MSE, (N24,)), Case(HUBER, (N24,)),
+QUICK_CASES = [Case(SPARSE, (4096, 32000)), Case(SPARSE, (4096, 32000), variant="weighted"),
+               Case(SPARSE, (4096, 32000), variant="softcap"), Case(SPARSE, (65536, 1000)), Case(MSE, (N24,)),
+               Case(HUBER, (N24,)),
                Case(SIGMOID, (N24,)), Case(FOCAL, (N24,))]
 TINY_CASES = [Case(SPARSE, (8, 1000)), Case(MSE, (4096,))]  # harness smoke runs (interpreter, CI)
 
@@ -125,9 +143,10 @@ def _reference_loss(case):
     o = rounded(other, case.dtype) if case.loss != SPARSE else other
     if case.loss == SPARSE:  # chunked: the naive reference holds several (N, C) float64 arrays
         total = 0.0
+        opts = case.options()
         for lo in range(0, xr.shape[0], 512):
-            total += R.sparse_softmax_cross_entropy(xr[lo:lo + 512], o[lo:lo + 512], reduction="sum")[0]
-        return total / xr.shape[0]
+            total += R.sparse_softmax_cross_entropy(xr[lo:lo + 512], o[lo:lo + 512], reduction="sum", **opts)[0]
+        return total / (float(np.sum(opts["weight"][o])) if "weight" in opts else xr.shape[0])
     return R.LOSSES[case.loss](xr, o)[0]
 
 

@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from .cases import DENSE, ELEMENTWISE, FOCAL, HUBER, MSE, SIGMOID, SPARSE, data
+from .cases import DENSE, ELEMENTWISE, FOCAL, HUBER, MSE, SIGMOID, SOFTCAP, SPARSE, data
 
 PROVIDERS = ("fastloss-numba", "fastloss-jax", "fastloss-triton", "keras-stock-jax", "keras-stock-torch",
              "jax-autodiff", "optax", "torch", "torch-compile", "liger")
@@ -58,17 +58,26 @@ def _jax_step(fn, xj, oj):
 def _fastloss_jax(case):
     import fastloss
     fn = getattr(fastloss, case.loss)
-    return _jax_step(lambda a, b: fn(a, b), *_jax_inputs(case))
+    opts = case.options()
+    return _jax_step(lambda a, b: fn(a, b, **opts), *_jax_inputs(case))
 
 
 def _jax_autodiff(case):
     import jax
     import jax.numpy as jnp
 
+    def sparse_rows(z, b):
+        return jax.nn.logsumexp(z, axis=-1) - jnp.take_along_axis(z, b[..., None], axis=-1)[..., 0]
+
+    w = jnp.asarray(case.options().get("weight", np.ones(1, np.float32)))
+
     def sparse(a, b):
         z = a.astype(jnp.float32)
-        lse = jax.nn.logsumexp(z, axis=-1)
-        return jnp.mean(lse - jnp.take_along_axis(z, b[..., None], axis=-1)[..., 0])
+        if case.variant == "softcap":
+            return jnp.mean(sparse_rows(SOFTCAP * jnp.tanh(z / SOFTCAP), b))
+        if case.variant == "weighted":  # torch's weighted mean
+            return jnp.sum(w[b] * sparse_rows(z, b)) / jnp.sum(w[b])
+        return jnp.mean(sparse_rows(z, b))
 
     def dense(a, b):
         return jnp.mean(-jnp.sum(b * jax.nn.log_softmax(a.astype(jnp.float32), axis=-1), axis=-1))
@@ -97,6 +106,13 @@ def _jax_autodiff(case):
 def _optax(case):
     import jax.numpy as jnp
     import optax
+    if case.variant == "softcap":  # optax has no softcap: the user caps the logits first
+        return _jax_step(lambda a, b: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
+            SOFTCAP * jnp.tanh(a.astype(jnp.float32) / SOFTCAP), b)), *_jax_inputs(case))
+    if case.variant == "weighted":  # nor class weights: the user weighs the per-row losses
+        wj = jnp.asarray(case.options()["weight"])
+        return _jax_step(lambda a, b: jnp.sum(wj[b] * optax.softmax_cross_entropy_with_integer_labels(
+            a.astype(jnp.float32), b)) / jnp.sum(wj[b]), *_jax_inputs(case))
     fns = {
         SPARSE: lambda a, b: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(a.astype(jnp.float32), b)),
         DENSE: lambda a, b: jnp.mean(optax.softmax_cross_entropy(a.astype(jnp.float32), b)),
@@ -110,6 +126,9 @@ def _optax(case):
 
 def _keras_fn(case):
     import keras
+    if case.variant:
+        raise Skip("Keras' SparseCategoricalCrossentropy has no class weights (fit's class_weight scales "
+                   "samples, with another mean) and no softcap")
     return {
         SPARSE: keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         DENSE: keras.losses.CategoricalCrossentropy(from_logits=True),
@@ -157,7 +176,15 @@ def _device():
 
 
 def _torch(case):
+    import torch
     import torch.nn.functional as F
+    if case.variant == "softcap":  # torch has no softcap option: cap the logits, then cross_entropy
+        return _torch_step(lambda a, b: F.cross_entropy(SOFTCAP * torch.tanh(a.flatten(0, -2) / SOFTCAP),
+                                                        b.flatten()), *_torch_inputs(case, _device()))
+    if case.variant == "weighted":
+        wt = torch.from_numpy(case.options()["weight"]).to(_device())
+        return _torch_step(lambda a, b: F.cross_entropy(a.flatten(0, -2), b.flatten(), weight=wt),
+                           *_torch_inputs(case, _device()))
     fns = {
         SPARSE: lambda a, b: F.cross_entropy(a.flatten(0, -2), b.flatten()),
         DENSE: lambda a, b: F.cross_entropy(a.flatten(0, -2), b.flatten(0, -2)),
@@ -211,12 +238,12 @@ def _keras_stock_torch(case):
 def _fastloss_numba(case):
     import fastloss
     if case.dtype == "bfloat16":  # torch CPU tensors: the zero-copy autograd path
-        import fastloss  # noqa: F811
         fn = getattr(fastloss, case.loss)
         return _torch_step(lambda a, b: fn(a, b, backend="numba"), *_torch_inputs(case, "cpu"))
     x, other = data(case)
     vg = fastloss.value_and_grad(getattr(fastloss, case.loss))
-    return lambda: float(vg(x, other, backend="numba")[0])
+    opts = case.options()
+    return lambda: float(vg(x, other, backend="numba", **opts)[0])
 
 
 def _fastloss_triton(case):
@@ -228,7 +255,11 @@ def _fastloss_triton(case):
     if device == "cpu" and int(np.prod(case.shape)) > 1 << 16:
         raise Skip("fastloss-triton on the interpreter runs only the tiny harness cases (FASTLOSS_BENCH=tiny)")
     fn = getattr(fastloss, case.loss)
-    return _torch_step(lambda a, b: fn(a, b, backend="triton"), *_torch_inputs(case, device))
+    opts = case.options()
+    if "weight" in opts:
+        import torch
+        opts["weight"] = torch.from_numpy(opts["weight"]).to(device)
+    return _torch_step(lambda a, b: fn(a, b, backend="triton", **opts), *_torch_inputs(case, device))
 
 
 _FACTORIES = {

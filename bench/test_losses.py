@@ -52,7 +52,8 @@ def test_loss_and_grad(benchmark, case, provider):
     rel = abs(value - ref) / max(abs(ref), 1e-30)
     tol = 2e-2 if case.dtype in ("bfloat16", "float16") else 1e-4
     benchmark.extra_info.update(
-        provider=provider, case=case.id, loss=case.loss, shape=list(case.shape), dtype=case.dtype,
+        provider=provider, case=case.id, loss=case.loss, variant=case.variant, shape=list(case.shape),
+        dtype=case.dtype,
         bytes=case.bytes_moved, copy_bw=bandwidth, value=value, reference=ref, rel_err=rel,
         correct=bool(math.isfinite(value) and rel <= tol), peak_extra_mib=peak)
     assert math.isfinite(value) and rel <= tol, f"{provider} {case.id}: loss {value} vs float64 {ref}"

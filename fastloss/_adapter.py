@@ -2,11 +2,9 @@
 eager label check. A backend writes its kernels' calls; the rules around them live here, once.
 
 Nothing here imports a framework: values are NumPy arrays, torch tensors or jax arrays, and the
-framework-specific pieces (an accurate sum, a device-side max(count, 1)) come in as arguments.
+framework-specific pieces (an accurate sum, a device-side nonzero_or_one) come in as arguments.
 """
 from __future__ import annotations
-
-import numpy as np
 
 from ._validation import label_range_error
 
@@ -31,18 +29,25 @@ def loss_table(make):
     return {name: make(name) for name in LOSS_NAMES}
 
 
-def mean_scale(reduction: str, count: int) -> float:
+def nonzero_or_one(count):
+    """What "mean" divides by: the count (of rows, elements, or with class weights the counted
+    rows' summed weights, which torch lets be negative), or 1 where it is 0: an empty or
+    all-ignored batch gives 0.0."""
+    return count if count != 0 else 1
+
+
+def mean_scale(reduction: str, count) -> float:
     """d total / d value: 1/count for "mean" (count 0 gives 1, with nothing to scale), else 1."""
-    return 1.0 / max(count, 1) if reduction == "mean" else 1.0
+    return 1.0 / nonzero_or_one(count) if reduction == "mean" else 1.0
 
 
-def reduce(values, reduction: str, count, shape, total, at_least_one=lambda c: max(c, 1)):
+def reduce(values, reduction: str, count, shape, total, at_least_one=nonzero_or_one):
     """The loss from per-row / per-element values (already 0 for ignored rows).
 
     "none" -> ``values`` reshaped to ``shape``; "sum" -> ``total(values)``; "mean" -> the total over
-    max(count, 1), so an empty batch or an all-ignored one gives 0.0 and a zero gradient, never NaN.
-    ``total`` is the framework's accurate sum; ``at_least_one`` is max(count, 1) for a count that
-    may live on a device (no host synchronisation).
+    the count (nonzero_or_one), so an empty batch or an all-ignored one gives 0.0 and a zero
+    gradient, never NaN. ``total`` is the framework's accurate sum; ``at_least_one`` is
+    nonzero_or_one for a count that may live on a device (no host synchronisation).
     """
     if reduction == "none":
         return values.reshape(shape)

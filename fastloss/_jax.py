@@ -100,11 +100,9 @@ def _elementwise(name):
 
 
 def _kwargs(spec):
-    name, ignore_index, reduction, _ = spec
-    kw = {}
-    if name == "sparse_softmax_cross_entropy":
-        kw["ignore_index"] = ignore_index
-    return kw
+    """The kernel's static keyword options: spec[1] holds them as (name, value) pairs (sparse CE:
+    ignore_index and softcap; none for the other losses)."""
+    return dict(spec[1])
 
 
 def _xla_kernel(spec, x, other, params, want_x, want_other):
@@ -244,10 +242,22 @@ def _option(value, name, acc):
     return jnp.where(ok, v, jnp.nan)
 
 
+def _sparse_scale_and_weights(labels, weight, ignore_index, n_cls, acc):
+    """(count "mean" divides by, weights to append to params): the non-ignored rows, or with class
+    weights the sum of the counted rows' label weights (as torch). Weights are not differentiated
+    (as in torch): they enter with stop_gradient."""
+    kept = ~K.is_ignored(labels, ignore_index)
+    if weight is None:
+        return jnp.sum(kept).astype(acc), jnp.zeros((0,), acc)
+    w = jax.lax.stop_gradient(jnp.asarray(weight, acc).reshape(-1))
+    counted = kept & (labels >= 0) & (labels < n_cls)
+    return jnp.sum(jnp.where(counted, w[jnp.clip(labels, 0, n_cls - 1)], 0)), w
+
+
 @partial(jax.jit, static_argnames=("spec",))
-def _core(x, other, options, *, spec):
+def _core(x, other, options, weight=None, *, spec):
     """The whole loss, jitted so eager calls run as one XLA program (inlined under an outer jit)."""
-    name, ignore_index, reduction, _ = spec
+    name, statics, reduction, _ = spec
     row_ndim = _adapter.ROW_NDIM[name]
     lead = x.shape[:x.ndim - row_ndim]
     if row_ndim:
@@ -256,12 +266,14 @@ def _core(x, other, options, *, spec):
     else:
         x2, o2 = x.reshape(-1), other.reshape(-1)
     acc = K.acc_dtype(x)
+    weights = jnp.zeros((0,), acc)
     if name == "sparse_softmax_cross_entropy":
-        count = jnp.sum(~K.is_ignored(o2, ignore_index))
+        count, weights = _sparse_scale_and_weights(o2, weight, dict(statics)["ignore_index"], x.shape[-1], acc)
     else:
-        count = math.prod(lead)
-    scale = 1.0 / jnp.maximum(count, 1).astype(acc) if reduction == "mean" else jnp.ones((), acc)
-    params = jnp.stack([*[_option(v, k, acc) for k, v in zip(_OPTIONS[name], options)], scale]).astype(acc)
+        count = jnp.asarray(math.prod(lead), acc)
+    scale = 1.0 / jnp.where(count != 0, count, 1).astype(acc) if reduction == "mean" else jnp.ones((), acc)
+    opts = jnp.stack([_option(v, k, acc) for k, v in zip(_OPTIONS[name], options)]) if options else jnp.zeros(0, acc)
+    params = jnp.concatenate([opts.astype(acc), weights, scale.reshape(1).astype(acc)])
     out = _loss(spec, x2, o2, params)
     return out.reshape(lead) if reduction == "none" else out
 
@@ -290,15 +302,19 @@ def _run(name, x, other, opts, with_grad, backend=None):
     _check_not_torch(other, "labels/targets")
     if name == "sparse_softmax_cross_entropy":
         _check_labels_eagerly(other, x.shape[-1], opts["ignore_index"])
-    spec = (name, opts.get("ignore_index"), opts["reduction"], _provider(backend))
+    statics = ()
+    if name == "sparse_softmax_cross_entropy":
+        statics = (("ignore_index", opts["ignore_index"]), ("softcap", opts.get("softcap")))
+    spec = (name, statics, opts["reduction"], _provider(backend))
     options = tuple(opts[k] for k in _OPTIONS[name])
+    weight = opts.get("weight")
     ctx, numpy_in = _context(x, other)
     with ctx:
         xj, oj = jnp.asarray(x), jnp.asarray(other)
         core = partial(_core, spec=spec)
         if with_grad:
-            return _out(jax.value_and_grad(core)(xj, oj, options), numpy_in)
-        return _out(core(xj, oj, options), numpy_in)
+            return _out(jax.value_and_grad(core)(xj, oj, options, weight), numpy_in)
+        return _out(core(xj, oj, options, weight), numpy_in)
 
 
 def call(name, x, other, opts, backend=None):

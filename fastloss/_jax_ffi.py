@@ -147,19 +147,24 @@ def _call(name, outs, args, alias_grad, **attrs):
     return [varying_like(r, args) for r in res]
 
 
-def sparse_cross_entropy(x, labels, params, ignore_index, *, want_x=True, want_other=False):
+def sparse_cross_entropy(x, labels, params, ignore_index, softcap=None, *, want_x=True, want_other=False):
+    """params: [T, ε, z_loss, (C class weights,) scale], as jax_xla.sparse_cross_entropy."""
     from fastloss.kernels.numba_cpu import xla_ffi
     labels = _labels(labels)
     n, c = x.shape
     threads = _threads()
-    path, chunks = plan.sparse_path(n, c, c, threads)
+    weighted = params.shape[0] > 4
+    path, chunks = plan.sparse_path(n, c, c, threads, plain=not weighted and not softcap)
     acc = _acc(x)
     xs, ys = _storage(x.dtype), _storage(labels.dtype)
-    key = ("sparse", path, np.dtype(xs).name, np.dtype(ys).name, np.dtype(acc).name, int(want_x))
-    name = _target(key, lambda: xla_ffi.sparse_handler(path, xs, ys, acc, want_x))
+    key = ("sparse", path, np.dtype(xs).name, np.dtype(ys).name, np.dtype(acc).name, int(want_x), int(weighted))
+    name = _target(key, lambda: xla_ffi.sparse_handler(path, xs, ys, acc, want_x, weighted))
     outs = [jax.ShapeDtypeStruct((n,), acc)] + ([jax.ShapeDtypeStruct(x.shape, x.dtype)] if want_x else [])
+    # The kernel's params carry the softcap (a static option here) after the first three.
+    p = params.astype(acc)
+    p = jnp.concatenate([p[:3], jnp.full((1,), softcap or 0.0, acc), p[3:]])
     # In place only on the paths that never read a logit after writing its row's gradient.
-    res = _call(name, outs, (x, labels, params.astype(acc)), want_x and path in ("short", "blocks"),
+    res = _call(name, outs, (x, labels, p), want_x and path in ("short", "blocks"),
                 ignore_index=_adapter.kernel_ignore_index(ignore_index), n_chunks=chunks, threads=threads)
     return res[0], (res[1] if want_x else None), None
 

@@ -42,7 +42,7 @@ _SPARSE = "sparse_softmax_cross_entropy"
 # cfg = (ignore_index, reduction, provider, chunk_rows, weight dtype, bias dtype | None): static
 def _ce_spec(cfg):
     ignore_index, _, provider = cfg[:3]
-    return (_SPARSE, ignore_index, "sum", provider)
+    return (_SPARSE, (("ignore_index", ignore_index),), "sum", provider)
 
 
 def _logits(h, w, b, acc):

@@ -177,7 +177,9 @@ def _sparse(x, labels, opts, want_x, want_other):
     loss = np.empty(n, acc)
     lse = np.empty(n, acc)
     gname, = _grad_names(opts, name)
-    path, chunks = plan.sparse_path(n, n_cls, stride, threads)
+    w, count = _class_weights(opts.get("weight"), y, ign, n_cls, acc, count)
+    cap = opts.get("softcap") or 0.0
+    path, chunks = plan.sparse_path(n, n_cls, stride, threads, plain=w.shape[0] == 0 and not cap)
     if want_x and opts.get("in_place") and path in ("short", "blocks") and stride == n_cls:
         # fastloss._torch_linear's chunk logits (a temporary it owns): the gradient overwrites them.
         # Only on the paths that read each row's logits before writing its gradient, never after.
@@ -187,7 +189,7 @@ def _sparse(x, labels, opts, want_x, want_other):
         g_obj, g = out.empty(tuple(x.shape), gname) if want_x else (None, _dummy_rows(xv, n_cls))
     # opts["grad_scale"]: d total / d row set by the caller (a chunk of a larger "mean").
     scale = opts.get("grad_scale")
-    kopts = (acc(1.0 / opts["temperature"]), acc(opts["label_smoothing"]), acc(opts["z_loss"]),
+    kopts = (acc(1.0 / opts["temperature"]), acc(opts["label_smoothing"]), acc(opts["z_loss"]), acc(cap),
              acc(scale) if scale is not None else _scale(opts["reduction"], count, acc))
     g2 = g.reshape(-1, n_cls)
     if path == "tiny":
@@ -195,11 +197,29 @@ def _sparse(x, labels, opts, want_x, want_other):
     elif path == "split":
         bad = K.sparse_split(xv, stride, n_cls, y, loss, lse, g2, kopts, ign, want_x, chunks, threads)
     else:
-        bad = K.SPARSE[path](xv, stride, n_cls, y, loss, lse, g2, kopts, ign, want_x, threads)
+        bad = K.SPARSE[path](xv, stride, n_cls, y, loss, lse, g2, kopts, w, ign, want_x, threads)
     if bad:
         _adapter.check_label_range(y, n_cls, opts["ignore_index"])
     value = _reduce(loss, opts["reduction"], count, acc, out, tuple(x.shape[:-1]))
     return value, (out.finish(g_obj, gname) if want_x else None), None
+
+
+def _class_weights(weight, y, ign, n_cls, acc, count):
+    """(w, count): the kernel's weights ((C,) in the accumulation dtype, read-only; empty for none)
+    and what "mean" divides by: the number of counted rows, or with weights the sum of their
+    labels' weights (as torch; a sum of 0 divides by 1, as an empty batch does, where torch gives
+    NaN)."""
+    if weight is None:
+        return _NO_WEIGHTS[np.dtype(acc).name], count
+    w = np.ascontiguousarray(_kernel_view(weight).reshape(-1), dtype=acc)
+    w.flags.writeable = False
+    ok = (y != ign) & (y >= 0) & (y < n_cls)
+    return w, float(np.sum(w[y[ok]], dtype=np.float64))
+
+
+_NO_WEIGHTS = {name: np.zeros(0, name) for name in ("float32", "float64")}
+for _w in _NO_WEIGHTS.values():
+    _w.flags.writeable = False
 
 
 def _dummy_rows(xv, n_cls):

@@ -4,7 +4,9 @@ and ``torch.compile(fullgraph=True)``.
 One op per loss, with the schema
 
     (Tensor x, Tensor other, float[] params, int ignore_index, str reduction, str backend,
-     bool want_x, bool want_other) -> (Tensor value, Tensor grad_x, Tensor grad_other)
+     bool want_x, bool want_other, Tensor? weight=None) -> (Tensor value, Tensor grad_x, Tensor grad_other)
+
+(``weight``: sparse cross-entropy's class weights, not differentiated, as in torch.)
 
 - The real implementation runs the fused kernel: Numba for CPU tensors (or Triton's interpreter
   when ``backend="triton"``), Triton for CUDA tensors. The forward writes the gradients already
@@ -29,12 +31,12 @@ from . import _adapter
 
 _ROW = _adapter.ROW_NDIM
 _SCHEMA = ("(Tensor x, Tensor other, float[] params, int ignore_index, str reduction, str backend, bool want_x, "
-           "bool want_other) -> (Tensor, Tensor, Tensor)")
+           "bool want_other, Tensor? weight=None) -> (Tensor, Tensor, Tensor)")
 _LIB = torch.library.Library("fastloss", "DEF")  # noqa: TOR901 - one library object, kept for the process
 
 # params per loss, in order (names of the options dict)
 PARAMS = {
-    "sparse_softmax_cross_entropy": ("temperature", "label_smoothing", "z_loss"),
+    "sparse_softmax_cross_entropy": ("temperature", "label_smoothing", "z_loss", "softcap"),
     "softmax_cross_entropy": ("temperature", "label_smoothing"),
     "sigmoid_cross_entropy": ("label_smoothing",),
     "mean_squared_error": (),
@@ -43,10 +45,13 @@ PARAMS = {
 }
 
 
-def _opts(name, params, ignore_index, reduction):
+def _opts(name, params, ignore_index, reduction, weight=None):
     opts = dict(zip(PARAMS[name], params), reduction=reduction)
     if name == "sparse_softmax_cross_entropy":
         opts["ignore_index"] = None if ignore_index == _adapter.NO_IGNORE else ignore_index
+        opts["softcap"] = opts["softcap"] or None  # 0.0 in params: none
+        if weight is not None:
+            opts["weight"] = weight
     return opts
 
 
@@ -72,8 +77,8 @@ def _grad_f32(x, reduction):
 
 
 def _real(name):
-    def impl(x, other, params, ignore_index, reduction, backend, want_x, want_other):
-        opts = _opts(name, params, ignore_index, reduction)
+    def impl(x, other, params, ignore_index, reduction, backend, want_x, want_other, weight=None):
+        opts = _opts(name, params, ignore_index, reduction, weight)
         if _grad_f32(x, reduction):
             opts["grad_dtype"] = "float32"
         if backend == "triton" or x.device.type != "cpu":
@@ -89,7 +94,7 @@ def _real(name):
 
 
 def _fake(name):
-    def impl(x, other, params, ignore_index, reduction, backend, want_x, want_other):
+    def impl(x, other, params, ignore_index, reduction, backend, want_x, want_other, weight=None):
         value = x.new_empty(_value_shape(name, x, reduction), dtype=_acc(x))
         gdt = torch.float32 if _grad_f32(x, reduction) else None
         return (value, torch.empty_like(x, dtype=gdt or x.dtype) if want_x else x.new_empty(0),
@@ -112,9 +117,18 @@ def _weights(name, x, other, opts, g):
 
 def _mean_count(name, x, other, opts, batch_axes=0):
     """The count "mean" divides by, at least 1: of the whole input, or per index of its first
-    ``batch_axes`` axes (the vmap rule). Non-ignored rows for sparse CE, rows for dense CE,
-    elements for the elementwise losses."""
+    ``batch_axes`` axes (the vmap rule). Non-ignored rows for sparse CE (with class weights the
+    sum of their labels' weights, 1 where that is 0), rows for dense CE, elements for the
+    elementwise losses."""
     lead = tuple(x.shape[:batch_axes])
+    if name == "sparse_softmax_cross_entropy" and opts.get("weight") is not None:
+        w, n_cls = opts["weight"].to(_acc(x)), x.shape[-1]
+        kept = (other >= 0) & (other < n_cls)
+        if opts["ignore_index"] is not None:
+            kept = kept & (other != opts["ignore_index"])
+        per = torch.where(kept, w[other.clamp(0, n_cls - 1)], torch.zeros((), dtype=w.dtype, device=w.device))
+        count = per.reshape(lead + (-1,)).sum(-1)
+        return torch.where(count != 0, count, torch.ones_like(count))
     if name == "sparse_softmax_cross_entropy" and opts["ignore_index"] is not None:
         kept = other != opts["ignore_index"]
         count = kept.reshape(lead + (-1,)).sum(-1)
@@ -130,17 +144,7 @@ def _unfused_grads(name, x, other, opts, w):
     acc = _acc(x)
     xf = x.to(acc)
     if name == "sparse_softmax_cross_entropy":
-        t, eps, zl = opts["temperature"], opts["label_smoothing"], opts["z_loss"]
-        ign = opts["ignore_index"]
-        n_cls = x.shape[-1]
-        keep = torch.ones_like(other, dtype=torch.bool) if ign is None else other != ign
-        z = xf / t
-        p = torch.softmax(z, dim=-1)
-        lse = torch.logsumexp(z, dim=-1, keepdim=True)
-        onehot = torch.arange(n_cls, device=x.device) == other.unsqueeze(-1)  # no data-dependent shapes (vmap)
-        q = onehot.to(acc) * (1 - eps) + eps / n_cls
-        g = (p * (1 + 2 * zl * lse) - q) / t * w
-        return torch.where(keep.unsqueeze(-1), g, torch.zeros_like(g)), None
+        return _sparse_unfused(x, other, opts, w), None
     if name == "softmax_cross_entropy":
         t, eps = opts["temperature"], opts["label_smoothing"]
         q = other.to(acc) * (1 - eps) + eps / x.shape[-1]
@@ -159,6 +163,35 @@ def _unfused_grads(name, x, other, opts, w):
         c = torch.clamp(d, -opts["delta"], opts["delta"])
         return c * w, -c * w
     return 2 * d * w, -2 * d * w
+
+
+def _sparse_unfused(x, y, opts, w):
+    """Sparse CE's gradient as a torch expression (the contract's closed form, with class weights
+    and the softcap), for the second order."""
+    acc = _acc(x)
+    t, eps, zl, cap = opts["temperature"], opts["label_smoothing"], opts["z_loss"], opts.get("softcap")
+    ign = opts["ignore_index"]
+    n_cls = x.shape[-1]
+    xf = x.to(acc)
+    dcap = None
+    if cap:
+        th = torch.tanh(xf / cap)
+        xf, dcap = torch.where(xf == -float("inf"), xf, cap * th), 1 - th * th
+    keep = torch.ones_like(y, dtype=torch.bool) if ign is None else y != ign
+    z = xf / t
+    p = torch.softmax(z, dim=-1)
+    lse = torch.logsumexp(z, dim=-1, keepdim=True)
+    onehot = (torch.arange(n_cls, device=x.device) == y.unsqueeze(-1)).to(acc)  # no data-dependent shapes (vmap)
+    if opts.get("weight") is None:
+        g = p * (1 + 2 * zl * lse) - (onehot * (1 - eps) + eps / n_cls)
+    else:
+        cw = opts["weight"].to(acc)
+        wy = (onehot * cw).sum(-1, keepdim=True)
+        g = p * (wy * (1 - eps + 2 * zl * lse) + eps * cw.sum() / n_cls) - (onehot * wy * (1 - eps) + eps * cw / n_cls)
+    g = g / t * w
+    if dcap is not None:
+        g = g * dcap
+    return torch.where(keep.unsqueeze(-1), g, torch.zeros_like(g))
 
 
 def _focal_grads(x, t, opts, w):
@@ -196,15 +229,15 @@ class _Fused(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x, other, name, params, ignore_index, reduction, backend, want_x, want_other):
+    def forward(x, other, name, params, ignore_index, reduction, backend, want_x, want_other, weight):
         return getattr(torch.ops.fastloss, name)(x, other, params, ignore_index, reduction, backend, want_x,
-                                                 want_other)
+                                                 want_other, weight)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, other, name, params, ignore_index, reduction, _, _, _ = inputs
+        x, other, name, params, ignore_index, reduction, _, _, _, weight = inputs
         ctx.name = name
-        ctx.opts = _opts(name, params, ignore_index, reduction)
+        ctx.opts = _opts(name, params, ignore_index, reduction, weight)
         ctx.save_for_backward(x, other, output[1], output[2])
         ctx.mark_non_differentiable(output[1], output[2])
         # The gradient outputs have no gradient: without this autograd would fill an (N, C) zeros
@@ -216,7 +249,7 @@ class _Fused(torch.autograd.Function):
         x, other, gx, go = ctx.saved_tensors
         name, opts = ctx.name, ctx.opts
         want = ctx.needs_input_grad[:2]
-        rest = (None,) * 7
+        rest = (None,) * 8
         if g_value is None:
             return (None, None) + rest
         if torch.is_grad_enabled():  # the backward is differentiated: an exact, differentiable formula
@@ -254,14 +287,16 @@ def _scale_in_place(grad, g):
 def _vmap(name):
     op = lambda *a: getattr(torch.ops.fastloss, name)(*a)  # noqa: E731 - resolved at call time
 
-    def rule(info, in_dims, x, other, params, ignore_index, reduction, backend, want_x, want_other):
+    def rule(info, in_dims, x, other, params, ignore_index, reduction, backend, want_x, want_other, weight=None):
         bx, bo = in_dims[0], in_dims[1]
+        if len(in_dims) > 8 and in_dims[8] is not None:
+            raise ValueError("vmap over `weight` is not supported: class weights are one (C,) tensor for the batch.")
         size = info.batch_size
         x = x.movedim(bx, 0) if bx is not None else x.expand((size,) + tuple(x.shape))
         other = other.movedim(bo, 0) if bo is not None else other.expand((size,) + tuple(other.shape))
-        value, gx, go = op(x, other, params, ignore_index, "none", backend, want_x, want_other)
+        value, gx, go = op(x, other, params, ignore_index, "none", backend, want_x, want_other, weight)
         if reduction != "none":  # reduce per batch element; the fused gradients get that element's scale
-            opts = _opts(name, params, ignore_index, reduction)
+            opts = _opts(name, params, ignore_index, reduction, weight)
             flat = value.reshape(size, -1)
             total = flat.sum(-1, dtype=torch.float64).to(value.dtype)
             if reduction == "mean":
@@ -294,9 +329,12 @@ def call(name, x, other, opts, backend):
     grad_on = torch.is_grad_enabled()
     want_x = bool(grad_on and x.requires_grad)
     want_other = bool(grad_on and other.requires_grad and other.is_floating_point())
-    params = [float(opts[k]) for k in PARAMS[name]]
+    params = [float(opts.get(k) or 0.0) for k in PARAMS[name]]  # softcap None -> 0.0
     ign = _adapter.kernel_ignore_index(opts.get("ignore_index"))
-    value, _, _ = _Fused.apply(x, other, name, params, ign, opts["reduction"], backend, want_x, want_other)
+    weight = opts.get("weight")
+    if weight is not None:
+        weight = weight.detach().to(device=x.device, dtype=_acc(x)).contiguous()
+    value, _, _ = _Fused.apply(x, other, name, params, ign, opts["reduction"], backend, want_x, want_other, weight)
     return value
 
 

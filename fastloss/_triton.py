@@ -67,7 +67,10 @@ def _grad_dtype(opts, like):
 
 
 def _at_least_one(count):
-    return count.clamp(min=1) if isinstance(count, torch.Tensor) else max(count, 1)
+    # the count, 1 where it is 0 (_adapter.nonzero_or_one on the device: a weighted count may be < 1)
+    if isinstance(count, torch.Tensor):
+        return torch.where(count != 0, count, torch.ones_like(count))
+    return _adapter.nonzero_or_one(count)
 
 
 def _reduce(values, reduction, count, lead):
@@ -95,17 +98,29 @@ def _sparse(x, labels, opts, want_x, want_other, inplace=False):
     # In place: pass 2 of each row reads a block of logits, then overwrites it with its gradient
     # (the label's logit is read in pass 1), so the (N, C) gradient costs no new memory.
     g = x2 if (inplace and want_x) else torch.empty_like(x2, dtype=_grad_dtype(opts, x2)) if want_x else x2[:1]
-    count = (y != ign).sum()
-    params = _params((1.0 / opts["temperature"], opts["label_smoothing"], opts["z_loss"]), opts["reduction"],
-                     count, x.device, acc)
+    cap = opts.get("softcap") or 0.0
+    weight = opts.get("weight")
+    if weight is None:
+        count, w, w_sum = (y != ign).sum(), loss[:1], float(n_cls)
+    else:
+        # "mean" divides by the counted rows' label weights (as torch); Σ w for the smoothed term.
+        w = weight.detach().to(device=x.device, dtype=acc).reshape(-1).contiguous()
+        counted = (y != ign) & (y >= 0) & (y < n_cls)
+        count = torch.where(counted, w[y.clamp(0, n_cls - 1)], torch.zeros((), dtype=acc, device=x.device)).sum()
+        count = torch.where(count != 0, count, torch.ones_like(count))
+        w_sum = w.sum()
+    params = _params((1.0 / opts["temperature"], opts["label_smoothing"], opts["z_loss"], cap, 0.0),
+                     opts["reduction"], count, x.device, acc)
+    params[4] = w_sum
     if opts.get("grad_scale") is not None:  # a chunk of a larger "mean" (fastloss._torch_linear)
         params[-1] = opts["grad_scale"]
     if n:
         block = K.row_block(n_cls, x.device.type == "cpu")
         K.sparse_ce_kernel[(n,)](
-            x2, x2.stride(0), y, loss, lse, g, g.stride(0), params, n_cls, ign, BLOCK=block,
-            HAS_SMOOTH=opts["label_smoothing"] != 0.0, HAS_ZLOSS=opts["z_loss"] != 0.0, WANT_GRAD=want_x,
-            ACC_F64=acc == torch.float64, num_warps=K.num_warps(block))
+            x2, x2.stride(0), y, loss, lse, g, g.stride(0), params, w, n_cls, ign, BLOCK=block,
+            HAS_SMOOTH=opts["label_smoothing"] != 0.0, HAS_ZLOSS=opts["z_loss"] != 0.0, HAS_CAP=cap != 0.0,
+            HAS_WEIGHT=weight is not None, WANT_GRAD=want_x, ACC_F64=acc == torch.float64,
+            num_warps=K.num_warps(block))
     value = _reduce(loss, opts["reduction"], count, lead)
     return value, (g.reshape(x.shape) if want_x else None), None
 

@@ -146,6 +146,47 @@ def check_non_negative(value, arg: str):
     return v
 
 
+def check_softcap(value):
+    """None, or a finite Python number > 0. The softcap is a static option (it decides which kernel
+    code runs), so a jax tracer is a TypeError rather than a value checked inside the program."""
+    if value is None:
+        return None
+    if _is_tracer(value):
+        raise TypeError("`softcap` must be None or a Python number > 0 (a static option of the kernels); "
+                        "received a traced value.")
+    return check_positive(value, "softcap")
+
+
+def check_class_weight(weight, n_cls: int) -> None:
+    """None, or a float array of shape (C,) with finite values (any sign, as torch allows). The
+    values are checked where that costs no device round trip: NumPy arrays, CPU tensors and
+    concrete jax arrays (CUDA tensors and jax tracers are taken as they are)."""
+    if weight is None:
+        return
+    shape, name = shape_of(weight), dtype_name(weight)
+    if shape != (n_cls,) or name not in ("float16", "bfloat16", "float32", "float64"):
+        raise ValueError(f"`weight` must be a float array of shape ({n_cls},), one weight per class; received "
+                         f"shape {shape} and dtype {name}.")
+    if _is_tracer(weight):
+        return
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(weight, torch.Tensor):
+        # torch ops, not NumPy: the tensor may be a torch.func wrapper (no storage to view); and no
+        # check at all while torch.compile traces (a data-dependent branch would break the graph).
+        if weight.device.type != "cpu" or torch.compiler.is_compiling():
+            return
+        bad_mask = ~torch.isfinite(weight.detach())
+        if bool(bad_mask.any()):
+            k = int(torch.nonzero(bad_mask)[0, 0])
+            raise ValueError(f"`weight` must hold finite values; received {float(weight[k])!r} at class {k}.")
+        return
+    values = np.asarray(weight, dtype=np.float64)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        raise ValueError(f"`weight` must hold finite values; received {values[bad][0]!r} at class "
+                         f"{int(np.flatnonzero(bad)[0])}.")
+
+
 def check_bool(value, arg: str) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise ValueError(f"`{arg}` must be True or False; received {value!r}.")

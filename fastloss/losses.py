@@ -56,16 +56,25 @@ def _call(loss, x, other, backend, opts):
 # value_and_grad share them, so the two can never disagree on what is valid.
 
 def _validate_sparse(logits, labels, *, temperature=1.0, label_smoothing=0.0, ignore_index=-100,
-                     z_loss=0.0, reduction="mean"):
+                     z_loss=0.0, weight=None, softcap=None, reduction="mean"):
     logits, labels = _pair(logits, labels, "logits", "labels")
     V.check_float_input(logits, "logits")
     V.check_class_axis(V.shape_of(logits))
     V.check_labels(labels, V.shape_of(logits))
-    return logits, labels, dict(temperature=V.check_temperature(temperature),
-                                label_smoothing=V.check_label_smoothing(label_smoothing),
-                                ignore_index=V.check_ignore_index(ignore_index),
-                                z_loss=V.check_z_loss(z_loss),
-                                reduction=V.check_reduction(reduction))
+    if weight is not None:
+        _, weight = _pair(logits, weight, "logits", "weight")
+        V.check_class_weight(weight, V.shape_of(logits)[-1])
+    opts = dict(temperature=V.check_temperature(temperature),
+                label_smoothing=V.check_label_smoothing(label_smoothing),
+                ignore_index=V.check_ignore_index(ignore_index),
+                z_loss=V.check_z_loss(z_loss),
+                reduction=V.check_reduction(reduction))
+    # The new options appear only when set, so every other path sees the opts it always did.
+    if weight is not None:
+        opts["weight"] = weight
+    if softcap is not None:
+        opts["softcap"] = V.check_softcap(softcap)
+    return logits, labels, opts
 
 
 def _validate_dense(logits, targets, *, temperature=1.0, label_smoothing=0.0, reduction="mean"):
@@ -124,7 +133,8 @@ _VALIDATORS = {
 
 
 def sparse_softmax_cross_entropy(logits, labels, *, temperature=1.0, label_smoothing=0.0,
-                                 ignore_index=-100, z_loss=0.0, reduction="mean", backend=None):
+                                 ignore_index=-100, z_loss=0.0, weight=None, softcap=None, reduction="mean",
+                                 backend=None):
     """Softmax cross-entropy with integer class labels, fused loss and gradient.
 
     With ``z = logits / temperature`` (fp32, or fp64 for fp64 input), per row::
@@ -133,7 +143,13 @@ def sparse_softmax_cross_entropy(logits, labels, *, temperature=1.0, label_smoot
         d row / d logits = (softmax(z) (1 + 2 z_loss lse(z)) - q) / temperature,
         q = (1-ε) onehot(y) + ε/C
 
-    The label's logit is gathered; no one-hot is ever built.
+    The label's logit is gathered; no one-hot is ever built. With class weights ``w`` (torch's
+    ``weight``, and torch's label smoothing with weights)::
+
+        row = w[y] ((1-ε)(lse(z) - z[y]) + z_loss lse(z)^2) + (ε/C) Σ_c w_c (lse(z) - z_c)
+
+    With ``softcap`` the logits are first replaced by ``softcap * tanh(logits / softcap)`` (before
+    the temperature; -inf stays -inf), and the gradient goes through the tanh.
 
     Args:
         logits: float array (..., C): float16, bfloat16, float32 or float64.
@@ -143,8 +159,12 @@ def sparse_softmax_cross_entropy(logits, labels, *, temperature=1.0, label_smoot
         ignore_index: rows with this label have loss 0 and gradient 0 (whatever their logits hold),
             and are not counted by "mean"; None ignores no row.
         z_loss: weight of the lse^2 regulariser (PaLM), >= 0.
-        reduction: "mean" (sum over non-ignored rows / their count, 0.0 when there are none),
-            "sum", or "none" (per-row losses of shape (...)).
+        weight: None, or (C,) finite float class weights (an array of the logits' framework, or
+            NumPy). Not differentiated (as in torch).
+        softcap: None, or a Python number > 0: the logits' soft cap (Gemma 2 uses 30).
+        reduction: "mean" (sum over non-ignored rows / their count, or with ``weight`` / the sum
+            of their labels' weights; 0.0 when that is 0), "sum", or "none" (per-row losses of
+            shape (...)).
         backend: None (by input type), "jax", "numba" or "triton".
 
     Returns:
@@ -160,7 +180,8 @@ def sparse_softmax_cross_entropy(logits, labels, *, temperature=1.0, label_smoot
         0.3455
     """
     x, other, opts = _validate_sparse(logits, labels, temperature=temperature, label_smoothing=label_smoothing,
-                                      ignore_index=ignore_index, z_loss=z_loss, reduction=reduction)
+                                      ignore_index=ignore_index, z_loss=z_loss, weight=weight, softcap=softcap,
+                                      reduction=reduction)
     return _call("sparse_softmax_cross_entropy", x, other, backend, opts)
 
 

@@ -68,8 +68,22 @@ def _weighted(w, term):
 
 
 # ----------------------------------------------------------------------------------- sparse CE
+def softcap_logits(x, cap):
+    """(cap tanh(x / cap), 1 - tanh²) in the accumulation dtype: the capped logits and their
+    derivative. A -inf (masked) logit stays -inf with derivative 0, where tanh alone would give it
+    the finite logit -cap and so probability mass."""
+    xf = x.astype(acc_dtype(x))
+    th = jnp.tanh(xf / cap)
+    return jnp.where(xf == -jnp.inf, xf, cap * th), 1.0 - th * th
+
+
+def _class_weights(params, n_cls):
+    """The (C,) class weights carried in params [T, ε, z_loss, w..., scale], or None."""
+    return params[3:-1] if params.shape[0] > 4 else None
+
+
 def _sparse_parts(x, labels, params, ignore_index):
-    t, eps, z_loss = params[0], params[1], params[2]
+    t = params[0]
     n_cls = x.shape[-1]
     m, log_s = _shift(x, t)
     lse = m / t + log_s
@@ -77,10 +91,17 @@ def _sparse_parts(x, labels, params, ignore_index):
     # overwritten with NaN).
     idx = jnp.clip(labels, 0, n_cls - 1)[:, None].astype(jnp.int32)
     zs_y = _zs(jnp.take_along_axis(x, idx, axis=-1), m, t)[:, 0]
-    mean_zs = jnp.mean(_zs(x, m, t), axis=-1)
+    w = _class_weights(params, n_cls)
+    if w is None:
+        wy, wsum = jnp.ones_like(lse), float(n_cls)
+        w_zs = jnp.sum(_zs(x, m, t), axis=-1)
+    else:
+        # Σ_k w_k zs_k, a class of weight 0 adding 0 even where its logit is -inf
+        wy, wsum = w[idx[:, 0]], jnp.sum(w)
+        w_zs = jnp.sum(_weighted(w[None, :], _zs(x, m, t)), axis=-1)
     valid = (labels >= 0) & (labels < n_cls)
     ignored = is_ignored(labels, ignore_index)
-    return m, log_s, lse, zs_y, mean_zs, valid, ignored
+    return m, log_s, lse, zs_y, w_zs, wy, wsum, valid, ignored
 
 
 def _by_row_kind(values, valid, ignored):
@@ -89,25 +110,38 @@ def _by_row_kind(values, valid, ignored):
     return jnp.where(ignored, jnp.zeros_like(values), jnp.where(valid, values, nan))
 
 
-def sparse_cross_entropy(x, labels, params, ignore_index, *, want_x=True, want_other=False):
+def sparse_cross_entropy(x, labels, params, ignore_index, softcap=None, *, want_x=True, want_other=False):
     """Per-row sparse softmax cross-entropy and its gradient.
 
     Args:
-        x: (N, C) float logits. labels: (N,) integers. params: [T, ε, z_loss, scale].
-        ignore_index: a static int or None.
+        x: (N, C) float logits. labels: (N,) integers. params: [T, ε, z_loss, scale], or
+            [T, ε, z_loss, w_0 .. w_{C-1}, scale] with class weights.
+        ignore_index: a static int or None. softcap: a static float > 0 or None.
 
     Returns:
         (loss (N,), grad (N, C) | None, None). ``loss`` is 0 for ignored rows and NaN for labels
         outside [0, C) (never clamped to a valid class); so are the rows of the gradient.
 
-    With z = x / T, q = (1-ε) onehot(y) + ε/C:
+    With z = x / T (x first replaced by softcap tanh(x / softcap)), q = (1-ε) onehot(y) + ε/C:
         row = (1-ε)(lse - z_y) + ε(lse - mean z) + z_loss lse²
         d row / dx = (softmax(z)(1 + 2 z_loss lse) - q) / T
+    and with class weights w (W = Σ w), as torch weights label smoothing:
+        row = w_y [(1-ε)(lse - z_y) + z_loss lse²] + (ε/C) Σ_k w_k (lse - z_k)
+        d row / dz = softmax(z) [w_y (1-ε + 2 z_loss lse) + ε W / C] - w_y (1-ε) onehot(y) - ε w / C
     """
-    t, eps, z_loss, scale = params[0], params[1], params[2], params[3]
+    dcap = None
+    if softcap:
+        x_in = x
+        x, dcap = softcap_logits(x, softcap)
+    t, eps, z_loss, scale = params[0], params[1], params[2], params[-1]
     n_cls = x.shape[-1]
-    m, log_s, lse, zs_y, mean_zs, valid, ignored = _sparse_parts(x, labels, params, ignore_index)
-    row = (1.0 - eps) * (log_s - zs_y) + _weighted(eps, log_s - mean_zs) + _weighted(z_loss, lse * lse)
+    m, log_s, lse, zs_y, w_zs, wy, wsum, valid, ignored = _sparse_parts(x, labels, params, ignore_index)
+    w = _class_weights(params, n_cls)
+    if w is None:
+        row = (1.0 - eps) * (log_s - zs_y) + _weighted(eps, log_s - w_zs / n_cls) + _weighted(z_loss, lse * lse)
+    else:
+        own = (1.0 - eps) * (log_s - zs_y) + _weighted(z_loss, lse * lse)
+        row = _weighted(wy, own) + _weighted(eps, (wsum * log_s - w_zs) / n_cls)
     loss = _by_row_kind(row, valid, ignored)
     if not want_x:
         return loss, None, None
@@ -115,31 +149,54 @@ def sparse_cross_entropy(x, labels, params, ignore_index, *, want_x=True, want_o
     # above), per-row a = scale (1 + 2 z_loss lse) / (s T) and b = scale ε / (C T); the label's
     # -(1-ε) scale / T is one scatter-add of N values (in place). An ignored row's gradient is
     # exactly 0 even when its logits hold NaN or inf (padding): the select fuses into the same pass.
-    a = scale * (1.0 + _weighted(z_loss, 2.0 * lse)) * jnp.exp(-log_s) / t
-    g = jnp.exp(_zs(x, m, t)) * a[:, None] - scale * eps / (n_cls * t)
+    zl = _weighted(z_loss, 2.0 * lse)
+    if w is None:
+        a = scale * (1.0 + zl) * jnp.exp(-log_s) / t
+        b = scale * eps / (n_cls * t)
+        label = -(1.0 - eps) * scale / t
+    else:
+        a = scale * (wy * (1.0 - eps + zl) + eps * wsum / n_cls) * jnp.exp(-log_s) / t
+        b = (scale * eps / (n_cls * t)) * w[None, :]
+        label = -(1.0 - eps) * wy * scale / t
+    g = jnp.exp(_zs(x, m, t)) * a[:, None] - b
     rows = jnp.arange(x.shape[0])
-    g = g.at[rows, jnp.clip(labels, 0, n_cls - 1)].add(-(1.0 - eps) * scale / t)
+    g = g.at[rows, jnp.clip(labels, 0, n_cls - 1)].add(label)
+    if dcap is not None:
+        g = g * dcap
     bad = jnp.where(valid, jnp.zeros_like(row), jnp.full_like(row, jnp.nan))
     g = jnp.where(ignored[:, None], jnp.zeros_like(g), g + bad[:, None])
-    return loss, g.astype(x.dtype), None
+    return loss, g.astype(x_in.dtype if softcap else x.dtype), None
 
 
-def sparse_option_grads(x, labels, params, ignore_index):
-    """d row / d (T, ε, z_loss), shape (N, 3), with z = x / T and g_z = p(1 + 2 z_loss lse) - q:
+def sparse_option_grads(x, labels, params, ignore_index, softcap=None):
+    """d row / d (T, ε, z_loss), shape (N, 3), with z = x / T and g_z = p A - q (A the factor of p
+    in the gradient, q = (1-ε) w_y onehot(y) + ε w / C; w = 1 unweighted):
 
         d row / dT = -(1/T) Σ_c g_z,c z_c
-                   = -(1/T) [(1 + 2 z_loss lse) Σ p zs - (1-ε) zs_y - ε mean zs + 2 z_loss lse m / T]
-        d row / dε = zs_y - mean zs,    d row / d z_loss = lse²
+                   = -(1/T) [A Σ p zs - (1-ε) w_y zs_y - (ε/C) Σ w zs + 2 z_loss w_y lse m / T]
+        d row / dε = w_y (zs_y - log s) + (W log s - Σ w zs) / C,    d row / d z_loss = w_y lse²
 
-    (zs = z - m/T: Σ g_z = 2 z_loss lse carries the shift, so large offsets cancel exactly.)"""
+    (zs = z - m/T: Σ g_z = 2 z_loss w_y lse carries the shift, so large offsets cancel exactly.)
+    With a softcap these are the same expressions of the capped logits (T acts after the cap)."""
+    if softcap:
+        x, _ = softcap_logits(x, softcap)
     t, eps, z_loss = params[0], params[1], params[2]
-    m, log_s, lse, zs_y, mean_zs, valid, ignored = _sparse_parts(x, labels, params, ignore_index)
+    n_cls = x.shape[-1]
+    m, log_s, lse, zs_y, w_zs, wy, wsum, valid, ignored = _sparse_parts(x, labels, params, ignore_index)
     zs = _zs(x, m, t)
     p = jnp.exp(zs - log_s[:, None])
     p_zs = jnp.sum(jnp.where(p == 0, jnp.zeros_like(zs), p * zs), axis=-1)  # 0 * -inf of masked classes
     zl_lse = _weighted(z_loss, 2.0 * lse)
-    d_t = -((1.0 + zl_lse) * p_zs - (1.0 - eps) * zs_y - _weighted(eps, mean_zs) + _weighted(zl_lse, m / t)) / t
-    d = jnp.stack([d_t, zs_y - mean_zs, lse * lse], axis=-1)
+    if _class_weights(params, n_cls) is None:
+        d_t = -((1.0 + zl_lse) * p_zs - (1.0 - eps) * zs_y - _weighted(eps, w_zs / n_cls)
+                + _weighted(zl_lse, m / t)) / t
+        d = jnp.stack([d_t, zs_y - w_zs / n_cls, lse * lse], axis=-1)
+    else:
+        big_a = wy * (1.0 - eps + zl_lse) + eps * wsum / n_cls
+        d_t = -(_weighted(big_a, p_zs) - _weighted(wy, (1.0 - eps) * zs_y) - _weighted(eps, w_zs / n_cls)
+                + _weighted(wy * zl_lse, m / t)) / t
+        d_eps = _weighted(wy, zs_y - log_s) + (wsum * log_s - w_zs) / n_cls
+        d = jnp.stack([d_t, d_eps, _weighted(wy, lse * lse)], axis=-1)
     return _by_row_kind(d, valid[:, None], ignored[:, None])
 
 

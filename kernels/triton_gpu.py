@@ -42,35 +42,73 @@ def _acc(x, ACC_F64: tl.constexpr):
 
 
 @triton.jit
-def sparse_ce_kernel(X, stride_x, Y, LOSS, LSE, G, stride_g, PARAMS, n_cols, ignore_index,
+def _tanh(u, ACC_F64: tl.constexpr):
+    """tanh from exp: the odd Taylor polynomial to u^9 near 0 (where (1 - e)/(1 + e) would cancel),
+    (1 - e)/(1 + e) with e = exp(-2|u|) beyond. The switch is at |u| = 1/4 in fp32 (the next Taylor
+    term is 1e-8 relative there) and 0.04 in fp64 (1e-16; the exp form loses at most ~12 ulp
+    there). ±inf give ±1, NaN stays NaN."""
+    if ACC_F64:
+        switch = 0.04
+    else:
+        switch = 0.25
+    a = tl.abs(u)
+    e = tl.exp(-2.0 * a)
+    big = (1.0 - e) / (1.0 + e)
+    a2 = a * a
+    small = a + a * a2 * (-1.0 / 3.0 + a2 * (2.0 / 15.0 + a2 * (-17.0 / 315.0 + a2 * (62.0 / 2835.0))))
+    t = tl.where(a < switch, small, big)
+    return tl.where(u < 0, -t, t)
+
+
+@triton.jit
+def _capped(x, cap, HAS_CAP: tl.constexpr, ACC_F64: tl.constexpr):
+    """(logits after the softcap, tanh) with -inf kept at -inf (tanh -1 there, so 1 - tanh² = 0)."""
+    if HAS_CAP:
+        th = _tanh(x / cap, ACC_F64)
+        out = tl.where(x == -float("inf"), x, cap * th)
+    else:
+        th = x
+        out = x
+    return out, th
+
+
+@triton.jit
+def sparse_ce_kernel(X, stride_x, Y, LOSS, LSE, G, stride_g, PARAMS, W, n_cols, ignore_index,
                      BLOCK: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_ZLOSS: tl.constexpr,
+                     HAS_CAP: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                      WANT_GRAD: tl.constexpr, ACC_F64: tl.constexpr):
     """One row: loss (and lse) always, gradient (scaled by scale / T) when WANT_GRAD.
 
-    PARAMS = [1/T, ε, z_loss, scale] in the accumulation dtype, on the device: a Python float
-    argument would reach the kernel as fp32 (float64 inputs must keep float64 options), and
-    scale = 1/count for "mean" is computed on the device without a host sync.
+    PARAMS = [1/T, ε, z_loss, cap, Σ w, scale] in the accumulation dtype, on the device: a Python
+    float argument would reach the kernel as fp32 (float64 inputs must keep float64 options), and
+    scale = 1/count for "mean" is computed on the device without a host sync. W: the (C,) class
+    weights (read when HAS_WEIGHT). With HAS_CAP the logits are cap tanh(x / cap) (-inf kept) and
+    the gradient is multiplied by 1 - tanh².
     """
     row = tl.program_id(0).to(tl.int64)
     inv_t = tl.load(PARAMS)
     eps = tl.load(PARAMS + 1)
     z_loss = tl.load(PARAMS + 2)
+    cap = tl.load(PARAMS + 3)
     x_row = X + row * stride_x
     g_row = G + row * stride_g
     y = tl.load(Y + row).to(tl.int64)
     ignored = y == ignore_index
     valid = (y >= 0) & (y < n_cols)
+    y_safe = tl.where(valid, y, 0)
     # Pass 1: online max / sum (and Σ zs for smoothing), one read of the row, with zs = (x - m) / T:
     # the max is taken of the unscaled logits and the shift comes before the temperature, so a tiny
-    # T cannot overflow x / T. s_rest is the sum without the label's term (see pass 2).
+    # T cannot overflow x / T. s_rest is the sum without the label's term (see pass 2). With class
+    # weights the smoothing sum is Σ w zs, rescaled by the weight seen so far (w_seen).
     m = _const(-float("inf"), ACC_F64)
     s = _const(0.0, ACC_F64)
     s_rest = _const(0.0, ACC_F64)
     sz = _const(0.0, ACC_F64)
+    w_seen = _const(0.0, ACC_F64)
     for off in range(0, n_cols, BLOCK):
         cols = off + tl.arange(0, BLOCK)
         mask = cols < n_cols
-        x = _acc(tl.load(x_row + cols, mask=mask, other=-float("inf")), ACC_F64)
+        x, _ = _capped(_acc(tl.load(x_row + cols, mask=mask, other=-float("inf")), ACC_F64), cap, HAS_CAP, ACC_F64)
         m_new = tl.maximum(m, tl.max(x, 0))
         # A shift that is -inf (everything masked so far) becomes 0, so (-inf) - (-inf) never
         # makes NaN; +inf or NaN stays, so such rows end up NaN. The old sum is rescaled by
@@ -84,18 +122,31 @@ def sparse_ce_kernel(X, stride_x, Y, LOSS, LSE, G, stride_g, PARAMS, n_cols, ign
         if WANT_GRAD:
             s_rest = s_rest * rescale + tl.sum(tl.where(cols == y, 0.0, e), 0)
         if HAS_SMOOTH:
-            sz = sz + (m_old_safe - m_safe) * inv_t * off + tl.sum(tl.where(mask, (x - m_safe) * inv_t, 0.0), 0)
+            if HAS_WEIGHT:
+                wv = _acc(tl.load(W + cols, mask=mask, other=0.0), ACC_F64)
+                # a class of weight 0 adds 0 even where its logit is -inf
+                sz = sz + (m_old_safe - m_safe) * inv_t * w_seen + \
+                    tl.sum(tl.where(wv == 0.0, 0.0, wv * (x - m_safe) * inv_t), 0)
+                w_seen = w_seen + tl.sum(wv, 0)
+            else:
+                sz = sz + (m_old_safe - m_safe) * inv_t * off + tl.sum(tl.where(mask, (x - m_safe) * inv_t, 0.0), 0)
         m = m_new
     m = tl.where(m == -float("inf"), 0.0, m)
     log_s = tl.log(s)
     lse = m * inv_t + log_s
-    y_safe = tl.where(valid, y, 0)
-    zs_y = (_acc(tl.load(x_row + y_safe), ACC_F64) - m) * inv_t
+    x_y, _ = _capped(_acc(tl.load(x_row + y_safe), ACC_F64), cap, HAS_CAP, ACC_F64)
+    zs_y = (x_y - m) * inv_t
     loss = (1.0 - eps) * (log_s - zs_y)
-    if HAS_SMOOTH:
-        loss += eps * (log_s - sz / n_cols)
     if HAS_ZLOSS:
         loss += z_loss * lse * lse
+    if HAS_WEIGHT:
+        w_sum = tl.load(PARAMS + 4)
+        w_y = _acc(tl.load(W + y_safe), ACC_F64)
+        loss = tl.where(w_y == 0.0, 0.0, w_y * loss)  # weight 0: 0 even for a masked label
+        if HAS_SMOOTH:
+            loss += eps * (w_sum * log_s - sz) / n_cols
+    elif HAS_SMOOTH:
+        loss += eps * (log_s - sz / n_cols)
     loss = tl.where(ignored, 0.0, tl.where(valid, loss, float("nan")))
     tl.store(LOSS + row, loss)
     tl.store(LSE + row, lse)
@@ -104,17 +155,27 @@ def sparse_ce_kernel(X, stride_x, Y, LOSS, LSE, G, stride_g, PARAMS, n_cols, ign
         # Ignored rows: scale 0. Invalid labels: NaN. At the label, p - q is written
         # -s_rest/s + ε (1 - 1/C): p_y - 1 in fp32 cancels when the label is predicted with
         # confidence (p_y rounds to 1 and the gradient to 0, while the reference is -1e-6).
-        scale = tl.load(PARAMS + 3) * inv_t
+        # With class weights: p A - ε w / C, A = w_y (1-ε + 2 z_loss lse) + ε Σw / C, and at the
+        # label w_y (1-ε)(p_y - 1) + ε (Σw p_y - w_y) / C + 2 z_loss w_y lse p_y.
+        scale = tl.load(PARAMS + 5) * inv_t
         scale = tl.where(ignored, 0.0, tl.where(valid, scale, float("nan")))
         zc = 2.0 * z_loss * lse if HAS_ZLOSS else 0.0
         for off in range(0, n_cols, BLOCK):
             cols = off + tl.arange(0, BLOCK)
             mask = cols < n_cols
-            x = _acc(tl.load(x_row + cols, mask=mask, other=-float("inf")), ACC_F64)
+            x, th = _capped(_acc(tl.load(x_row + cols, mask=mask, other=-float("inf")), ACC_F64), cap, HAS_CAP, ACC_F64)
             p = tl.exp((x - m) * inv_t - log_s)
-            pq = tl.where(cols == y, eps - eps / n_cols - s_rest / s, p - eps / n_cols)
+            if HAS_WEIGHT:
+                wv = _acc(tl.load(W + cols, mask=mask, other=0.0), ACC_F64)
+                big_a = w_y * (1.0 - eps + zc) + eps * w_sum / n_cols
+                at_label = w_y * (1.0 - eps) * (-s_rest / s) + eps * (w_sum * p - w_y) / n_cols + zc * w_y * p
+                pq = tl.where(cols == y, at_label, p * big_a - eps * wv / n_cols)
+            else:
+                pq = tl.where(cols == y, eps - eps / n_cols - s_rest / s, p - eps / n_cols) + zc * p
+            if HAS_CAP:
+                pq = pq * (1.0 - th * th)
             # Ignored rows: exactly 0, even when their logits hold NaN or inf (0 * NaN would be NaN).
-            g = tl.where(ignored, 0.0, (pq + zc * p) * scale)
+            g = tl.where(ignored, 0.0, pq * scale)
             tl.store(g_row + cols, g.to(G.dtype.element_ty), mask=mask)
 
 
@@ -458,10 +519,14 @@ def specializations():
         x, acc = _PTR[dt], "*fp64" if dt == "float64" else "*fp32"
         f64 = dt == "float64"
         blocks = (4096, 16) if dt == "float32" else (4096,)
-        for block, smooth, zl, grad in itertools.product(blocks, bools, bools, bools):
-            sig = dict(X=x, stride_x="i64", Y="*i64", LOSS=acc, LSE=acc, G=x, stride_g="i64", PARAMS=acc,
+        # class weights and softcap: with smoothing and z-loss on (their longest code), gradient wanted
+        options = [(sm, zl, False, False, g) for sm, zl, g in itertools.product(bools, bools, bools)]
+        options += [(True, True, cap, wt, True) for cap, wt in ((True, False), (False, True), (True, True))]
+        for block, (smooth, zl, cap, wt, grad) in itertools.product(blocks, options):
+            sig = dict(X=x, stride_x="i64", Y="*i64", LOSS=acc, LSE=acc, G=x, stride_g="i64", PARAMS=acc, W=acc,
                        n_cols="i32", ignore_index="i32")
-            const = dict(BLOCK=block, HAS_SMOOTH=smooth, HAS_ZLOSS=zl, WANT_GRAD=grad, ACC_F64=f64)
+            const = dict(BLOCK=block, HAS_SMOOTH=smooth, HAS_ZLOSS=zl, HAS_CAP=cap, HAS_WEIGHT=wt, WANT_GRAD=grad,
+                         ACC_F64=f64)
             out.append((sparse_ce_kernel, sig, const, num_warps(block)))
         for block, gx, gt in itertools.product(blocks, bools, bools):
             sig = dict(X=x, stride_x="i64", T=x, stride_t="i64", LOSS=acc, LSE=acc, GX=x, stride_gx="i64", GT=x,

@@ -19,14 +19,14 @@ def _row_scale(n, reduction, count, cot):
         return np.ones(n) if cot is None else f64(cot).reshape(n)
     if reduction == "sum":
         return np.ones(n)
-    return np.full(n, 1.0 / max(count, 1))
+    return np.full(n, 1.0 / (count if count != 0 else 1))  # a weighted count may be below 1
 
 
 def _reduce(values, reduction, count, lead_shape):
     if reduction == "none":
         return values.reshape(lead_shape)
     total = float(np.sum(values))  # pairwise summation in float64
-    return total if reduction == "sum" else total / max(count, 1)
+    return total if reduction == "sum" else total / (count if count != 0 else 1)
 
 
 def _shift(z):
@@ -39,13 +39,24 @@ def _shift(z):
 
 
 def sparse_softmax_cross_entropy(logits, labels, temperature=1.0, label_smoothing=0.0,
-                                 ignore_index=-100, z_loss=0.0, reduction="mean", cot=None):
-    """Returns (loss, d loss / d logits)."""
+                                 ignore_index=-100, z_loss=0.0, weight=None, softcap=None, reduction="mean",
+                                 cot=None):
+    """Returns (loss, d loss / d logits). With class weights w (torch's semantics) and a softcap c:
+
+        x' = c tanh(x / c) (-inf kept), z = x' / T, W = Σ w
+        row = w_y ((1-ε)(lse - z_y) + z_loss lse²) + (ε/C) Σ_k w_k (lse - z_k)
+        "mean" = Σ rows / Σ_{counted rows} w_y
+    """
     with np.errstate(all="ignore"):
         x = f64(logits)
         n_cls = x.shape[-1]
         lead = x.shape[:-1]
-        z = x.reshape(-1, n_cls) / temperature
+        x2 = x.reshape(-1, n_cls)
+        dcap = 1.0
+        if softcap:
+            th = np.tanh(x2 / softcap)
+            x2, dcap = np.where(x2 == -np.inf, x2, softcap * th), 1.0 - th * th  # 0 at -inf: tanh = -1
+        z = x2 / temperature
         y = np.asarray(labels).reshape(-1).astype(np.int64)
         n = z.shape[0]
         zs, m, log_s = _shift(z)
@@ -53,25 +64,30 @@ def sparse_softmax_cross_entropy(logits, labels, temperature=1.0, label_smoothin
         valid = (y >= 0) & (y < n_cls)
         ignored = y == ignore_index
         yc = np.clip(y, 0, n_cls - 1)
+        w = np.ones(n_cls) if weight is None else f64(weight)
+        wy, w_sum = w[yc], w.sum()
         nll = log_s - zs[np.arange(n), yc]
-        smooth = log_s - zs.mean(axis=-1) if label_smoothing else 0.0
-        row = (1 - label_smoothing) * nll + label_smoothing * smooth + (z_loss * lse ** 2 if z_loss else 0.0)
+        own = (1 - label_smoothing) * nll + (z_loss * lse ** 2 if z_loss else 0.0)
+        row = np.where(wy == 0, 0.0, wy * own)
+        if label_smoothing:  # Σ_k w_k (log s - zs_k), a class of weight 0 adding 0 even at -inf
+            row = row + label_smoothing / n_cls * np.sum(np.where(w == 0, 0.0, w * (log_s[:, None] - zs)), axis=-1)
         row = np.where(ignored, 0.0, np.where(valid, row, np.nan))
-        count = int(np.sum(~ignored))
+        count = int(np.sum(~ignored)) if weight is None else float(np.sum(np.where(~ignored & valid, wy, 0.0)))
         scale = _row_scale(n, reduction, count, cot)
         scale = np.where(ignored, 0.0, np.where(valid, scale, np.nan))
         p = np.exp(zs - log_s[:, None])
-        q = np.full_like(z, label_smoothing / n_cls)
-        q[np.arange(n), yc] += 1 - label_smoothing
-        g = p * (1 + 2 * z_loss * lse)[:, None] - q
+        big_a = wy * (1 - label_smoothing + 2 * z_loss * lse) + label_smoothing * w_sum / n_cls
+        g = p * big_a[:, None] - label_smoothing * w[None, :] / n_cls
         # The label's entry without cancellation: p_y - 1 = -Σ_{j≠y} p_j. Formed as p_y - 1, a
         # confident label (p_y = 1 - 5e-6) loses ~1e-11 of its relative accuracy to the rounding of p_y
         # next to 1, and by how much depends on the machine's exp (NumPy's AVX-512 and AVX2 float64
         # exp round differently): a reference must be more accurate than what it checks.
         onehot = np.arange(n_cls)[None, :] == yc[:, None]
         rest = np.sum(np.where(onehot, 0.0, p), axis=-1)
-        g[np.arange(n), yc] = (-rest + 2 * z_loss * lse * p[np.arange(n), yc]
-                               + label_smoothing * (1 - 1 / n_cls))
+        p_y = p[np.arange(n), yc]
+        g[np.arange(n), yc] = (wy * (1 - label_smoothing) * -rest + label_smoothing * (w_sum * p_y - wy) / n_cls
+                               + 2 * z_loss * wy * lse * p_y)
+        g = g * dcap
         g = np.where(ignored[:, None], 0.0, g * scale[:, None] / temperature)  # whatever the row holds
         return _reduce(row, reduction, count, lead), g.reshape(x.shape)
 

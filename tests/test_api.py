@@ -66,6 +66,25 @@ def test_focal_options_are_checked(kwargs, match):
         fastloss.sigmoid_focal_loss(X, X, **kwargs)
 
 
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(softcap=0.0), "`softcap`.*> 0"), (dict(softcap=-2.0), "`softcap`"), (dict(softcap=float("nan")), "`softcap`"),
+    (dict(weight=np.ones(3)), r"`weight`.*shape \(4,\).*\(3,\)"),
+    (dict(weight=np.ones((4, 1))), r"`weight`.*shape"),
+    (dict(weight=np.arange(4)), r"`weight`.*float.*int64"),
+    (dict(weight=np.array([1.0, np.inf, 1.0, 1.0])), r"`weight`.*finite.*inf.*class 1"),
+    (dict(weight=np.array([1.0, 1.0, np.nan, 1.0])), r"`weight`.*finite.*class 2"),
+])
+def test_class_weight_and_softcap_are_checked(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        fastloss.sparse_softmax_cross_entropy(X, Y, **kwargs)
+
+
+def test_traced_softcap_is_a_type_error():
+    jax = pytest.importorskip("jax")
+    with pytest.raises(TypeError, match="`softcap`.*static"):
+        jax.jit(lambda c: fastloss.sparse_softmax_cross_entropy(X, Y, softcap=c))(2.0)
+
+
 def test_shape_mismatch_names_both_shapes():
     with pytest.raises(ValueError, match=r"\(3, 4\).*\(3, 5\)"):
         fastloss.softmax_cross_entropy(X, np.zeros((3, 5), np.float32))

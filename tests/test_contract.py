@@ -6,8 +6,6 @@ import itertools
 import numpy as np
 import pytest
 
-import fastloss
-
 from . import reference as R
 from .harness import ACC_EPS, DTYPES, FLOAT_SECOND, GRAD_RTOL, GRAD_TINY, LOSS_RTOL, assert_close, rounded
 
@@ -392,3 +390,77 @@ def test_tiny_temperatures_are_finite_and_non_negative(harness, temperature):
     ref = R.sparse_softmax_cross_entropy(rounded(x, "float32"), y, temperature=temperature, reduction="none")[0]
     both_finite = np.isfinite(ref) & np.isfinite(res.loss)
     np.testing.assert_allclose(res.loss[both_finite], ref[both_finite], rtol=1e-5)
+
+
+# --------------------------------------------------------------- class weights and softcap
+def _class_weights(n_cls, seed=0):
+    """Weights in [0.2, 3) with one class at 0 (a class that must drop out entirely)."""
+    w = np.random.default_rng(seed).uniform(0.2, 3.0, n_cls)
+    w[n_cls // 2] = 0.0
+    return w
+
+
+WEIGHT_CAP_OPTS = [dict(weight=w, softcap=c, label_smoothing=e, z_loss=zl, temperature=t, reduction=r)
+                   for (w, c), (e, zl, t), r in itertools.product(
+                       ((True, None), (None, 2.5), (True, 30.0)), ((0.0, 0.0, 1.0), (0.1, 1e-3, 0.7)),
+                       ("mean", "sum", "none"))]
+
+
+def _materialise(opts, n_cls):
+    return dict(opts, weight=_class_weights(n_cls) if opts["weight"] else None)
+
+
+@pytest.mark.parametrize("opts", WEIGHT_CAP_OPTS, ids=lambda o: f"w={o['weight']}-cap={o['softcap']}-"
+                         f"eps={o['label_smoothing']}-{o['reduction']}")
+def test_class_weights_and_softcap_options(harness, opts):
+    x, y = make_inputs(SPARSE, (7, 13), ignore_frac=0.3)
+    check(harness, SPARSE, x, y, "float32", _materialise(opts, 13))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 5, 17), (4, 32001), (5, 1), (40, 10)], ids=str)
+def test_class_weights_and_softcap_shapes_and_dtypes(harness, shape, dtype):
+    # (4, 32001): the block-online path; (40, 10): rows the plain kernel would group (the tiny path).
+    x, y = make_inputs(SPARSE, shape, seed=hash(shape) % 1000, ignore_frac=0.2)
+    opts = dict(weight=_class_weights(shape[-1]), softcap=4.0, label_smoothing=0.1, z_loss=1e-4, temperature=0.7)
+    check(harness, SPARSE, x, y, dtype, opts)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_softcap_keeps_masked_classes_masked(harness, dtype):
+    """Padded vocabulary lanes (-inf) stay at probability 0 under the softcap: the loss equals that
+    of the unpadded logits, and their gradient is exactly 0 (tanh alone would make them -cap)."""
+    x, y = make_inputs(SPARSE, (6, 12), seed=31)
+    padded = np.concatenate([x, np.full((6, 5), -np.inf)], axis=-1)
+    opts = dict(softcap=3.0, reduction="sum")
+    res = check(harness, SPARSE, padded, y, dtype, opts)
+    plain = check(harness, SPARSE, x, y, dtype, opts)
+    assert_close(res.loss, plain.loss, LOSS_RTOL[dtype], 0.0, f"{harness.name} padded vs unpadded")
+    if res.grad_x is not None:
+        assert np.all(res.grad_x[:, 12:] == 0.0)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_softcap_extreme_logits(harness, dtype):
+    """±3e4, a 1e5 offset (capped: the softcap bounds every logit), +inf (capped to +cap, a finite
+    row), NaN (a NaN row), and a tiny cap."""
+    x, y = make_inputs(SPARSE, (6, 9), seed=32)
+    x[0, :] = [3e4, -3e4, 0, 1, 2, 3e4, -3e4, 5, 6]
+    x[1] += 1e5 if dtype != "float16" else 6e4
+    x[2, 3] = np.inf
+    x[3, 4] = np.nan
+    for cap in (30.0, 0.05):
+        check(harness, SPARSE, x, y, dtype, dict(softcap=cap, reduction="none", label_smoothing=0.1))
+
+
+def test_class_weight_mean_denominator(harness):
+    """"mean" divides by the counted rows' label weights; all rows ignored, or every counted row's
+    weight 0, gives 0.0 (divides by 1), where torch gives NaN."""
+    x, y = make_inputs(SPARSE, (8, 6), seed=33)
+    w = np.array([0.5, 0.0, 2.0, 1.0, 0.25, 3.0])
+    check(harness, SPARSE, x, y, "float32", dict(weight=w))
+    y0 = np.full(8, 1)  # every label has weight 0
+    res = check(harness, SPARSE, x, y0, "float32", dict(weight=w))
+    assert res.loss == 0.0
+    res = check(harness, SPARSE, x, np.full(8, -100), "float32", dict(weight=w, label_smoothing=0.1))
+    assert res.loss == 0.0

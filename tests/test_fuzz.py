@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 
 import numpy as np
-import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from fastloss import _dispatch
@@ -78,7 +77,7 @@ def _layout(a, case, rng):
 
 def _opts(draw_opts, loss):
     return {k: v for k, v in draw_opts.items() if k in {
-        SPARSE: ("temperature", "label_smoothing", "z_loss", "reduction", "ignore_index"),
+        SPARSE: ("temperature", "label_smoothing", "z_loss", "reduction", "ignore_index", "weighted", "softcap"),
         DENSE: ("temperature", "label_smoothing", "reduction"),
         SIGMOID: ("label_smoothing", "reduction"),
         MSE: ("reduction",),
@@ -96,6 +95,8 @@ OPTIONS = st.fixed_dictionaries(dict(
     gamma=st.sampled_from([2.0, 2.0, 0.0, 0.5, 1.0, 3.0, 2.5]),
     alpha=st.sampled_from([0.25, 0.9]),
     apply_class_balancing=st.booleans(),
+    weighted=st.sampled_from([False, False, True]),
+    softcap=st.sampled_from([None, None, 30.0, 1.0, 1e-3]),
 ))
 
 
@@ -117,6 +118,9 @@ def _run(loss, case, opts):
     rng = np.random.default_rng(case["seed"])
     x = _values(case, rng)
     other = _other(loss, case, opts, rng)
+    if opts.pop("weighted", False):  # class weights, about one in five of them 0
+        n_cls = case["shape"][-1]
+        opts["weight"] = np.where(rng.random(n_cls) < 0.2, 0.0, rng.uniform(0.1, 4.0, n_cls))
     for name, h in HARNESSES.items():
         xl = _layout(x, case, rng) if name == "numba" else x
         check(h, loss, xl, other, case["dtype"], opts)

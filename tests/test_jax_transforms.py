@@ -136,6 +136,52 @@ def test_learnable_temperature_with_large_offset(backend):
                                                     "temperature"), rtol=1e-4)
 
 
+def _weighted_capped_jnp(x, y, weight, softcap, temperature=1.0, label_smoothing=0.0, z_loss=0.0):
+    """Weighted, softcapped sparse CE as plain jnp (torch's weighted smoothing; "mean" over Σ w_y)."""
+    z = jnp.where(x == -jnp.inf, x, softcap * jnp.tanh(x / softcap)) / temperature
+    lse = jax.nn.logsumexp(z, axis=-1)
+    w_y = weight[y]
+    z_y = jnp.take_along_axis(z, y[:, None], axis=-1)[:, 0]
+    rows = w_y * ((1 - label_smoothing) * (lse - z_y) + z_loss * lse ** 2) + \
+        label_smoothing / x.shape[-1] * jnp.sum(weight * (lse[:, None] - z), axis=-1)
+    return jnp.sum(rows) / jnp.sum(w_y)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_class_weights_and_softcap_under_transforms(backend):
+    """Option gradients, jvp, hessian and vmap with class weights and a softcap, against autodiff
+    of the jnp formula; the weights may be a jit argument (a tracer)."""
+    x, y = _inputs("sparse_softmax_cross_entropy", n=4, c=7, seed=12)
+    w = np.random.default_rng(12).uniform(0.2, 2.0, 7).astype(np.float32)
+    xj, yj, wj = jnp.asarray(x), jnp.asarray(y), jnp.asarray(w)
+    opts = dict(temperature=1.3, label_smoothing=0.1, z_loss=1e-2)
+
+    def ours(a, t, e, zl, weight):
+        return fastloss.sparse_softmax_cross_entropy(a, yj, temperature=t, label_smoothing=e, z_loss=zl,
+                                                    weight=weight, softcap=2.5, backend=backend)
+
+    def ref(a, t, e, zl, weight):
+        return _weighted_capped_jnp(a, yj, weight, 2.5, t, e, zl)
+
+    args = (xj, *(jnp.float32(v) for v in opts.values()), wj)
+    got = jax.jit(jax.value_and_grad(ours, argnums=(0, 1, 2, 3)))(*args)
+    want = jax.value_and_grad(ref, argnums=(0, 1, 2, 3))(*args)
+    np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-5)
+    for g, r in zip(got[1], want[1]):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-6)
+    dx = jnp.asarray(np.random.default_rng(13).standard_normal(x.shape).astype(np.float32))
+    t1 = jax.jvp(lambda a: ours(a, *args[1:]), (xj,), (dx,))[1]
+    t2 = jax.jvp(lambda a: ref(a, *args[1:]), (xj,), (dx,))[1]
+    np.testing.assert_allclose(float(t1), float(t2), rtol=1e-4, atol=1e-6)
+    h1 = jax.hessian(lambda a: ours(a, *args[1:]))(xj)
+    h2 = jax.hessian(lambda a: ref(a, *args[1:]))(xj)
+    np.testing.assert_allclose(np.asarray(h1), np.asarray(h2), rtol=1e-4, atol=1e-6)
+    xb = jnp.stack([xj, -xj, 0.5 * xj])
+    v1 = jax.jit(jax.vmap(lambda a: ours(a, *args[1:])))(xb)
+    v2 = jax.vmap(lambda a: ref(a, *args[1:]))(xb)
+    np.testing.assert_allclose(np.asarray(v1), np.asarray(v2), rtol=1e-5)
+
+
 # ------------------------------------------------------------------------------ forward mode
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("loss", LOSSES)

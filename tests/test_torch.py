@@ -40,6 +40,14 @@ CASES = {  # name -> (make other, a torch reference with the same options, optio
         lambda g: torch.randn(N, C, dtype=torch.float64, generator=g),
         lambda p, t, delta=1.0, reduction="mean": F.huber_loss(p, t, delta=delta, reduction=reduction),
         dict(delta=0.7)),
+    # class weights (one 0) and the softcap together, against torch's weighted cross-entropy of the
+    # capped logits
+    "sparse_softmax_cross_entropy[weight,softcap]": (
+        lambda g: torch.tensor([0, 1, -100, 2]),
+        lambda x, y, weight, softcap, temperature=1.0, label_smoothing=0.0, z_loss=0.0, reduction="mean":
+            _torch_weighted(x, y, weight, softcap, temperature, label_smoothing, z_loss, reduction),
+        dict(weight=torch.tensor([0.5, 2.0, 0.0, 1.5, 0.7], dtype=torch.float64), softcap=2.0, temperature=0.8,
+             label_smoothing=0.1, z_loss=1e-2)),
     "sigmoid_focal_loss": (
         lambda g: torch.rand(N, C, dtype=torch.float64, generator=g),
         lambda x, t, gamma=2.0, alpha=0.25, apply_class_balancing=False, label_smoothing=0.0, reduction="mean":
@@ -68,6 +76,23 @@ def _torch_sparse(x, y, temperature, label_smoothing, z_loss, reduction):
     return rows.sum() if reduction == "sum" else rows.sum() / keep.sum().clamp(min=1)
 
 
+def _torch_weighted(x, y, weight, softcap, temperature, label_smoothing, z_loss, reduction):
+    """torch's weighted (and label-smoothed) cross-entropy of cap tanh(x / cap), plus the z-loss
+    weighted by w[y] like the rest of the row; "mean" over the counted rows' weights."""
+    z = torch.where(x == -float("inf"), x, softcap * torch.tanh(x / softcap)) / temperature
+    keep = y != -100
+    w_y = torch.where(keep, weight[y.clamp(min=0)], torch.zeros_like(weight[0]))
+    rows = F.cross_entropy(z, y, weight=weight, label_smoothing=label_smoothing, reduction="none") + \
+        z_loss * torch.logsumexp(z, -1) ** 2 * w_y
+    if reduction == "none":
+        return rows
+    return rows.sum() if reduction == "sum" else rows.sum() / w_y.sum()
+
+
+def _fn(name):
+    return getattr(fastloss, name.split("[")[0])
+
+
 def _inputs(name, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(N, C, dtype=torch.float64, generator=g) * 2
@@ -78,7 +103,7 @@ def _inputs(name, seed=0):
 @pytest.mark.parametrize("name", list(CASES))
 def test_gradgradcheck_every_loss(name, reduction):
     x, other = _inputs(name)
-    fn = getattr(fastloss, name)
+    fn = _fn(name)
     opts = dict(CASES[name][2], reduction=reduction)
     float_other = other.is_floating_point()
     args = (x.requires_grad_(), other.requires_grad_() if float_other else other)
@@ -92,7 +117,7 @@ def test_gradgradcheck_every_loss(name, reduction):
 @pytest.mark.parametrize("name", list(CASES))
 def test_hessian_and_create_graph_match_torch(name):
     x, other = _inputs(name, seed=1)
-    fn, ref = getattr(fastloss, name), CASES[name][1]
+    fn, ref = _fn(name), CASES[name][1]
     opts = CASES[name][2]
     h = torch.autograd.functional.hessian(lambda a: fn(a, other, **opts), x)
     h_ref = torch.autograd.functional.hessian(lambda a: ref(a, other, **opts), x)
@@ -121,7 +146,7 @@ def test_gradient_penalty_step_matches_torch():
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_torch_func_grad_vmap_jacrev(name):
-    fn, ref = getattr(fastloss, name), CASES[name][1]
+    fn, ref = _fn(name), CASES[name][1]
     opts = CASES[name][2]
     x, other = _inputs(name, seed=2)
     g1 = torch.func.grad(lambda a: fn(a, other, **opts))(x)
@@ -163,8 +188,8 @@ def test_no_warnings_per_call():
         warnings.simplefilter("error")
         for name in CASES:
             other = torch.tensor([0, 1, 2, 3]) if name.startswith("sparse") else t
-            getattr(fastloss, name)(x, other).backward()
-            getattr(fastloss, name)(x.detach().numpy(), other.numpy())  # NumPy twins, read-only views inside
+            _fn(name)(x, other).backward()
+            _fn(name)(x.detach().numpy(), other.numpy())  # NumPy twins, read-only views inside
 
 
 def test_float16_none_gradient_survives_a_cotangent_below_one():
@@ -181,20 +206,22 @@ import sys, torch
 import fastloss                                   # no fastloss kernel or backend module is loaded yet
 torch._dynamo.config.trace_autograd_ops = True    # autograd.grad inside the compiled step
 name, backend = sys.argv[1], sys.argv[2]
+base = name.split("[")[0]
+kw = dict(weight=torch.tensor([0.5, 2.0, 0.0, 1.5, 0.7, 1.0]), softcap=1.5, label_smoothing=0.1) if "[" in name else {}
 torch.manual_seed(0)
 h = torch.randn(16, 8)
 other = {"sparse_softmax_cross_entropy": torch.randint(0, 6, (16,)),
          "softmax_cross_entropy": torch.softmax(torch.randn(16, 6), -1),
          "sigmoid_cross_entropy": torch.rand(16, 6), "mean_squared_error": torch.randn(16, 6),
-         "huber": torch.randn(16, 6), "sigmoid_focal_loss": torch.rand(16, 6)}[name]
-fn = getattr(fastloss, name)
+         "huber": torch.randn(16, 6), "sigmoid_focal_loss": torch.rand(16, 6)}[base]
+fn = getattr(fastloss, base)
 
 def make():
     torch.manual_seed(1)
     return torch.nn.Linear(8, 6)
 
 def step(head, h, other):
-    loss = fn(head(h), other, backend=backend)
+    loss = fn(head(h), other, backend=backend, **kw)
     # autograd.grad rather than backward() + p.grad = None: in a compiled step the latter kept
     # accumulating .grad across calls in torch 2.13 (with F.cross_entropy as well).
     params = list(head.parameters())

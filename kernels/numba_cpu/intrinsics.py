@@ -305,6 +305,45 @@ def _nt_axpbyc(typingctx, out, x, y, z, j, a, b, c):
 
 
 @intrinsic
+def _nt_axpb_capped(typingctx, out, src, xs, j, a, b, inv_cap):
+    """out[j : j+W] = (src * a - b) * (1 - t²), t = max(xs * inv_cap, -1), one non-temporal W-wide
+    vector store (as _nt_axpb): the softcapped cross-entropy's gradient, whose factor 1 - tanh² is
+    recovered from the capped logits xs = cap tanh(x / cap) (t = -1 at a masked -inf logit: factor 0;
+    a NaN passes through the compare)."""
+    ok = (all(isinstance(v, types.Array) and v.layout == "C" for v in (out, src, xs))
+          and out.dtype == src.dtype == xs.dtype == a == b == inv_cap
+          and out.dtype in (types.float32, types.float64) and isinstance(j, types.Integer))
+    if not ok:
+        return None
+
+    def codegen(context, builder, sig, args):
+        i32 = ir.IntType(32)
+        _, vt, width = _vector_type(context, sig.args[0].dtype)
+        align = sig.args[1].dtype.bitwidth // 8
+        j_ = args[3]
+        zeros = ir.Constant(ir.VectorType(i32, width), [0] * width)
+
+        def splat(v):
+            w = builder.insert_element(ir.Constant(vt, ir.Undefined), v, ir.Constant(i32, 0))
+            return builder.shuffle_vector(w, ir.Constant(vt, ir.Undefined), zeros)
+
+        def load(k):
+            arr = context.make_array(sig.args[k])(context, builder, args[k])
+            return builder.load(builder.bitcast(builder.gep(arr.data, [j_]), vt.as_pointer()), align=align)
+        one = ir.Constant(vt, [1.0] * width)
+        minus_one = ir.Constant(vt, [-1.0] * width)
+        t = builder.fmul(load(2), splat(args[6]))
+        t = builder.select(builder.fcmp_ordered("<", t, minus_one), minus_one, t)
+        d = builder.fsub(one, builder.fmul(t, t))
+        r = builder.fmul(builder.fsub(builder.fmul(load(1), splat(args[4])), splat(args[5])), d)
+        out_a = context.make_array(sig.args[0])(context, builder, args[0])
+        st = builder.store(r, builder.bitcast(builder.gep(out_a.data, [j_]), vt.as_pointer()), align=_VEC_BYTES)
+        st.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(i32, 1)]))
+        return context.get_dummy_value()
+    return types.void(out, src, xs, j, a, b, inv_cap), codegen
+
+
+@intrinsic
 def _store_fence(typingctx):
     """A full fence (x86: mfence) after a row's non-temporal stores: they are weakly ordered, and
     another thread may read the gradient as soon as the parallel region ends."""

@@ -25,8 +25,14 @@ def split_chunks(n_rows: int, n_cls: int, threads: int) -> int:
     return min(-(-2 * threads // n_rows), n_cls // SPLIT_CHUNK)
 
 
-def sparse_path(n_rows: int, n_cls: int, row_stride: int, threads: int):
-    """("tiny" | "short" | "blocks" | "split", chunks per row) for sparse cross-entropy."""
+def sparse_path(n_rows: int, n_cls: int, row_stride: int, threads: int, plain: bool = True):
+    """("tiny" | "short" | "blocks" | "split", chunks per row) for sparse cross-entropy.
+
+    ``plain`` is False with class weights or a softcap: only the whole-row paths (short, blocks)
+    implement those, so tiny rows take "short" and few long rows "blocks" (same numbers, fewer
+    threads busy on the second)."""
+    if not plain:
+        return ("short" if n_cls <= SHORT_ROW else "blocks"), 1
     chunks = split_chunks(n_rows, n_cls, threads)
     if chunks > 1:
         return "split", chunks

@@ -16,10 +16,11 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
-from .approx import fexp2
+from .approx import fexp2, ftanh
 from .base import JIT, _as, _padded, _u
 from .halfio import _load, _store
-from .intrinsics import _VEC_BYTES, _address, _block_max_vec, _nt_axpb
+from .intrinsics import (_VEC_BYTES, _address, _block_max_vec, _nt_axpb, _nt_axpb_capped, _nt_axpbyc,
+                         _prefer_wide_vectors)
 
 _NT_MIN = 256  # shorter spans use ordinary stores: partial-line non-temporal writes are slow
 
@@ -143,8 +144,9 @@ def _block_factor(bstat, blk, m, k2, zero):
 
 
 @njit(**JIT)
-def _scaled_grad(gr, scratch, bstat, lo, hi, m, k2, a, b):
-    """gr[j] = p_j * a - b with p_j = scratch[j] * 2^((bstat[0, blk] - m) k2) / s (the 1/s is in a)."""
+def _scaled_grad(gr, scratch, bstat, lo, hi, m, k2, a, b, w, weighted_b, xs, inv_cap):
+    """gr[j] = p_j * a - b with p_j = scratch[j] * 2^((bstat[0, blk] - m) k2) / s (the 1/s is in a),
+    times the options' factors of _grad_span."""
     zero = a - a
     nb = (hi - lo + STAT_BLOCK - 1) // STAT_BLOCK
     blk = 0
@@ -154,9 +156,126 @@ def _scaled_grad(gr, scratch, bstat, lo, hi, m, k2, a, b):
         end = blk + 1
         while end < nb and bstat[0, end] == bstat[0, blk]:
             end += 1
-        _axpb(gr, scratch, lo + blk * STAT_BLOCK, min(lo + end * STAT_BLOCK, hi),
-              a * _block_factor(bstat, blk, m, k2, zero), b)
+        _grad_span(gr, scratch, lo + blk * STAT_BLOCK, min(lo + end * STAT_BLOCK, hi),
+                   a * _block_factor(bstat, blk, m, k2, zero), b, w, weighted_b, xs, inv_cap)
         blk = end
+
+
+# --------------------------------------------------------------- options of sparse CE rows
+# Class weights and the softcap change the row math of sparse cross-entropy only by per-element
+# factors, so they ride on the same passes: the capped logits go to a scratch row first (they are
+# what the statistics read), and the gradient store multiplies in the two factors below.
+
+@njit(**JIT)
+def _softcap_into(xr, xs, c, cap, inv_cap):
+    """xs[:c] = cap tanh(x / cap) in the accumulation dtype, with -inf kept at -inf: a masked
+    (padded) class must stay masked, where tanh alone would give it the logit -cap and probability
+    mass. +inf becomes cap; NaN stays NaN."""
+    # The tanh makes this loop compute-bound (~1.2 ns per element and thread, more than the whole
+    # plain cross-entropy costs): 512-bit vectors where the CPU has them (docs/performance.md).
+    _prefer_wide_vectors()
+    ninf = _as(-np.inf, cap)
+    for j in range(_u(0), _u(c)):
+        v = _load(xr[j])
+        t = cap * ftanh(v * inv_cap)
+        xs[j] = ninf if v == ninf else t
+
+
+def _grad_span(gr, sc, lo, hi, a, b, w, weighted_b, xs, inv_cap):
+    pass
+
+
+@overload(_grad_span, jit_options=JIT)
+def _grad_span_ov(gr, sc, lo, hi, a, b, w, weighted_b, xs, inv_cap):
+    """gr[j] = (sc[j] a - b w_j) (1 - (xs_j / cap)^2) over lo <= j < hi: the gradient store of a
+    sparse CE row with the options' factors, each only when on (w_j = 1 unless ``weighted_b``; the
+    softcap's derivative 1 - tanh^2 unless inv_cap == 0, from the capped logits in ``xs``).
+
+    Like _axpb: non-temporal vector stores when the gradient has the accumulation dtype (the
+    read-for-ownership of a normal store would add half a read of the gradient's size to the
+    memory traffic), an ordinary loop for 16-bit gradients."""
+    if not (gr.dtype == sc.dtype == xs.dtype == w.dtype and gr.dtype in (types.float32, types.float64)):
+        def plain_impl(gr, sc, lo, hi, a, b, w, weighted_b, xs, inv_cap):
+            zero = a - a
+            if inv_cap == zero and not weighted_b:
+                _axpb(gr, sc, lo, hi, a, b)
+            else:
+                _span_scalar(gr, sc, _u(lo), _u(hi), a, b, w, weighted_b, xs, inv_cap, _as(1, zero))
+        return plain_impl
+    itemsize = gr.dtype.bitwidth // 8
+    width = _VEC_BYTES // itemsize
+
+    def impl(gr, sc, lo, hi, a, b, w, weighted_b, xs, inv_cap):
+        zero = a - a
+        one = _as(1, zero)
+        if inv_cap == zero and not weighted_b:
+            _axpb(gr, sc, lo, hi, a, b)
+            return
+        j = _u(lo)
+        end = _u(hi)
+        # (both options at once, rare, take the plain loop)
+        if _address(gr) % _u(itemsize) == _u(0) and end - j >= _u(_NT_MIN) and not (
+                weighted_b and inv_cap != zero):
+            head = ((_u(_VEC_BYTES) - (_address(gr) + j * _u(itemsize)) % _u(_VEC_BYTES)) % _u(_VEC_BYTES)) \
+                // _u(itemsize)
+            jv = min(j + head, end)
+            _span_scalar(gr, sc, j, jv, a, b, w, weighted_b, xs, inv_cap, one)
+            j = jv
+            if inv_cap != zero:
+                while j + _u(width) <= end:
+                    _nt_axpb_capped(gr, sc, xs, j, a, b, inv_cap)
+                    j += _u(width)
+            else:
+                while j + _u(width) <= end:
+                    _nt_axpbyc(gr, sc, w, sc, j, a, b, zero)
+                    j += _u(width)
+        _span_scalar(gr, sc, j, end, a, b, w, weighted_b, xs, inv_cap, one)
+    return impl
+
+
+@njit(**JIT)
+def _span_scalar(gr, sc, lo, hi, a, b, w, weighted_b, xs, inv_cap, one):
+    # _grad_span's element loop (vectorised by LLVM, ordinary stores): heads, tails, 16-bit outputs.
+    if inv_cap == one - one:
+        for j in range(lo, hi):
+            gr[j] = _store(sc[j] * a - b * w[j], gr[j])
+    elif not weighted_b:
+        for j in range(lo, hi):
+            t = _unit_floor(_load(xs[j]) * inv_cap, one)
+            gr[j] = _store((sc[j] * a - b) * (one - t * t), gr[j])
+    else:
+        for j in range(lo, hi):
+            t = _unit_floor(_load(xs[j]) * inv_cap, one)
+            gr[j] = _store((sc[j] * a - b * w[j]) * (one - t * t), gr[j])
+
+
+@njit(**JIT)
+def _unit_floor(t, one):
+    # tanh recovered as capped / cap, with a masked class's -inf taken as tanh = -1: its derivative
+    # 1 - t^2 is then 0, not -inf (whose product with a zero probability would be NaN). NaN passes.
+    return -one if t < -one else t
+
+
+@njit(**JIT)
+def _cap_factor(xs, j, inv_cap):
+    """d capped / d logit at class j: 1 - tanh^2 (0 at a masked class), 1 without a softcap."""
+    one = _as(1, inv_cap)
+    if inv_cap == inv_cap - inv_cap:
+        return one
+    t = _unit_floor(_load(xs[j]) * inv_cap, one)
+    return one - t * t
+
+
+@njit(**JIT)
+def _weighted_shift_sum(xr, w, c, m):
+    """Σ_j w_j (x_j - m), a class with weight 0 adding 0 even when its logit is -inf (label
+    smoothing with class weights: a masked class given weight 0 drops out of the smoothed term)."""
+    zero = m - m
+    acc = zero
+    for j in range(_u(0), _u(c)):
+        v = w[j] * (_load(xr[j]) - m)
+        acc += zero if w[j] == zero else v
+    return acc
 
 
 @njit(**JIT)

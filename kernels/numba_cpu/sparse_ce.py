@@ -13,8 +13,11 @@ Common arguments:
         of a padded vocabulary) streams without a copy.
     y: (N,) int64 labels. loss, lse: (N,) outputs in the accumulation dtype.
     g: (N, C) gradient output in x's element type (written only when ``want_grad``).
-    opts: (1/T, ε, z_loss, scale) in the accumulation dtype; scale = d total / d row (1/count for
-        "mean"), so the gradient comes out already reduced.
+    opts: (1/T, ε, z_loss, cap, scale) in the accumulation dtype; scale = d total / d row (1/count,
+        or 1 / Σ of the counted rows' label weights, for "mean"), so the gradient comes out already
+        reduced; cap > 0 is the softcap (0: none). ``sparse_short`` and ``sparse_blocks`` only: the
+        tiny and split paths take cap = 0 and no weights (plan.sparse_path routes such calls).
+    w: (C,) class weights in the accumulation dtype, or an empty array for none (short and blocks).
     n_workers: static partitions of the rows, one scratch row each (``numba.get_thread_id()`` would
         stop Numba caching the kernel).
 
@@ -25,6 +28,14 @@ Row math, with z = x / T, m the row max, s = Σ exp(z - m)::
 
     row = (1-ε)(log s - (z_y - m)) + ε(log s - mean(z - m)) + z_loss lse²,  lse = m + log s
     d row / d x_j = (p_j (1 + 2 z_loss lse) - ε/C - (1-ε)[j == y]) scale / T
+
+With class weights w (W = Σ w), as torch weights the smoothed term::
+
+    row = w_y [(1-ε)(lse - z_y) + z_loss lse²] + (ε/C) Σ_k w_k (lse - z_k)
+    d row / d z_j = p_j [w_y (1-ε + 2 z_loss lse) + ε W / C] - w_y (1-ε)[j == y] - ε w_j / C
+
+With a softcap c the logits are first replaced by c tanh(x / c) (-inf kept), and each gradient
+element is multiplied by 1 - tanh².
 """
 from __future__ import annotations
 
@@ -37,8 +48,9 @@ from .approx import fexp2
 from .base import JIT, LOG2E, _as, _padded, _u
 from .halfio import _load, _store
 from .intrinsics import _store_fence
-from .rowstats import (STAT_BLOCK, TINY_GROUP, _axpb, _block_max, _fill, _finite_or_zero, _group_exp,
-                       _group_scratch, _online_stats, _rest_sum, _scaled_grad, _sum_except)
+from .rowstats import (STAT_BLOCK, TINY_GROUP, _block_max, _cap_factor, _fill, _finite_or_zero, _grad_span,
+                       _group_exp, _group_scratch, _online_stats, _rest_sum, _scaled_grad, _softcap_into,
+                       _sum_except, _weighted_shift_sum)
 
 _LN2 = math.log(2.0)
 
@@ -48,14 +60,32 @@ _LN2 = math.log(2.0)
 def _row_params(opts, c):
     """(1/T, log2(e)/T, ε, z_loss, scale, C, ε scale / (C T)) from the caller's opts: what every row
     needs, computed once per call in the accumulation dtype."""
-    inv_t, eps, z_loss, scale = opts
+    inv_t, eps, z_loss, _, scale = opts
     cf = _as(c, inv_t)
     return (inv_t, inv_t * _as(LOG2E, inv_t), eps, z_loss, scale, cf, scale * eps * inv_t / cf)
 
 
 @njit(**JIT)
-def _sparse_loss(x_y, m, s, sz, rp):
-    """Row loss from the shifted statistics (never from lse - z_y: see jax_xla._shift)."""
+def _option_params(opts, w, c):
+    """(cap, 1/cap, W, weighted): the softcap (0 and 0 when off) and the class weights' sum (C when
+    unweighted), once per call."""
+    cap = opts[3]
+    zero = cap - cap
+    weighted = w.shape[0] > 0
+    wsum = zero
+    if weighted:
+        for j in range(c):
+            wsum += w[j]
+    else:
+        wsum = _as(c, zero)
+    return cap, (_as(1, zero) / cap if cap != zero else zero), wsum, weighted
+
+
+@njit(**JIT)
+def _sparse_loss(x_y, m, s, sz, rp, wy, wsum, weighted):
+    """Row loss from the shifted statistics (never from lse - z_y: see jax_xla._shift). ``wy`` and
+    ``wsum`` are the label's class weight and Σ w (1 and C unweighted); with weights ``sz`` is
+    Σ w_k (x_k - m)."""
     inv_t, _, eps, z_loss, _, cf, _ = rp
     zero = inv_t - inv_t
     one = _as(1, zero)
@@ -65,15 +95,34 @@ def _sparse_loss(x_y, m, s, sz, rp):
     row = (one - eps) * (log_s - zs_y)
     if z_loss != zero:  # lse² overflows fp32 for |lse| > 1.8e19, and 0 * inf is NaN
         row += z_loss * lse * lse
+    if weighted:  # weight 0: the row adds 0 even when its label is masked (0 * inf)
+        row = zero if wy == zero else wy * row
     if eps != zero:
-        row += eps * (log_s - sz * inv_t / cf)
+        if weighted:
+            row += eps * (wsum * log_s - sz * inv_t) / cf
+        else:
+            row += eps * (log_s - sz * inv_t / cf)
     return row, lse, log_s
 
 
 @njit(**JIT)
-def _label_grad(x_y, m, log_s, rp, s_rest, s):
+def _p_factor(lse, rp, wy, wsum, weighted):
+    """The factor of p_j in every gradient element: 1 + 2 z lse, or with class weights
+    w_y (1 - ε + 2 z lse) + ε W / C."""
+    inv_t, _, eps, z_loss, _, cf, _ = rp
+    zero = inv_t - inv_t
+    one = _as(1, zero)
+    zl = (z_loss + z_loss) * lse if z_loss != zero else zero
+    if weighted:
+        return wy * (one - eps + zl) + eps * wsum / cf
+    return one + zl
+
+
+@njit(**JIT)
+def _label_grad(x_y, m, log_s, rp, s_rest, s, wy, wsum, weighted):
     """The label's gradient, p_y (1 + 2 z lse) - (1 - ε + ε/C), times scale / T, written as
-    (p_y - 1) + 2 z lse p_y + ε (1 - 1/C) so that p_y is never rounded next to 1.
+    (p_y - 1) + 2 z lse p_y + ε (1 - 1/C) so that p_y is never rounded next to 1; with class
+    weights w_y (1-ε)(p_y - 1) + ε (W p_y - w_y) / C + 2 z w_y lse p_y.
 
     p_y - 1 is expm1(log p_y) when p_y <= 1/2, where it is accurate, and -s_rest / s when p_y > 1/2,
     with s_rest = Σ_{j != y} exp(z_j - m) summed directly (callers pass it, or a negative number
@@ -84,10 +133,14 @@ def _label_grad(x_y, m, log_s, rp, s_rest, s):
     zero = inv_t - inv_t
     one = _as(1, zero)
     log_p = (x_y - m) * inv_t - log_s  # from the shifted statistics (exact at any offset)
-    if s_rest >= zero:
-        g = eps * (one - one / cf) - s_rest / s
-    else:
-        g = np.expm1(log_p) + eps * (one - one / cf)
+    pm1 = -s_rest / s if s_rest >= zero else np.expm1(log_p)
+    if weighted:
+        p_y = np.exp(log_p)
+        g = wy * (one - eps) * pm1 + eps * (wsum * p_y - wy) / cf
+        if z_loss != zero:
+            g += (one + one) * z_loss * wy * (m * inv_t + log_s) * p_y
+        return g * scale * inv_t
+    g = pm1 + eps * (one - one / cf)
     if z_loss != zero:  # a second libm call only when needed: it shows on rows of a few classes
         g += (one + one) * z_loss * (m * inv_t + log_s) * np.exp(log_p)
     return g * scale * inv_t
@@ -122,42 +175,72 @@ def _skip_row(yi, c, loss, lse, gr, i, ignore_index, want_grad, zero):
 
 # ------------------------------------------------------------------------------- row kernels
 @njit(**JIT)
-def _block_row(xr, yi, loss, lse, gr, i, sc, bm, rp, ignore_index, want_grad):
+def _block_row(xr, yi, loss, lse, gr, i, sc, bm, xs, w, rp, wo, ignore_index, want_grad):
     """One row by block-online statistics: one streaming pass for the statistics, the gradient from
-    the scratch row. Returns 1 if the label is out of range (not ignore_index), else 0."""
-    inv_t, k2, eps, z_loss, scale, _, b_all = rp
-    zero = inv_t - inv_t
-    one = _as(1, zero)
+    the scratch row. With a softcap the capped row is formed in ``xs`` first and read from there.
+    Returns 1 if the label is out of range (not ignore_index), else 0."""
+    zero = rp[0] - rp[0]
     c = xr.shape[0]
     skipped = _skip_row(yi, c, loss, lse, gr, i, ignore_index, want_grad, zero)
     if skipped >= 0:
         return skipped
-    m, s, sz = _online_stats(xr, 0, c, k2, sc, bm, eps != zero, zero)
-    x_y = _load(xr[yi])
-    row, lse_i, log_s = _sparse_loss(x_y, m, s, sz, rp)
-    loss[i] = row
-    lse[i] = lse_i
-    if want_grad:
-        a = scale * (one + (z_loss + z_loss) * lse_i) * inv_t / s
-        _scaled_grad(gr, sc, bm, 0, c, m, k2, a, b_all)
-        # The label's term is folded in fp32 before the (possibly 16-bit) store.
-        rest = _rest_sum(sc, bm, c, yi, m, k2, zero) if _confident(x_y, m, log_s, inv_t) else -one
-        gr[yi] = _store(_label_grad(x_y, m, log_s, rp, rest, s), gr[yi])
+    if wo[0] != zero:
+        _softcap_into(xr, xs, c, wo[0], wo[1])
+        _block_math(xs[:c], yi, loss, lse, gr, i, sc, bm, w, rp, wo, want_grad)
+    else:
+        _block_math(xr, yi, loss, lse, gr, i, sc, bm, w, rp, wo, want_grad)
     return 0
 
 
 @njit(inline="always", **JIT)
-def _short_row(xr, yi, loss, lse, gr, i, sc, rp, ignore_index, want_grad):
+def _block_math(xr, yi, loss, lse, gr, i, sc, bm, w, rp, wo, want_grad):
+    inv_t, k2, eps, z_loss, scale, _, b_all = rp
+    _, inv_cap, wsum, weighted = wo
+    zero = inv_t - inv_t
+    one = _as(1, zero)
+    c = xr.shape[0]
+    m, s, sz = _online_stats(xr, 0, c, k2, sc, bm, eps != zero and not weighted, zero)
+    if eps != zero and weighted:
+        sz = _weighted_shift_sum(xr, w, c, m)  # a second read of the row, from cache
+    wy = w[yi] if weighted else one
+    x_y = _load(xr[yi])
+    row, lse_i, log_s = _sparse_loss(x_y, m, s, sz, rp, wy, wsum, weighted)
+    loss[i] = row
+    lse[i] = lse_i
+    if want_grad:
+        a = scale * _p_factor(lse_i, rp, wy, wsum, weighted) * inv_t / s
+        _scaled_grad(gr, sc, bm, 0, c, m, k2, a, b_all, w, weighted and eps != zero, xr, inv_cap)
+        # The label's term is folded in fp32 before the (possibly 16-bit) store.
+        rest = _rest_sum(sc, bm, c, yi, m, k2, zero) if _confident(x_y, m, log_s, inv_t) else -one
+        gy = _label_grad(x_y, m, log_s, rp, rest, s, wy, wsum, weighted) * _cap_factor(xr, yi, inv_cap)
+        gr[yi] = _store(gy, gr[yi])
+
+
+@njit(inline="always", **JIT)
+def _short_row(xr, yi, loss, lse, gr, i, sc, xs, w, rp, wo, ignore_index, want_grad):
     """One cache-resident row (C <= plan.SHORT_ROW): max, exp-and-sum and gradient as plain loops,
     without the per-block bookkeeping. Same return value as _block_row. Inlined at the Numba level:
     passing every array as its exploded struct costs a short row more than its arithmetic."""
-    inv_t, k2, eps, z_loss, scale, _, b_all = rp
-    zero = inv_t - inv_t
-    one = _as(1, zero)
+    zero = rp[0] - rp[0]
     c = xr.shape[0]
     skipped = _skip_row(yi, c, loss, lse, gr, i, ignore_index, want_grad, zero)
     if skipped >= 0:
         return skipped
+    if wo[0] != zero:
+        _softcap_into(xr, xs, c, wo[0], wo[1])
+        _short_math(xs[:c], yi, loss, lse, gr, i, sc, w, rp, wo, want_grad)
+    else:
+        _short_math(xr, yi, loss, lse, gr, i, sc, w, rp, wo, want_grad)
+    return 0
+
+
+@njit(inline="always", **JIT)
+def _short_math(xr, yi, loss, lse, gr, i, sc, w, rp, wo, want_grad):
+    inv_t, k2, eps, z_loss, scale, _, b_all = rp
+    _, inv_cap, wsum, weighted = wo
+    zero = inv_t - inv_t
+    one = _as(1, zero)
+    c = xr.shape[0]
     m = _finite_or_zero(_as(_block_max(xr, 0, c), zero), zero)
     s = zero
     for j in range(c):
@@ -166,19 +249,23 @@ def _short_row(xr, yi, loss, lse, gr, i, sc, rp, ignore_index, want_grad):
         s += e
     sz = zero
     if eps != zero:
-        for j in range(c):
-            sz += _load(xr[j]) - m
+        if weighted:
+            sz = _weighted_shift_sum(xr, w, c, m)
+        else:
+            for j in range(c):
+                sz += _load(xr[j]) - m
+    wy = w[yi] if weighted else one
     x_y = _load(xr[yi])
-    row, lse_i, log_s = _sparse_loss(x_y, m, s, sz, rp)
+    row, lse_i, log_s = _sparse_loss(x_y, m, s, sz, rp, wy, wsum, weighted)
     loss[i] = row
     lse[i] = lse_i
     if want_grad:
-        a = scale * (one + (z_loss + z_loss) * lse_i) * inv_t / s
-        _axpb(gr, sc, 0, c, a, b_all)
+        a = scale * _p_factor(lse_i, rp, wy, wsum, weighted) * inv_t / s
+        _grad_span(gr, sc, 0, c, a, b_all, w, weighted and eps != zero, xr, inv_cap)
         # s_rest for every row: summing a short cached row is cheaper than a libm expm1.
         rest = _sum_except(sc, 0, c, yi, zero)
-        gr[yi] = _store(_label_grad(x_y, m, log_s, rp, rest, s), gr[yi])
-    return 0
+        gy = _label_grad(x_y, m, log_s, rp, rest, s, wy, wsum, weighted) * _cap_factor(xr, yi, inv_cap)
+        gr[yi] = _store(gy, gr[yi])
 
 
 @njit(**JIT)
@@ -207,7 +294,7 @@ def _tiny_group_stats(xg, y, g0, g1, c, loss, lse, sc, sh, fa, rs, rp, ignore_in
             if eps != zero:
                 for j in range(_u(lo), _u(lo + c)):
                     sz += _load(xg[j]) - m
-            row, lse_i, log_s = _sparse_loss(_load(xg[lo + yi]), m, s, sz, rp)
+            row, lse_i, log_s = _sparse_loss(_load(xg[lo + yi]), m, s, sz, rp, one, rp[5], False)
             loss[i] = row
             lse[i] = lse_i
             a = scale * (one + (z_loss + z_loss) * lse_i) * inv_t / s
@@ -225,6 +312,7 @@ def _tiny_group_grad(xg, y, g0, g1, c, g, base, sc, sh, fa, rs, rp, ignore_index
     ignored / invalid fill)."""
     inv_t, _, _, _, _, _, b_all = rp
     zero = inv_t - inv_t
+    one = _as(1, zero)
     gf = g.reshape(-1)
     for j in range(_u(0), _u((g1 - g0) * c)):
         gf[base + j] = _store(sc[j] * fa[j] - b_all, gf[base + j])
@@ -234,7 +322,8 @@ def _tiny_group_grad(xg, y, g0, g1, c, g, base, sc, sh, fa, rs, rp, ignore_index
         if yi == ignore_index or yi < 0 or yi >= c:
             _fill(g[i], 0, c, zero if yi == ignore_index else _as(np.nan, zero))
         else:
-            gy = _label_grad(_load(xg[r * c + yi]), sh[r * c], rs[3 * r + 2], rp, rs[3 * r], rs[3 * r + 1])
+            gy = _label_grad(_load(xg[r * c + yi]), sh[r * c], rs[3 * r + 2], rp, rs[3 * r], rs[3 * r + 1],
+                             one, rp[5], False)
             g[i, yi] = _store(gy, g[i, yi])
 
 
@@ -272,31 +361,35 @@ def sparse_tiny(x, c, y, loss, lse, g, opts, ignore_index, want_grad, n_workers)
 
 
 @njit(parallel=True, **JIT)
-def sparse_short(x, row_stride, c, y, loss, lse, g, opts, ignore_index, want_grad, n_workers):
+def sparse_short(x, row_stride, c, y, loss, lse, g, opts, w, ignore_index, want_grad, n_workers):
     """Rows of C <= plan.SHORT_ROW classes, any row stride."""
     n = y.shape[0]
     rp = _row_params(opts, c)
+    wo = _option_params(opts, w, c)
     scratch = np.empty((n_workers, _padded(c)), dtype=loss.dtype)
+    capped = np.empty((n_workers, _padded(c) if wo[0] != rp[0] - rp[0] else 1), dtype=loss.dtype)
     bad = 0
-    for w in prange(n_workers):
-        for i in range(w * n // n_workers, (w + 1) * n // n_workers):
+    for w_ in prange(n_workers):
+        for i in range(w_ * n // n_workers, (w_ + 1) * n // n_workers):
             bad += _short_row(x[i * row_stride:i * row_stride + c], y[i], loss, lse, g[i if want_grad else 0], i,
-                              scratch[w], rp, ignore_index, want_grad)
+                              scratch[w_], capped[w_], w, rp, wo, ignore_index, want_grad)
         _store_fence()  # this worker's non-temporal gradient stores are complete
     return bad
 
 
 @njit(parallel=True, **JIT)
-def sparse_blocks(x, row_stride, c, y, loss, lse, g, opts, ignore_index, want_grad, n_workers):
+def sparse_blocks(x, row_stride, c, y, loss, lse, g, opts, w, ignore_index, want_grad, n_workers):
     """Rows of any length, one row per worker at a time, block-online statistics."""
     n = y.shape[0]
     rp = _row_params(opts, c)
+    wo = _option_params(opts, w, c)
     scratch = np.empty((n_workers, _padded(c)), dtype=loss.dtype)
+    capped = np.empty((n_workers, _padded(c) if wo[0] != rp[0] - rp[0] else 1), dtype=loss.dtype)
     bstats = np.empty((n_workers, 2, _padded((c + STAT_BLOCK - 1) // STAT_BLOCK)), dtype=loss.dtype)
     bad = 0
-    for w in prange(n_workers):
-        for i in range(w * n // n_workers, (w + 1) * n // n_workers):
+    for w_ in prange(n_workers):
+        for i in range(w_ * n // n_workers, (w_ + 1) * n // n_workers):
             bad += _block_row(x[i * row_stride:i * row_stride + c], y[i], loss, lse, g[i if want_grad else 0], i,
-                              scratch[w], bstats[w], rp, ignore_index, want_grad)
+                              scratch[w_], bstats[w_], capped[w_], w, rp, wo, ignore_index, want_grad)
         _store_fence()  # this worker's non-temporal gradient stores are complete
     return bad

@@ -71,7 +71,7 @@ def _combine_row(x, row_stride, c, i, yi, cm, cs, csz, rp, loss, lse):
         if hi > lo:
             s += zero if cs[i, k] == zero else cs[i, k] * fexp2((cm[i, k] - m) * k2)
             sz += csz[i, k] + (cm[i, k] - m) * _as(hi - lo, zero)
-    row, lse_i, _ = _sparse_loss(_load(x[i * row_stride + yi]), m, s, sz, rp)
+    row, lse_i, _ = _sparse_loss(_load(x[i * row_stride + yi]), m, s, sz, rp, _as(1, inv_t), rp[5], False)
     loss[i] = row
     lse[i] = lse_i
     return m, s
@@ -119,7 +119,7 @@ def _chunk_grads(x, row_stride, c, y, g, cm, cs, ms, ss, lse, rp, ignore_index):
             rest = -one
             if _confident(x_y, m, log_s, inv_t):
                 rest = _chunk_label_rest(xi, k, lo, hi, yi, m, cm[i], cs[i], k2, zero)
-            gr[yi] = _store(_label_grad(x_y, m, log_s, rp, rest, ss[i]), gr[yi])
+            gr[yi] = _store(_label_grad(x_y, m, log_s, rp, rest, ss[i], one, rp[5], False), gr[yi])
 
 
 @njit(**JIT)

@@ -132,10 +132,11 @@ def _rows_out(frame, k, dtype, c):
 
 
 # ------------------------------------------------------------------------------- sparse CE
-def sparse_handler(path, x_dtype, y_dtype, acc, want_grad):
-    """Handler for sparse CE: args (x (..., C), labels (...), params [T, ε, z_loss, scale]),
-    attributes (ignore_index, n_chunks, threads), results (loss (...), [grad (..., C)]).
-    ``path`` comes from ``plan.sparse_path`` at trace time (the shape is static there)."""
+def sparse_handler(path, x_dtype, y_dtype, acc, want_grad, weighted):
+    """Handler for sparse CE: args (x (..., C), labels (...), params [T, ε, z_loss, cap, (C class
+    weights when ``weighted``), scale]), attributes (ignore_index, n_chunks, threads), results
+    (loss (...), [grad (..., C)]). ``path`` comes from ``plan.sparse_path`` at trace time (the shape
+    is static there)."""
     kernel = sparse_short if path == "short" else sparse_blocks  # for "short" / "blocks"; see run
 
     def run(frame):
@@ -147,7 +148,7 @@ def sparse_handler(path, x_dtype, y_dtype, acc, want_grad):
         loss = _flat_out(frame, 0, acc)
         lse = np.empty(n, acc)
         g = _rows_out(frame, 1, x_dtype, c) if want_grad else np.empty((1, c), x_dtype)
-        opts = (acc(1) / p[0], p[1], p[2], p[3])
+        opts = (acc(1) / p[0], p[1], p[2], p[3], p[p.shape[0] - 1])
         if path == "split":
             rp = _row_params(opts, c)
             cm = np.empty((n, n_chunks), acc)
@@ -162,7 +163,8 @@ def sparse_handler(path, x_dtype, y_dtype, acc, want_grad):
         elif path == "tiny":
             sparse_tiny(x, c, y, loss, lse, g, opts, ign, want_grad, threads)
         else:
-            kernel(x, c, c, y, loss, lse, g, opts, ign, want_grad, threads)
+            w = _readonly(np.ascontiguousarray(p[4:4 + c])) if weighted else _readonly(np.empty(0, acc))
+            kernel(x, c, c, y, loss, lse, g, opts, w, ign, want_grad, threads)
     return _handler(run)
 
 
