@@ -236,6 +236,46 @@ def _address(typingctx, arr):
     return types.uint64(arr), codegen
 
 
+class _Lanes:
+    """The LLVM IR pieces of the non-temporal store intrinsics below: W-wide loads of array
+    argument k at element j, splats of scalar argument k, and the one non-temporal store into
+    argument 0 (32-byte aligned there; the loads assume only the element alignment)."""
+
+    def __init__(self, context, builder, sig, args, j_pos):
+        self.context, self.builder, self.sig, self.args = context, builder, sig, args
+        _, self.vt, self.width = _vector_type(context, sig.args[0].dtype)
+        self.i32 = ir.IntType(32)
+        self.j = args[j_pos]
+
+    def const(self, value):
+        return ir.Constant(self.vt, [value] * self.width)
+
+    def splat(self, k):
+        b, undef = self.builder, ir.Constant(self.vt, ir.Undefined)
+        v = b.insert_element(undef, self.args[k], ir.Constant(self.i32, 0))
+        return b.shuffle_vector(v, undef, ir.Constant(ir.VectorType(self.i32, self.width), [0] * self.width))
+
+    def _pointer(self, k):
+        arr = self.context.make_array(self.sig.args[k])(self.context, self.builder, self.args[k])
+        return self.builder.bitcast(self.builder.gep(arr.data, [self.j]), self.vt.as_pointer())
+
+    def load(self, k):
+        return self.builder.load(self._pointer(k), align=self.sig.args[k].dtype.bitwidth // 8)
+
+    def store_nt(self, value):
+        st = self.builder.store(value, self._pointer(0), align=_VEC_BYTES)
+        st.set_metadata("nontemporal", self.builder.module.add_metadata([ir.Constant(self.i32, 1)]))
+        return self.context.get_dummy_value()
+
+
+def _float_arrays(arrays, scalars, j):
+    """The typing check the intrinsics share: C-contiguous arrays and scalars of one float dtype."""
+    dt = arrays[0].dtype if isinstance(arrays[0], types.Array) else None
+    return (all(isinstance(v, types.Array) and v.layout == "C" and v.dtype == dt for v in arrays)
+            and all(v == dt for v in scalars) and dt in (types.float32, types.float64)
+            and isinstance(j, types.Integer))
+
+
 @intrinsic
 def _nt_axpb(typingctx, out, src, j, a, b):
     """out[j : j+W] = src[j : j+W] * a - b as one W-wide vector store marked ``!nontemporal``
@@ -244,30 +284,12 @@ def _nt_axpb(typingctx, out, src, j, a, b):
     Why: a normal store to a line that is not in cache first reads it (read-for-ownership), so
     writing a gradient costs two memory transfers per line instead of one. LLVM's vectoriser will
     not widen a scalar non-temporal store it cannot prove aligned, so the vector is built here."""
-    ok = (isinstance(out, types.Array) and isinstance(src, types.Array) and out.layout == "C"
-          and src.layout == "C" and out.dtype == src.dtype == a == b
-          and out.dtype in (types.float32, types.float64) and isinstance(j, types.Integer))
-    if not ok:
+    if not _float_arrays((out, src), (a, b), j):
         return None
 
     def codegen(context, builder, sig, args):
-        i32 = ir.IntType(32)
-        _, vt, width = _vector_type(context, sig.args[0].dtype)
-        out_a = context.make_array(sig.args[0])(context, builder, args[0])
-        src_a = context.make_array(sig.args[1])(context, builder, args[1])
-        j_ = args[2]
-        zeros = ir.Constant(ir.VectorType(i32, width), [0] * width)
-
-        def splat(x):
-            v = builder.insert_element(ir.Constant(vt, ir.Undefined), x, ir.Constant(i32, 0))
-            return builder.shuffle_vector(v, ir.Constant(vt, ir.Undefined), zeros)
-        v = builder.load(builder.bitcast(builder.gep(src_a.data, [j_]), vt.as_pointer()),
-                         align=sig.args[1].dtype.bitwidth // 8)
-        r = builder.fsub(builder.fmul(v, splat(args[3])), splat(args[4]))
-        st = builder.store(r, builder.bitcast(builder.gep(out_a.data, [j_]), vt.as_pointer()),
-                           align=_VEC_BYTES)
-        st.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(i32, 1)]))
-        return context.get_dummy_value()
+        v = _Lanes(context, builder, sig, args, 2)
+        return v.store_nt(builder.fsub(builder.fmul(v.load(1), v.splat(3)), v.splat(4)))
     return types.void(out, src, j, a, b), codegen
 
 
@@ -275,32 +297,14 @@ def _nt_axpb(typingctx, out, src, j, a, b):
 def _nt_axpbyc(typingctx, out, x, y, z, j, a, b, c):
     """out[j : j+W] = x[j:j+W] * a - y[j:j+W] * b + z[j:j+W] * c, one non-temporal W-wide vector store
     (as _nt_axpb, for a gradient that combines three scratch rows: distillation's)."""
-    ok = (all(isinstance(v, types.Array) and v.layout == "C" for v in (out, x, y, z))
-          and out.dtype == x.dtype == y.dtype == z.dtype == a == b == c
-          and out.dtype in (types.float32, types.float64) and isinstance(j, types.Integer))
-    if not ok:
+    if not _float_arrays((out, x, y, z), (a, b, c), j):
         return None
 
     def codegen(context, builder, sig, args):
-        i32 = ir.IntType(32)
-        _, vt, width = _vector_type(context, sig.args[0].dtype)
-        align = sig.args[1].dtype.bitwidth // 8
-        j_ = args[4]
-        zeros = ir.Constant(ir.VectorType(i32, width), [0] * width)
-
-        def splat(v):
-            w = builder.insert_element(ir.Constant(vt, ir.Undefined), v, ir.Constant(i32, 0))
-            return builder.shuffle_vector(w, ir.Constant(vt, ir.Undefined), zeros)
-
-        def load(k):
-            arr = context.make_array(sig.args[k])(context, builder, args[k])
-            return builder.load(builder.bitcast(builder.gep(arr.data, [j_]), vt.as_pointer()), align=align)
-        r = builder.fadd(builder.fsub(builder.fmul(load(1), splat(args[5])), builder.fmul(load(2), splat(args[6]))),
-                         builder.fmul(load(3), splat(args[7])))
-        out_a = context.make_array(sig.args[0])(context, builder, args[0])
-        st = builder.store(r, builder.bitcast(builder.gep(out_a.data, [j_]), vt.as_pointer()), align=_VEC_BYTES)
-        st.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(i32, 1)]))
-        return context.get_dummy_value()
+        v = _Lanes(context, builder, sig, args, 4)
+        r = builder.fadd(builder.fsub(builder.fmul(v.load(1), v.splat(5)), builder.fmul(v.load(2), v.splat(6))),
+                         builder.fmul(v.load(3), v.splat(7)))
+        return v.store_nt(r)
     return types.void(out, x, y, z, j, a, b, c), codegen
 
 
@@ -310,36 +314,16 @@ def _nt_axpb_capped(typingctx, out, src, xs, j, a, b, inv_cap):
     vector store (as _nt_axpb): the softcapped cross-entropy's gradient, whose factor 1 - tanh² is
     recovered from the capped logits xs = cap tanh(x / cap) (t = -1 at a masked -inf logit: factor 0;
     a NaN passes through the compare)."""
-    ok = (all(isinstance(v, types.Array) and v.layout == "C" for v in (out, src, xs))
-          and out.dtype == src.dtype == xs.dtype == a == b == inv_cap
-          and out.dtype in (types.float32, types.float64) and isinstance(j, types.Integer))
-    if not ok:
+    if not _float_arrays((out, src, xs), (a, b, inv_cap), j):
         return None
 
     def codegen(context, builder, sig, args):
-        i32 = ir.IntType(32)
-        _, vt, width = _vector_type(context, sig.args[0].dtype)
-        align = sig.args[1].dtype.bitwidth // 8
-        j_ = args[3]
-        zeros = ir.Constant(ir.VectorType(i32, width), [0] * width)
-
-        def splat(v):
-            w = builder.insert_element(ir.Constant(vt, ir.Undefined), v, ir.Constant(i32, 0))
-            return builder.shuffle_vector(w, ir.Constant(vt, ir.Undefined), zeros)
-
-        def load(k):
-            arr = context.make_array(sig.args[k])(context, builder, args[k])
-            return builder.load(builder.bitcast(builder.gep(arr.data, [j_]), vt.as_pointer()), align=align)
-        one = ir.Constant(vt, [1.0] * width)
-        minus_one = ir.Constant(vt, [-1.0] * width)
-        t = builder.fmul(load(2), splat(args[6]))
+        v = _Lanes(context, builder, sig, args, 3)
+        minus_one = v.const(-1.0)
+        t = builder.fmul(v.load(2), v.splat(6))
         t = builder.select(builder.fcmp_ordered("<", t, minus_one), minus_one, t)
-        d = builder.fsub(one, builder.fmul(t, t))
-        r = builder.fmul(builder.fsub(builder.fmul(load(1), splat(args[4])), splat(args[5])), d)
-        out_a = context.make_array(sig.args[0])(context, builder, args[0])
-        st = builder.store(r, builder.bitcast(builder.gep(out_a.data, [j_]), vt.as_pointer()), align=_VEC_BYTES)
-        st.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(i32, 1)]))
-        return context.get_dummy_value()
+        d = builder.fsub(v.const(1.0), builder.fmul(t, t))
+        return v.store_nt(builder.fmul(builder.fsub(builder.fmul(v.load(1), v.splat(4)), v.splat(5)), d))
     return types.void(out, src, xs, j, a, b, inv_cap), codegen
 
 
