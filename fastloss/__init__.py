@@ -15,8 +15,8 @@ from .losses import (
     softmax_cross_entropy,
     sparse_softmax_cross_entropy,
     sparse_softmax_cross_entropy_,
-    value_and_grad,
 )
+from ._gradients import value_and_grad
 
 __version__ = "0.1.0"
 __all__ = [

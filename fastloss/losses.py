@@ -53,7 +53,7 @@ def _call(loss, x, other, backend, opts):
 
 
 # One validator per loss: (x, other, **options) -> (x, other, opts). The public functions and
-# value_and_grad share them, so the two can never disagree on what is valid.
+# value_and_grad (fastloss._gradients) share them, so the two can never disagree on what is valid.
 
 def _validate_sparse(logits, labels, *, temperature=1.0, label_smoothing=0.0, ignore_index=-100,
                      z_loss=0.0, weight=None, softcap=None, reduction="mean"):
@@ -548,64 +548,3 @@ def sparse_softmax_cross_entropy_(logits, labels, *, temperature=1.0, label_smoo
         raise ValueError(f"`backend` must be 'triton' for the in-place variant (torch tensors); received {name!r}.")
     from . import _triton
     return _triton.sparse_inplace(x, other, opts)
-
-
-_BY_NAME = {f.__name__: f for f in (sparse_softmax_cross_entropy, softmax_cross_entropy,
-                                    sigmoid_cross_entropy, mean_squared_error, huber, sigmoid_focal_loss,
-                                    distillation_loss)}
-
-
-def value_and_grad(loss_fn):
-    """Wrap a fastloss loss so that it returns ``(loss, d loss / d x)`` for its first argument.
-
-    ``f(x, other, **kw)`` validates like ``loss_fn``; on NumPy input (and torch CPU tensors) the loss
-    and the gradient come from one fused kernel call, on jax input from ``jax.value_and_grad`` over
-    the custom-VJP kernel. The reduction must be "mean" or "sum" (a scalar loss). Inputs are never
-    modified.
-
-    Example:
-        >>> import numpy as np, fastloss
-        >>> logits = np.array([[2.0, 0.5, -1.0], [0.1, 0.2, 3.0]], np.float32)
-        >>> vg = fastloss.value_and_grad(fastloss.sparse_softmax_cross_entropy)
-        >>> loss, dlogits = vg(logits, np.array([0, 2]), label_smoothing=0.1)
-        >>> dlogits.shape
-        (2, 3)
-    """
-    name = getattr(loss_fn, "__name__", None)
-    if _BY_NAME.get(name) is not loss_fn:
-        raise TypeError(
-            f"`loss_fn` must be one of the fastloss losses ({', '.join(_BY_NAME)}); received {loss_fn!r}."
-        )
-    if name == "distillation_loss":
-        return _distill_value_and_grad()
-    validate = _VALIDATORS[name]
-
-    def wrapped(x, other, *, backend=None, **kwargs):
-        x, other, opts = validate(x, other, **kwargs)
-        if opts["reduction"] == "none":
-            raise ValueError("`reduction` must be 'mean' or 'sum' under value_and_grad (the loss must "
-                             "be a scalar); received 'none'.")
-        if _dispatch.framework_of(x) == "jax":
-            choice = _dispatch.explicit(backend)
-            if choice in (None, "jax", "numba"):
-                from . import _jax
-                return _jax.value_and_grad(name, x, other, opts, choice)
-        chosen = _dispatch.resolve(backend, x)
-        return _dispatch.get_value_and_grad(chosen)(name, x, other, opts)
-
-    wrapped.__name__ = f"value_and_grad_{name}"
-    wrapped.__doc__ = f"(loss, gradient to the first argument) of fastloss.{name}."
-    return wrapped
-
-
-def _distill_value_and_grad():
-    def wrapped(student_logits, teacher_logits, labels=None, *, backend=None, **kwargs):
-        s, t, y, opts = _validate_distill(student_logits, teacher_logits, labels, **kwargs)
-        if opts["reduction"] == "none":
-            raise ValueError("`reduction` must be 'mean' or 'sum' under value_and_grad (the loss must "
-                             "be a scalar); received 'none'.")
-        return _distill(s, t, y, backend, opts, True)
-
-    wrapped.__name__ = "value_and_grad_distillation_loss"
-    wrapped.__doc__ = "(loss, gradient to the student logits) of fastloss.distillation_loss."
-    return wrapped

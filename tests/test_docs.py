@@ -13,14 +13,18 @@ import sys
 import pytest
 
 import fastloss
-from fastloss import losses
+from fastloss import _gradients, losses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_docstring_examples_run():
-    result = doctest.testmod(losses, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-    assert result.attempted >= 15 and result.failed == 0
+    attempted = 0
+    for module in (losses, _gradients):
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+        assert result.failed == 0, module.__name__
+        attempted += result.attempted
+    assert attempted >= 15
 
 
 def _readme_blocks():
