@@ -18,9 +18,11 @@ SIGMOID = "sigmoid_cross_entropy"
 MSE = "mean_squared_error"
 HUBER = "huber"
 FOCAL = "sigmoid_focal_loss"
+SOFTMAX_FOCAL = "softmax_focal_loss"  # with integer labels here (the drop-in's one-hot is a provider detail)
+LABELED = (SPARSE, SOFTMAX_FOCAL)
 ELEMENTWISE = (SIGMOID, MSE, HUBER, FOCAL)
 SHORT = {SPARSE: "sparse-ce", DENSE: "dense-ce", SIGMOID: "sigmoid-ce", MSE: "mse", HUBER: "huber",
-         FOCAL: "sigmoid-focal",
+         FOCAL: "sigmoid-focal", SOFTMAX_FOCAL: "softmax-focal",
          "distillation_loss": "distill"}  # the last: bench/test_distillation.py
 
 
@@ -57,7 +59,7 @@ class Case:
     def bytes_moved(self):
         """Floor traffic: read x (and dense/elementwise targets), write d loss / d x."""
         n = int(np.prod(self.shape))
-        reads = 1 if self.loss == SPARSE else 2
+        reads = 1 if self.loss in LABELED else 2
         return (reads + 1) * n * self.itemsize
 
 
@@ -75,6 +77,7 @@ CPU_CASES = [
     Case(HUBER, (N24,)),
     Case(SIGMOID, (N24,)),
     Case(FOCAL, (N24,)),
+    Case(SOFTMAX_FOCAL, (4096, 32000)),
 ]
 GPU_CASES = [
     Case(SPARSE, (16384, 131072), gpu_only=True),
@@ -84,7 +87,7 @@ GPU_CASES = [
 QUICK_CASES = [Case(SPARSE, (4096, 32000)), Case(SPARSE, (4096, 32000), variant="weighted"),
                Case(SPARSE, (4096, 32000), variant="softcap"), Case(SPARSE, (65536, 1000)), Case(MSE, (N24,)),
                Case(HUBER, (N24,)),
-               Case(SIGMOID, (N24,)), Case(FOCAL, (N24,))]
+               Case(SIGMOID, (N24,)), Case(FOCAL, (N24,)), Case(SOFTMAX_FOCAL, (4096, 32000))]
 TINY_CASES = [Case(SPARSE, (8, 1000)), Case(MSE, (4096,))]  # harness smoke runs (interpreter, CI)
 
 
@@ -112,7 +115,7 @@ def data(case, seed=0):
     if key not in _DATA:
         rng = np.random.default_rng(seed)
         x = rng.standard_normal(case.shape, dtype=np.float32) * 2
-        if case.loss == SPARSE:
+        if case.loss in LABELED:
             other = rng.integers(0, case.shape[-1], size=case.shape[:-1])
         elif case.loss == DENSE:
             other = rng.random(case.shape, dtype=np.float32)
@@ -140,12 +143,12 @@ def _reference_loss(case):
     from tests.harness import rounded
     x, other = data(case)
     xr = rounded(x, case.dtype)
-    o = rounded(other, case.dtype) if case.loss != SPARSE else other
-    if case.loss == SPARSE:  # chunked: the naive reference holds several (N, C) float64 arrays
+    o = rounded(other, case.dtype) if case.loss not in LABELED else other
+    if case.loss in LABELED:  # chunked: the naive reference holds several (N, C) float64 arrays
         total = 0.0
         opts = case.options()
         for lo in range(0, xr.shape[0], 512):
-            total += R.sparse_softmax_cross_entropy(xr[lo:lo + 512], o[lo:lo + 512], reduction="sum", **opts)[0]
+            total += R.LOSSES[case.loss](xr[lo:lo + 512], o[lo:lo + 512], reduction="sum", **opts)[0]
         return total / (float(np.sum(opts["weight"][o])) if "weight" in opts else xr.shape[0])
     return R.LOSSES[case.loss](xr, o)[0]
 

@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from .cases import DENSE, ELEMENTWISE, FOCAL, HUBER, MSE, SIGMOID, SOFTCAP, SPARSE, data
+from .cases import DENSE, ELEMENTWISE, FOCAL, HUBER, LABELED, MSE, SIGMOID, SOFTCAP, SOFTMAX_FOCAL, SPARSE, data
 
 PROVIDERS = ("fastloss-numba", "fastloss-jax", "fastloss-triton", "keras-stock-jax", "keras-stock-torch",
              "jax-autodiff", "optax", "torch", "torch-compile", "liger")
@@ -33,7 +33,7 @@ def _jax_inputs(case):
     x, other = data(case)
     dt = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[case.dtype]
     xj = jnp.asarray(x).astype(dt)
-    oj = jnp.asarray(other) if case.loss == SPARSE else jnp.asarray(other).astype(dt)
+    oj = jnp.asarray(other) if case.loss in LABELED else jnp.asarray(other).astype(dt)
     return xj, oj
 
 
@@ -99,13 +99,20 @@ def _jax_autodiff(case):
         bce = jnp.maximum(z, 0) - z * b + jnp.log1p(jnp.exp(-jnp.abs(z)))
         return jnp.mean((1 - (b * p + (1 - b) * (1 - p))) ** 2 * bce)
 
-    fn = {SPARSE: sparse, DENSE: dense, SIGMOID: sigmoid, MSE: mse, HUBER: huber, FOCAL: focal}[case.loss]
+    def softmax_focal(a, b):  # Keras' formula from logits with labels (gamma 2, alpha 0.25), autodiffed
+        lp = jnp.take_along_axis(jax.nn.log_softmax(a.astype(jnp.float32), axis=-1), b[..., None], axis=-1)
+        return jnp.mean(0.25 * (1 - jnp.exp(lp)) ** 2 * -lp)
+
+    fn = {SPARSE: sparse, DENSE: dense, SIGMOID: sigmoid, MSE: mse, HUBER: huber, FOCAL: focal,
+          SOFTMAX_FOCAL: softmax_focal}[case.loss]
     return _jax_step(fn, *_jax_inputs(case))
 
 
 def _optax(case):
     import jax.numpy as jnp
     import optax
+    if case.loss == SOFTMAX_FOCAL:
+        raise Skip("optax has no softmax focal loss")
     if case.variant == "softcap":  # optax has no softcap: the user caps the logits first
         return _jax_step(lambda a, b: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
             SOFTCAP * jnp.tanh(a.astype(jnp.float32) / SOFTCAP), b)), *_jax_inputs(case))
@@ -136,6 +143,7 @@ def _keras_fn(case):
         MSE: keras.losses.MeanSquaredError(),
         HUBER: keras.losses.Huber(),
         FOCAL: keras.losses.BinaryFocalCrossentropy(from_logits=True),
+        SOFTMAX_FOCAL: keras.losses.CategoricalFocalCrossentropy(from_logits=True),
     }[case.loss]
 
 
@@ -145,6 +153,9 @@ def _keras_stock_jax(case):
     xj, oj = _jax_inputs(case)
     if case.loss in ELEMENTWISE:  # keras reduces over the last axis first: give it rows
         xj, oj = xj.reshape(-1, 1024), oj.reshape(-1, 1024)
+    if case.loss == SOFTMAX_FOCAL:  # Keras' class takes one-hot targets (made outside the step)
+        import jax
+        oj = jax.nn.one_hot(oj, xj.shape[-1], dtype=xj.dtype)
     return _jax_step(lambda a, b: loss(b, a), xj, oj)
 
 
@@ -153,7 +164,7 @@ def _torch_inputs(case, device="cpu"):
     x, other = data(case)
     dt = getattr(torch, case.dtype)
     xt = torch.from_numpy(x).to(device=device, dtype=dt).requires_grad_()
-    ot = torch.from_numpy(other).to(device) if case.loss == SPARSE else torch.from_numpy(other).to(device, dt)
+    ot = torch.from_numpy(other).to(device) if case.loss in LABELED else torch.from_numpy(other).to(device, dt)
     return xt, ot
 
 
@@ -192,6 +203,7 @@ def _torch(case):
         MSE: F.mse_loss,
         HUBER: F.huber_loss,
         FOCAL: _torch_focal,
+        SOFTMAX_FOCAL: _torch_softmax_focal,
     }
     return _torch_step(fns[case.loss], *_torch_inputs(case, _device()))
 
@@ -204,6 +216,13 @@ def _torch_focal(a, b):
     p = torch.sigmoid(a)
     ce = F.binary_cross_entropy_with_logits(a, b, reduction="none")
     return (ce * (1 - (p * b + (1 - p) * (1 - b))) ** 2).mean()
+
+
+def _torch_softmax_focal(a, b):
+    """The softmax focal loss by hand (torch has none): gamma 2, alpha 0.25, labels."""
+    import torch
+    lp = torch.log_softmax(a.flatten(0, -2), -1).gather(-1, b.flatten()[:, None])
+    return (0.25 * (1 - lp.exp()) ** 2 * -lp).mean()
 
 
 def _torch_compile(case):
@@ -232,6 +251,9 @@ def _keras_stock_torch(case):
     xt, ot = _torch_inputs(case, _device())
     if case.loss in ELEMENTWISE:
         return _torch_step(lambda a, b: loss(b.reshape(-1, 1024), a.reshape(-1, 1024)), xt, ot)
+    if case.loss == SOFTMAX_FOCAL:  # Keras' class takes one-hot targets (made outside the step)
+        import torch
+        ot = torch.nn.functional.one_hot(ot, xt.shape[-1]).to(xt.dtype)
     return _torch_step(lambda a, b: loss(b, a), xt, ot)
 
 

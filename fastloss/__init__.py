@@ -13,6 +13,7 @@ from .losses import (
     sigmoid_cross_entropy,
     sigmoid_focal_loss,
     softmax_cross_entropy,
+    softmax_focal_loss,
     sparse_softmax_cross_entropy,
     sparse_softmax_cross_entropy_,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "sigmoid_cross_entropy",
     "sigmoid_focal_loss",
     "softmax_cross_entropy",
+    "softmax_focal_loss",
     "sparse_softmax_cross_entropy",
     "sparse_softmax_cross_entropy_",
     "value_and_grad",

@@ -16,6 +16,7 @@ ROW_NDIM = {
     "mean_squared_error": 0,
     "huber": 0,
     "sigmoid_focal_loss": 0,
+    "softmax_focal_loss": 1,
 }
 LOSS_NAMES = tuple(ROW_NDIM)
 

@@ -7,7 +7,7 @@ from . import losses as L
 
 _BY_NAME = {f.__name__: f for f in (L.sparse_softmax_cross_entropy, L.softmax_cross_entropy,
                                     L.sigmoid_cross_entropy, L.mean_squared_error, L.huber, L.sigmoid_focal_loss,
-                                    L.distillation_loss)}
+                                    L.softmax_focal_loss, L.distillation_loss)}
 
 
 def value_and_grad(loss_fn):

@@ -32,6 +32,7 @@ from jax.custom_derivatives import SymbolicZero
 from fastloss.kernels import jax_xla as K
 
 from . import _adapter
+from ._validation import dtype_name, is_integer_dtype
 
 
 def unavailable_reason():
@@ -81,6 +82,7 @@ _OPTIONS = {
     "mean_squared_error": (),
     "huber": ("delta",),
     "sigmoid_focal_loss": ("gamma", "alpha", "apply_class_balancing", "label_smoothing"),
+    "softmax_focal_loss": ("gamma", "label_smoothing", "alpha"),
 }
 _XLA = {
     "sparse_softmax_cross_entropy": (K.sparse_cross_entropy, K.sparse_option_grads),
@@ -89,10 +91,11 @@ _XLA = {
     "mean_squared_error": (K.squared_error, None),
     "huber": (K.huber, K.huber_option_grads),
     "sigmoid_focal_loss": (K.sigmoid_focal, K.sigmoid_focal_option_grads),
+    "softmax_focal_loss": (K.softmax_focal, None),  # option derivatives by forward mode (_option_rows)
 }
 _FFI = {"sparse_softmax_cross_entropy": "sparse_cross_entropy", "softmax_cross_entropy": "softmax_cross_entropy",
         "sigmoid_cross_entropy": "sigmoid_cross_entropy", "mean_squared_error": "squared_error",
-        "huber": "huber", "sigmoid_focal_loss": "sigmoid_focal"}
+        "huber": "huber", "sigmoid_focal_loss": "sigmoid_focal", "softmax_focal_loss": "softmax_focal"}
 
 
 def _elementwise(name):
@@ -101,7 +104,7 @@ def _elementwise(name):
 
 def _kwargs(spec):
     """The kernel's static keyword options: spec[1] holds them as (name, value) pairs (sparse CE:
-    ignore_index and softcap; none for the other losses)."""
+    ignore_index and softcap; softmax focal: ignore_index; none for the other losses)."""
     return dict(spec[1])
 
 
@@ -217,17 +220,27 @@ def _loss_jvp(spec, primals, tangents):
         tangent = tangent + _contract(gx, dx, spec)
     if want_other:
         tangent = tangent + _contract(go, d_other, spec)
-    n_opts = len(_OPTIONS[name])
-    if n_opts and not _is_zero(d_params):
+    if _OPTIONS[name] and not _is_zero(d_params):
         # d loss / d option: per-row derivatives (XLA, one more pass, only when an option is
         # being differentiated) weighted like the rows.
-        rows = _XLA[name][1](x, other, params, **_kwargs(spec)) @ d_params[:n_opts].astype(out.dtype)
+        rows = _option_rows(spec, x, other, params, d_params.astype(out.dtype))
         tangent = tangent + (rows if spec[2] == "none" else jnp.sum(rows) * params[-1])
     return out, tangent
 
 
+def _option_rows(spec, x, other, params, d_params):
+    """Σ_option d row / d option · tangent, per row: the loss's closed-form option derivatives, or
+    forward mode through its XLA formulation (whose rows do not read the scale entry)."""
+    name = spec[0]
+    kernel, option_grads = _XLA[name]
+    if option_grads is not None:
+        return option_grads(x, other, params, **_kwargs(spec)) @ d_params[:len(_OPTIONS[name])]
+    return jax.jvp(lambda p: kernel(x, other, p, **_kwargs(spec), want_x=False, want_other=False)[0],
+                   (params,), (d_params,))[1]
+
+
 # ---------------------------------------------------------------------------- the adapter
-def _option(value, name, acc):
+def _option(value, name, acc, loss=None):
     """An option as an array in the accumulation dtype. A traced value cannot raise, so one
     outside its range makes the loss NaN (as a traced out-of-range label does); Python and
     concrete values were checked eagerly already, so for them the select is a no-op."""
@@ -238,8 +251,16 @@ def _option(value, name, acc):
           "delta": (v > 0) & jnp.isfinite(v),
           "gamma": (v >= 0) & jnp.isfinite(v),
           "alpha": (v >= 0) & (v <= 1),
-          "apply_class_balancing": (v == 0) | (v == 1)}[name]
+          "apply_class_balancing": (v == 0) | (v == 1)}[_CHECKED_AS.get((loss, name), name)]
     return jnp.where(ok, v, jnp.nan)
+
+
+_CHECKED_AS = {("softmax_focal_loss", "alpha"): "gamma"}  # a factor >= 0, not sigmoid focal's α in [0, 1]
+
+
+def _has_labels(name, other):
+    return name == "sparse_softmax_cross_entropy" or (name == "softmax_focal_loss"
+                                                      and not jnp.issubdtype(other.dtype, jnp.floating))
 
 
 def _sparse_scale_and_weights(labels, weight, ignore_index, n_cls, acc):
@@ -262,17 +283,24 @@ def _core(x, other, options, weight=None, *, spec):
     lead = x.shape[:x.ndim - row_ndim]
     if row_ndim:
         x2 = x.reshape(-1, x.shape[-1])
-        o2 = other.reshape(-1) if name == "sparse_softmax_cross_entropy" else other.reshape(-1, x.shape[-1])
+        o2 = other.reshape(-1) if _has_labels(name, other) else other.reshape(-1, x.shape[-1])
     else:
         x2, o2 = x.reshape(-1), other.reshape(-1)
     acc = K.acc_dtype(x)
     weights = jnp.zeros((0,), acc)
     if name == "sparse_softmax_cross_entropy":
         count, weights = _sparse_scale_and_weights(o2, weight, dict(statics)["ignore_index"], x.shape[-1], acc)
+    elif name == "softmax_focal_loss":  # the per-class α ride where sparse CE's weights do
+        count = jnp.asarray(math.prod(lead), acc)
+        if _has_labels(name, o2):
+            count = jnp.sum(~K.is_ignored(o2, dict(statics)["ignore_index"])).astype(acc)
+        if weight is not None:
+            weights = jax.lax.stop_gradient(jnp.asarray(weight, acc).reshape(-1))
     else:
         count = jnp.asarray(math.prod(lead), acc)
     scale = 1.0 / jnp.where(count != 0, count, 1).astype(acc) if reduction == "mean" else jnp.ones((), acc)
-    opts = jnp.stack([_option(v, k, acc) for k, v in zip(_OPTIONS[name], options)]) if options else jnp.zeros(0, acc)
+    opts = (jnp.stack([_option(v, k, acc, name) for k, v in zip(_OPTIONS[name], options)]) if options
+            else jnp.zeros(0, acc))
     params = jnp.concatenate([opts.astype(acc), weights, scale.reshape(1).astype(acc)])
     out = _loss(spec, x2, o2, params)
     return out.reshape(lead) if reduction == "none" else out
@@ -300,11 +328,15 @@ def _provider(backend):
 def _run(name, x, other, opts, with_grad, backend=None):
     _check_not_torch(x, "predictions" if name in ("mean_squared_error", "huber") else "logits")
     _check_not_torch(other, "labels/targets")
-    if name == "sparse_softmax_cross_entropy":
+    labeled = name == "sparse_softmax_cross_entropy" or (name == "softmax_focal_loss"
+                                                          and is_integer_dtype(dtype_name(other)))
+    if labeled:
         _check_labels_eagerly(other, x.shape[-1], opts["ignore_index"])
     statics = ()
     if name == "sparse_softmax_cross_entropy":
         statics = (("ignore_index", opts["ignore_index"]), ("softcap", opts.get("softcap")))
+    elif name == "softmax_focal_loss":
+        statics = (("ignore_index", opts["ignore_index"]),)
     spec = (name, statics, opts["reduction"], _provider(backend))
     options = tuple(opts[k] for k in _OPTIONS[name])
     weight = opts.get("weight")

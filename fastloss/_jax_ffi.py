@@ -228,3 +228,23 @@ def distillation(s, t, labels, params, divergence, ignore_index, has_labels, *, 
     res = _call(name, outs, (s, t, labels, params.astype(acc)), want_s, div=DIVERGENCES[divergence],
                 ignore_index=_adapter.kernel_ignore_index(ignore_index), threads=_threads())
     return res[0], (res[1] if want_s else None), (res[1 + want_s] if want_t else None)
+
+
+def softmax_focal(x, other, params, ignore_index=None, *, want_x=True, want_other=False):
+    """The Numba softmax focal kernel inside XLA; the signature of jax_xla.softmax_focal (labels or
+    dense targets in ``other``)."""
+    from fastloss.kernels.numba_cpu import xla_ffi
+    n, c = x.shape
+    dense = jnp.issubdtype(other.dtype, jnp.floating)
+    other = other if dense else _labels(other)
+    want_t = want_other and dense
+    acc = _acc(x)
+    xs, os_ = _storage(x.dtype), _storage(other.dtype)
+    key = ("focal", np.dtype(xs).name, np.dtype(os_).name, np.dtype(acc).name, int(dense), int(want_x), int(want_t))
+    name = _target(key, lambda: xla_ffi.focal_handler(xs, os_, acc, dense, want_x, want_t))
+    outs = ([jax.ShapeDtypeStruct((n,), acc)] + ([jax.ShapeDtypeStruct(x.shape, x.dtype)] if want_x else [])
+            + ([jax.ShapeDtypeStruct(other.shape, other.dtype)] if want_t else []))
+    # Each row's logits are read (statistics, terms) before its gradient is written: in place is safe.
+    res = _call(name, outs, (x, other, params.astype(acc)), want_x,
+                ignore_index=_adapter.kernel_ignore_index(ignore_index), threads=_threads())
+    return res[0], (res[1] if want_x else None), (res[1 + want_x] if want_t else None)

@@ -17,7 +17,7 @@ from fastloss.kernels import numba_cpu as K
 from fastloss.kernels.numba_cpu import plan
 
 from . import _adapter, _buffers
-from ._validation import dtype_name
+from ._validation import dtype_name, is_integer_dtype
 
 
 def unavailable_reason():
@@ -218,7 +218,8 @@ def _class_weights(weight, y, ign, n_cls, acc, count):
 
 
 _NO_WEIGHTS = {name: np.zeros(0, name) for name in ("float32", "float64")}
-for _w in _NO_WEIGHTS.values():
+_NO_TARGETS = {name: np.zeros(1, name) for name in ("float32", "float64")}  # focal with labels: never read
+for _w in (*_NO_WEIGHTS.values(), *_NO_TARGETS.values()):
     _w.flags.writeable = False
 
 
@@ -248,6 +249,43 @@ def _dense(x, t, opts, want_x, want_other):
     value = _reduce(loss, opts["reduction"], n, acc, out, tuple(x.shape[:-1]))
     return (value, out.finish(gx_obj, gname) if want_x else None,
             out.finish(gt_obj, gtname) if want_other else None)
+
+
+def _softmax_focal(x, other, opts, want_x, want_other):
+    """Integer labels (ignore_index applies) or dense targets (..., C): one kernel, see focal.py."""
+    name = dtype_name(x)
+    acc = _acc(name)
+    n_cls = x.shape[-1]
+    xv, x_stride, n = _row_view(x, n_cls)
+    dense = not is_integer_dtype(dtype_name(other))
+    if dense:
+        tv, t_stride, _ = _row_view(other, n_cls)
+        y, ign, count = _NO_LABELS, _adapter.NO_IGNORE, n
+    else:
+        tv, t_stride = _NO_TARGETS[np.dtype(acc).name], 0
+        y = _kernel_view(other).reshape(-1)
+        if y.dtype != np.int64:
+            y = y.astype(np.int64)
+            y.flags.writeable = False
+        ign = _adapter.kernel_ignore_index(opts["ignore_index"])
+        count = int(np.count_nonzero(y != ign))
+    want_t = want_other and dense
+    out = _Out(x)
+    loss = np.empty(n, acc)
+    gname, gtname = _grad_names(opts, name, dtype_name(other))
+    gx_obj, gx = out.empty(tuple(x.shape), gname) if want_x else (None, _dummy_rows(xv, n_cls))
+    gt_obj, gt = out.empty(tuple(other.shape), gtname) if want_t else (None, _dummy_rows(tv, n_cls))
+    alpha = (_NO_WEIGHTS[np.dtype(acc).name] if opts.get("weight") is None
+             else _class_weights(opts["weight"], y, ign, n_cls, acc, count)[0])
+    kopts = (acc(opts["gamma"]), acc(opts["label_smoothing"]), acc(opts["alpha"]),
+             _scale(opts["reduction"], count, acc), acc(1.0))
+    bad = K.softmax_focal(xv, x_stride, tv, t_stride, y, n_cls, loss, gx.reshape(-1, n_cls), gt.reshape(-1, n_cls),
+                          kopts, alpha, ign, dense, want_x, want_t, _workers())
+    if bad:
+        _adapter.check_label_range(y, n_cls, opts["ignore_index"])
+    value = _reduce(loss, opts["reduction"], count, acc, out, tuple(x.shape[:-1]))
+    return (value, out.finish(gx_obj, gname) if want_x else None,
+            out.finish(gt_obj, gtname) if want_t else None)
 
 
 def _elementwise(kernel, extra):
@@ -284,6 +322,7 @@ _RUNNERS = {
     "sigmoid_focal_loss": _elementwise(K.sigmoid_focal, lambda o, acc: (
         acc(o["gamma"]), acc(o["alpha"]), acc(o["apply_class_balancing"]), acc(o["label_smoothing"]),
         K.SIGMOID_COEF)),
+    "softmax_focal_loss": _softmax_focal,
 }
 
 

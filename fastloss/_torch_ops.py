@@ -42,15 +42,18 @@ PARAMS = {
     "mean_squared_error": (),
     "huber": ("delta",),
     "sigmoid_focal_loss": ("gamma", "alpha", "apply_class_balancing", "label_smoothing"),
+    "softmax_focal_loss": ("gamma", "label_smoothing", "alpha"),
 }
+_WITH_CLASS_TENSOR = ("sparse_softmax_cross_entropy", "softmax_focal_loss")  # ignore_index and `weight`
 
 
 def _opts(name, params, ignore_index, reduction, weight=None):
     opts = dict(zip(PARAMS[name], params), reduction=reduction)
-    if name == "sparse_softmax_cross_entropy":
+    if name in _WITH_CLASS_TENSOR:
         opts["ignore_index"] = None if ignore_index == _adapter.NO_IGNORE else ignore_index
-        opts["softcap"] = opts["softcap"] or None  # 0.0 in params: none
-        if weight is not None:
+        if name == "sparse_softmax_cross_entropy":
+            opts["softcap"] = opts["softcap"] or None  # 0.0 in params: none
+        if weight is not None:  # sparse CE's class weights; the focal loss's per-class α
             opts["weight"] = weight
     return opts
 
@@ -129,7 +132,9 @@ def _mean_count(name, x, other, opts, batch_axes=0):
         per = torch.where(kept, w[other.clamp(0, n_cls - 1)], torch.zeros((), dtype=w.dtype, device=w.device))
         count = per.reshape(lead + (-1,)).sum(-1)
         return torch.where(count != 0, count, torch.ones_like(count))
-    if name == "sparse_softmax_cross_entropy" and opts["ignore_index"] is not None:
+    labeled = name == "sparse_softmax_cross_entropy" or (name == "softmax_focal_loss"
+                                                          and not other.is_floating_point())
+    if labeled and opts["ignore_index"] is not None:
         kept = other != opts["ignore_index"]
         count = kept.reshape(lead + (-1,)).sum(-1)
     else:
@@ -158,6 +163,8 @@ def _unfused_grads(name, x, other, opts, w):
         return (torch.sigmoid(xf) - tt) * w, -(1 - eps) * xf * w
     if name == "sigmoid_focal_loss":
         return _focal_grads(xf, other.to(acc), opts, w)
+    if name == "softmax_focal_loss":
+        return _softmax_focal_grads(xf, other, opts, w)
     d = xf - other.to(acc)
     if name == "huber":
         c = torch.clamp(d, -opts["delta"], opts["delta"])
@@ -221,6 +228,43 @@ def _focal_grads(x, t, opts, w):
     focal = wt * gamma * f * sb * (q - p) if gamma else 0.0  # γ = 0: no term (not 0 * inf)
     dt = (balance * (2 * alpha - 1) * f * bce if balance else 0.0) + focal - wt * f * x
     return gx * w, (1 - eps) * dt * w
+
+
+def _softmax_focal_grads(x, other, opts, w):
+    """The softmax focal loss's gradients as torch expressions (kernels.jax_xla.softmax_focal's
+    math: q at the argmax from the other classes' mass; limits where a direct form is NaN)."""
+    gamma, eps, n_cls = opts["gamma"], opts["label_smoothing"], x.shape[-1]
+    # The shift is the argmax's own logit, not a detached max: log1p(r) and r/(1 + r) hold e_a = 1
+    # as a constant, which is exact only if that element's derivative flows through the shift.
+    amax = x.argmax(-1, keepdim=True)
+    m = x.gather(-1, amax)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    zs = x - m
+    is_a = torch.arange(n_cls, device=x.device) == amax
+    e = zs.exp()
+    r = torch.where(is_a, torch.zeros_like(e), e).sum(-1, keepdim=True)
+    log_s = torch.log1p(r)
+    nll = log_s - zs
+    p = e / (1 + r)
+    q = torch.where(is_a, r / (1 + r), 1 - p)
+    dense = other.is_floating_point()
+    t = other.to(x.dtype) if dense else (torch.arange(n_cls, device=x.device) == other.unsqueeze(-1)).to(x.dtype)
+    a = opts["alpha"] * (opts["weight"].to(x.dtype) if opts.get("weight") is not None else 1.0)
+    c = a * ((1 - eps) * t + eps / n_cls)
+    pos = q > 0
+    lq = torch.log(torch.where(pos, q, torch.ones_like(q)))
+    f = torch.where(pos, torch.exp(gamma * lq), torch.full_like(q, 1.0 if gamma == 0 else 0.0))
+    pl = torch.where(p == 0, torch.zeros_like(p), p * nll)
+    h = torch.where(pl == 0, torch.zeros_like(pl), gamma * torch.exp((gamma - 1) * lq) * pl) if gamma else 0.0 * pl
+    wc = torch.where(c == 0, torch.zeros_like(c), c * (f + h))
+    gx = p * wc.sum(-1, keepdim=True) - wc
+    gt = None
+    if dense:
+        ga = a * (1 - eps) * torch.ones_like(f)
+        gt = torch.where(ga == 0, torch.zeros_like(f), ga * f * nll) * w
+    elif opts["ignore_index"] is not None:
+        gx = torch.where((other != opts["ignore_index"]).unsqueeze(-1), gx, torch.zeros_like(gx))
+    return gx * w, gt
 
 
 class _Fused(torch.autograd.Function):

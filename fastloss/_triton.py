@@ -13,6 +13,7 @@ from . import _adapter
 
 try:  # import errors surface through unavailable_reason()
     import triton
+    from fastloss.kernels import triton_focal as KF
     from fastloss.kernels import triton_gpu as K
 except ImportError as _exc:  # pragma: no cover - exercised where triton is absent
     triton = None
@@ -169,6 +170,40 @@ def _elementwise(kernel, extra):
     return run
 
 
+def _softmax_focal(x, other, opts, want_x, want_other):
+    """Labels (ignore_index applies) or dense targets: one launch of the focal kernel."""
+    n_cls = x.shape[-1]
+    x2 = x.detach().reshape(-1, n_cls).contiguous()
+    n = x2.shape[0]
+    dense = other.is_floating_point()
+    acc = _acc_dtype(x)
+    loss = torch.empty(n, device=x.device, dtype=acc)
+    if dense:
+        t2 = other.detach().reshape(-1, n_cls).contiguous()
+        y, ign, count = x2.new_empty(1, dtype=torch.int64), _adapter.NO_IGNORE, n
+    else:
+        t2 = x2[:1]
+        y = other.reshape(-1)
+        ign = _adapter.kernel_ignore_index(opts["ignore_index"])
+        if n:  # eager contract: a clear error (one host sync, as torch's own)
+            _adapter.check_label_range(y, n_cls, opts["ignore_index"])
+        count = (y != ign).sum()
+    want_t = want_other and dense
+    gx = torch.empty_like(x2, dtype=_grad_dtype(opts, x2)) if want_x else x2[:1]
+    gt = torch.empty_like(t2, dtype=_grad_dtype(opts, t2)) if want_t else t2[:1]
+    weight = opts.get("weight")
+    a = loss[:1] if weight is None else weight.detach().to(device=x.device, dtype=acc).reshape(-1).contiguous()
+    params = _params((opts["gamma"], opts["label_smoothing"], opts["alpha"]), opts["reduction"], count, x.device, acc)
+    if n:
+        block = K.row_block(n_cls, x.device.type == "cpu")
+        KF.softmax_focal_kernel[(n,)](
+            x2, x2.stride(0), t2, t2.stride(0), y, loss, gx, gx.stride(0), gt, gt.stride(0), params, a, n_cls, ign,
+            BLOCK=block, DENSE=dense, HAS_ALPHA=weight is not None, GAMMA_INT=KF.gamma_int(opts["gamma"]),
+            WANT_GX=want_x, WANT_GT=want_t, ACC_F64=acc == torch.float64, num_warps=K.num_warps(block))
+    value = _reduce(loss, opts["reduction"], count, tuple(x.shape[:-1]))
+    return value, (gx.reshape(x.shape) if want_x else None), (gt.reshape(other.shape) if want_t else None)
+
+
 def distill(s, t, labels, opts, want_s, want_t):
     """(loss, grad_student | None, grad_teacher | None) of distillation_loss, one launch."""
     n_cls = s.shape[-1]
@@ -207,6 +242,7 @@ if _IMPORT_ERROR is None:
         "huber": _elementwise(K.huber_kernel, lambda o: (o["delta"],)),
         "sigmoid_focal_loss": _elementwise(K.sigmoid_focal_kernel, lambda o: (
             o["gamma"], o["alpha"], float(o["apply_class_balancing"]), o["label_smoothing"])),
+        "softmax_focal_loss": _softmax_focal,
     }
 
 

@@ -157,7 +157,7 @@ def check_softcap(value):
     return check_positive(value, "softcap")
 
 
-def check_class_weight(weight, n_cls: int) -> None:
+def check_class_weight(weight, n_cls: int, arg: str = "weight") -> None:
     """None, or a float array of shape (C,) with finite values (any sign, as torch allows). The
     values are checked where that costs no device round trip: NumPy arrays, CPU tensors and
     concrete jax arrays (CUDA tensors and jax tracers are taken as they are)."""
@@ -165,7 +165,7 @@ def check_class_weight(weight, n_cls: int) -> None:
         return
     shape, name = shape_of(weight), dtype_name(weight)
     if shape != (n_cls,) or name not in ("float16", "bfloat16", "float32", "float64"):
-        raise ValueError(f"`weight` must be a float array of shape ({n_cls},), one weight per class; received "
+        raise ValueError(f"`{arg}` must be a float array of shape ({n_cls},), one value per class; received "
                          f"shape {shape} and dtype {name}.")
     if _is_tracer(weight):
         return
@@ -178,12 +178,12 @@ def check_class_weight(weight, n_cls: int) -> None:
         bad_mask = ~torch.isfinite(weight.detach())
         if bool(bad_mask.any()):
             k = int(torch.nonzero(bad_mask)[0, 0])
-            raise ValueError(f"`weight` must hold finite values; received {float(weight[k])!r} at class {k}.")
+            raise ValueError(f"`{arg}` must hold finite values; received {float(weight[k])!r} at class {k}.")
         return
     values = np.asarray(weight, dtype=np.float64)
     bad = ~np.isfinite(values)
     if bad.any():
-        raise ValueError(f"`weight` must hold finite values; received {values[bad][0]!r} at class "
+        raise ValueError(f"`{arg}` must hold finite values; received {values[bad][0]!r} at class "
                          f"{int(np.flatnonzero(bad)[0])}.")
 
 

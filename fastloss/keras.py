@@ -31,9 +31,10 @@ import fastloss
 
 from ._validation import check_positive, check_temperature
 
-__all__ = ["BinaryCrossentropy", "BinaryFocalCrossentropy", "CategoricalCrossentropy", "Huber", "KLDivergence", "LinearCrossEntropyHead",
-           "LogitsDistillation", "MeanSquaredError", "SparseCategoricalCrossentropy", "binary_crossentropy",
-           "binary_focal_crossentropy", "categorical_crossentropy", "huber", "kl_divergence", "mean_squared_error",
+__all__ = ["BinaryCrossentropy", "BinaryFocalCrossentropy", "CategoricalCrossentropy", "CategoricalFocalCrossentropy",
+           "Huber", "KLDivergence", "LinearCrossEntropyHead", "LogitsDistillation", "MeanSquaredError",
+           "SparseCategoricalCrossentropy", "binary_crossentropy", "binary_focal_crossentropy", "categorical_crossentropy",
+           "categorical_focal_crossentropy", "huber", "kl_divergence", "mean_squared_error",
            "sparse_categorical_crossentropy"]
 
 _WARNED = []
@@ -195,6 +196,33 @@ def binary_focal_crossentropy(y_true, y_pred, apply_class_balancing=False, alpha
     return ops.mean(per, axis=axis)
 
 
+@keras.saving.register_keras_serializable(package="fastloss")
+def categorical_focal_crossentropy(y_true, y_pred, alpha=0.25, gamma=2.0, from_logits=False, label_smoothing=0.0,
+                                   axis=-1):
+    """``keras.losses.categorical_focal_crossentropy`` with logits on the fused softmax focal kernel
+    (``fastloss.softmax_focal_loss``): Σ_j α_j t'_j (1 - p_j)^γ (-log p_j) over ``axis``.
+
+    From logits the kernel computes log p in log space without stock's clip of p to
+    [1e-7, 1 - 1e-7]: the two agree wherever every p_j lies inside the clip, and where one does not
+    fastloss keeps the exact value (stock caps -log p at 16.1 and floors 1 - p at 1e-7). From
+    probabilities there is no softmax to fuse: stock's own formula runs.
+    """
+    _check_axis(axis)
+    if not from_logits:
+        return keras.losses.categorical_focal_crossentropy(y_true, y_pred, alpha=alpha, gamma=gamma,
+                                                           label_smoothing=label_smoothing, axis=axis)
+    y_pred = ops.convert_to_tensor(y_pred)
+    y_true = ops.cast(y_true, y_pred.dtype)
+    if _kernel_backend() is None:
+        return keras.losses.categorical_focal_crossentropy(y_true, y_pred, alpha=alpha, gamma=gamma, from_logits=True,
+                                                           label_smoothing=label_smoothing, axis=axis)
+    logits, y_true = _classes_last(y_pred, axis), _classes_last(y_true, axis)
+    if isinstance(alpha, (list, tuple)) or np.ndim(alpha):
+        alpha = ops.convert_to_tensor(np.asarray(alpha, dtype=np.float32))
+    return fastloss.softmax_focal_loss(logits, y_true, gamma=gamma, alpha=alpha, label_smoothing=float(label_smoothing),
+                                       reduction="none")
+
+
 def _regression_pair(y_true, y_pred):
     """Stock's regression-loss preamble: float predictions (integers in floatx), targets in their dtype,
     ranks matched by squeezing or expanding a trailing axis of size 1."""
@@ -287,6 +315,18 @@ class BinaryFocalCrossentropy(keras.losses.BinaryFocalCrossentropy):
         super().__init__(apply_class_balancing=apply_class_balancing, alpha=alpha, gamma=gamma, from_logits=from_logits,
                          label_smoothing=label_smoothing, axis=axis, reduction=reduction, name=name, dtype=dtype)
         self.fn = binary_focal_crossentropy
+
+
+@keras.saving.register_keras_serializable(package="fastloss")
+class CategoricalFocalCrossentropy(keras.losses.CategoricalFocalCrossentropy):
+    """``keras.losses.CategoricalFocalCrossentropy`` on the fused softmax focal kernel (see
+    ``categorical_focal_crossentropy``)."""
+
+    def __init__(self, alpha=0.25, gamma=2.0, from_logits=False, label_smoothing=0.0, axis=-1,
+                 reduction="sum_over_batch_size", name="categorical_focal_crossentropy", dtype=None):
+        super().__init__(alpha=alpha, gamma=gamma, from_logits=from_logits, label_smoothing=label_smoothing, axis=axis,
+                         reduction=reduction, name=name, dtype=dtype)
+        self.fn = categorical_focal_crossentropy
 
 
 @keras.saving.register_keras_serializable(package="fastloss")

@@ -6,50 +6,10 @@ allocate and reduce around them.
 """
 from __future__ import annotations
 
-import numpy as np
-
 from . import _dispatch
 from . import _validation as V
-
-
-def _as_array(x):
-    # Lists and scalars are treated as NumPy input; arrays of any framework pass through untouched.
-    return x if hasattr(x, "shape") and hasattr(x, "dtype") else np.asarray(x)
-
-
-def _pair(x, other, x_arg, other_arg):
-    """The two inputs as arrays of one framework. NumPy arrays and lists next to torch logits become
-    torch tensors on the logits' device (as torch's own losses accept only tensors, this is the one
-    conversion users expect); jax and NumPy mix freely (jax reads NumPy arrays). Any other mix, or
-    torch tensors on two devices, is a TypeError naming both arguments."""
-    x, other = _as_array(x), _as_array(other)
-    kx, ko = _dispatch.framework_of(x), _dispatch.framework_of(other)
-    if kx == "torch" and ko == "numpy":
-        import torch
-        return x, torch.as_tensor(np.asarray(other), device=x.device)
-    if kx == "torch" and ko == "torch" and x.device != other.device:
-        raise TypeError(f"`{x_arg}` and `{other_arg}` must be on one device; received `{x_arg}` on {x.device} "
-                        f"and `{other_arg}` on {other.device}.")
-    if kx != ko and "torch" in (kx, ko):
-        raise TypeError(f"`{x_arg}` and `{other_arg}` must come from one framework (NumPy arrays or lists may "
-                        f"go with torch `{x_arg}`); received `{x_arg}` of type {type(x).__module__}."
-                        f"{type(x).__name__} and `{other_arg}` of type {type(other).__module__}.{type(other).__name__}.")
-    return x, other
-
-
-def _call(loss, x, other, backend, opts):
-    if _dispatch.framework_of(x) == "torch":
-        name = _dispatch.resolve_torch(backend, x)
-        if name != "jax":  # "jax" raises its TypeError below
-            from . import _torch_ops
-            return _torch_ops.call(loss, x, other, opts, name)
-    elif _dispatch.framework_of(x) == "jax" or any(V._is_tracer(v) for v in opts.values()):
-        choice = _dispatch.explicit(backend)
-        if choice in (None, "jax", "numba"):
-            from . import _jax
-            return _jax.call(loss, x, other, opts, choice)
-    name = _dispatch.resolve(backend, x)
-    return _dispatch.get(loss, name)(x, other, opts)
+from ._calling import _call, _float_pair, _pair
+from ._focal import _validate_sigmoid_focal, _validate_softmax_focal, sigmoid_focal_loss, softmax_focal_loss  # noqa: F401
 
 
 # One validator per loss: (x, other, **options) -> (x, other, opts). The public functions and
@@ -88,15 +48,6 @@ def _validate_dense(logits, targets, *, temperature=1.0, label_smoothing=0.0, re
                                  reduction=V.check_reduction(reduction))
 
 
-def _float_pair(x, other, x_arg, other_arg):
-    """The two same-shape float inputs of an elementwise loss, checked."""
-    x, other = _pair(x, other, x_arg, other_arg)
-    V.check_float_input(x, x_arg)
-    V.check_float_input(other, other_arg)
-    V.check_same_shape(x, other, x_arg, other_arg)
-    return x, other
-
-
 def _validate_sigmoid(logits, targets, *, label_smoothing=0.0, reduction="mean"):
     logits, targets = _float_pair(logits, targets, "logits", "targets")
     return logits, targets, dict(label_smoothing=V.check_label_smoothing(label_smoothing),
@@ -113,15 +64,6 @@ def _validate_huber(predictions, targets, *, delta=1.0, reduction="mean"):
     return predictions, targets, dict(delta=V.check_positive(delta, "delta"), reduction=V.check_reduction(reduction))
 
 
-def _validate_sigmoid_focal(logits, targets, *, gamma=2.0, alpha=0.25, apply_class_balancing=False,
-                            label_smoothing=0.0, reduction="mean"):
-    logits, targets = _float_pair(logits, targets, "logits", "targets")
-    return logits, targets, dict(gamma=V.check_non_negative(gamma, "gamma"), alpha=V.check_unit_interval(alpha, "alpha"),
-                                 apply_class_balancing=V.check_bool(apply_class_balancing, "apply_class_balancing"),
-                                 label_smoothing=V.check_label_smoothing(label_smoothing),
-                                 reduction=V.check_reduction(reduction))
-
-
 _VALIDATORS = {
     "sparse_softmax_cross_entropy": _validate_sparse,
     "softmax_cross_entropy": _validate_dense,
@@ -129,6 +71,7 @@ _VALIDATORS = {
     "mean_squared_error": _validate_mse,
     "huber": _validate_huber,
     "sigmoid_focal_loss": _validate_sigmoid_focal,
+    "softmax_focal_loss": _validate_softmax_focal,
 }
 
 
@@ -286,46 +229,6 @@ def huber(predictions, targets, *, delta=1.0, reduction="mean", backend=None):
     """
     x, other, opts = _validate_huber(predictions, targets, delta=delta, reduction=reduction)
     return _call("huber", x, other, backend, opts)
-
-
-def sigmoid_focal_loss(logits, targets, *, gamma=2.0, alpha=0.25, apply_class_balancing=False, label_smoothing=0.0,
-                       reduction="mean", backend=None):
-    """Binary focal loss from logits (Lin et al., 2017), per element, fused with its gradient; the
-    semantics of Keras ``BinaryFocalCrossentropy(from_logits=True)``. With ``t' = t(1-ε) + ε/2``,
-    ``p = sigmoid(x)``::
-
-        p_t  = t' p + (1 - t')(1 - p)
-        loss = w (1 - p_t)^γ bce(x, t'),    bce = max(x, 0) - x t' + log1p(exp(-|x|))
-        w    = t' α + (1 - t')(1 - α)   with apply_class_balancing, else 1
-
-    ``1 - p_t`` is formed from ``sigmoid(-x)``, never as ``1 - p`` (which rounds a confident
-    prediction's factor to 0), and the gradient is the closed form (no log of a rounded
-    probability). torchvision's ``sigmoid_focal_loss(alpha=a)`` is this with
-    ``apply_class_balancing=True, alpha=a``; optax's with ``alpha=None`` is the default here.
-
-    Args:
-        logits: float array of any shape; targets: float array of the same shape (in [0, 1]).
-        gamma: focusing parameter γ >= 0 (0: plain BCE). Integers 0 to 4 take the fastest CPU path.
-        alpha: class-1 weight in [0, 1], used with ``apply_class_balancing``.
-        apply_class_balancing: weight class 1 by α and class 0 by 1 - α.
-        label_smoothing: ε in [0, 1], squeezing targets towards 1/2 (Keras).
-        reduction: "mean" over elements, "sum", or "none" (per element).
-        backend: None (by input type), "jax", "numba" or "triton".
-
-    Returns:
-        Scalar loss, or per-element losses for "none": float32 (float64 for float64 input).
-
-    Example:
-        >>> import numpy as np, fastloss
-        >>> x = np.array([2.0, -1.0, 0.0], np.float32)
-        >>> loss = fastloss.sigmoid_focal_loss(x, np.array([1.0, 0.0, 1.0], np.float32))
-        >>> print(f"{float(loss):.4f}")
-        0.0659
-    """
-    x, other, opts = _validate_sigmoid_focal(logits, targets, gamma=gamma, alpha=alpha,
-                                             apply_class_balancing=apply_class_balancing,
-                                             label_smoothing=label_smoothing, reduction=reduction)
-    return _call("sigmoid_focal_loss", x, other, backend, opts)
 
 
 def _validate_distill(student_logits, teacher_logits, labels=None, *, temperature=1.0, alpha=0.5,

@@ -377,6 +377,78 @@ def huber_option_grads(p, targets, params):
     return (jnp.abs(d) - jnp.abs(c))[:, None]
 
 
+# ----------------------------------------------------------------------------- softmax focal
+def _focal_factors(q, p, nll, gamma):
+    """(f, h) = (q^γ, γ q^(γ-1) p ℓ) with the limits where a direct form is NaN: 0^0 = 1; h = 0
+    where p ℓ = 0 (p = 0 at a masked class, where p ℓ = 0 * inf; ℓ = 0 where p = 1)."""
+    pos = q > 0
+    log_q = jnp.log(jnp.where(pos, q, 1.0))
+    f = jnp.where(pos, jnp.exp(gamma * log_q), jnp.where(gamma == 0, 1.0, 0.0))
+    pl = jnp.where(p == 0, 0.0, p * nll)
+    h = jnp.where((pl == 0) | (gamma == 0), 0.0, gamma * jnp.exp((gamma - 1.0) * log_q) * pl)
+    return f, h
+
+
+def softmax_focal(x, other, params, ignore_index=None, *, want_x=True, want_other=False):
+    """Per-row softmax focal loss (Keras CategoricalFocalCrossentropy from logits) and its gradients.
+
+    Args:
+        x: (N, C) float logits. other: (N,) integer labels, or (N, C) float targets.
+        params: [γ, ε, α, scale], or [γ, ε, α, a_0 .. a_{C-1}, scale] with per-class factors (then
+            c_j = α a_j t'_j). ignore_index: static, for labels.
+
+    Returns:
+        (loss (N,), grad x | None, grad targets | None). With p = softmax(x), ℓ = -log p, q = 1 - p,
+        t' = (1-ε) t + ε/C, c = α a t': row = Σ c q^γ ℓ; d/dx_k = p_k S - c_k (f_k + h_k) with
+        f = q^γ, h = γ q^(γ-1) p ℓ, S = Σ c (f + h); d/dt = (1-ε) α a f ℓ. q at the row's argmax
+        (the only class that can have p > 1/2) is the sum of the other exps over s, and log s =
+        log1p of it, so a confident row keeps its tiny q^γ (kernels.numba_cpu.focal).
+    """
+    gamma, eps, alpha, scale = params[0], params[1], params[2], params[-1]
+    n_cls = x.shape[-1]
+    acc = acc_dtype(x)
+    xa = x.astype(acc)
+    # The shift is the argmax's own logit (not a stop_gradient max): log1p(r) and r / (1 + r) take
+    # e_a = 1 as a constant, which differentiates right only if x_a's derivative flows through m.
+    amax = lax.stop_gradient(jnp.argmax(xa, axis=-1))
+    m = jnp.take_along_axis(xa, amax[:, None], axis=-1)[:, 0]
+    finite = jnp.isfinite(m)
+    m = jnp.where(m == -jnp.inf, jnp.zeros_like(m), m)
+    zs = xa - m[:, None]
+    is_a = jnp.arange(n_cls)[None, :] == amax[:, None]
+    e = jnp.exp(zs)
+    r = jnp.sum(jnp.where(is_a, 0.0, e), axis=-1)
+    log_s = jnp.where(finite, jnp.log1p(r), jnp.log(jnp.sum(e, axis=-1)))
+    nll = log_s[:, None] - zs
+    p = e * jnp.exp(-log_s)[:, None]
+    q = jnp.where(is_a & finite[:, None], (r / (1.0 + r))[:, None], 1.0 - p)
+    dense = jnp.issubdtype(other.dtype, jnp.floating)
+    if dense:
+        t = other.astype(acc)
+        valid = ignored = None
+    else:
+        valid = (other >= 0) & (other < n_cls)
+        ignored = is_ignored(other, ignore_index)
+        t = (jnp.arange(n_cls)[None, :] == other[:, None]).astype(acc)  # fused into the terms by XLA
+    a = alpha * (params[3:3 + n_cls] if params.shape[0] == n_cls + 4 else jnp.ones((), acc))
+    c = a * ((1.0 - eps) * t + eps / n_cls)
+    f, h = _focal_factors(q, p, nll, gamma)
+    loss = jnp.sum(jnp.where(c == 0, 0.0, c * f * nll), axis=-1)
+    loss = jnp.where(jnp.isnan(log_s), log_s, loss)  # NaN / +inf logits: a NaN row
+    w = jnp.where(c == 0, 0.0, c * (f + h))
+    gx = gt = None
+    if want_x:
+        gx = (p * jnp.sum(w, axis=-1)[:, None] - w) * scale
+    if want_other and dense:
+        ga = a * (1.0 - eps)
+        gt = (jnp.where(ga == 0, 0.0, ga * f * nll) * scale).astype(other.dtype)
+    if not dense:
+        loss = _by_row_kind(loss, valid, ignored)
+        if gx is not None:
+            gx = _by_row_kind(gx, valid[:, None], ignored[:, None])
+    return loss, (gx.astype(x.dtype) if gx is not None else None), gt
+
+
 # ------------------------------------------------------------------------------------ reduction
 # -------------------------------------------------------------------------------- distillation
 def _log_softmax(x, temperature):

@@ -17,6 +17,12 @@ DTYPES = ("float16", "bfloat16", "float32", "float64")
 FLOAT_SECOND = {"softmax_cross_entropy", "sigmoid_cross_entropy", "mean_squared_error", "huber", "sigmoid_focal_loss"}
 
 
+def float_second(loss, other):
+    """Whether ``other`` is float data (targets) rather than integer labels: by the loss, or by the
+    array for the softmax focal loss, which takes either."""
+    return loss in FLOAT_SECOND or (loss == "softmax_focal_loss" and np.asarray(other).dtype.kind == "f")
+
+
 def np_dtype(name):
     if name == "bfloat16":
         import ml_dtypes
@@ -66,7 +72,7 @@ class JaxHarness:
         fn = getattr(fastloss, loss)
         with self._ctx(dtype):
             xj = jnp.asarray(np.asarray(x).astype(np_dtype(dtype)))
-            if loss in FLOAT_SECOND:
+            if float_second(loss, other):
                 oj = jnp.asarray(np.asarray(other).astype(np_dtype(dtype)))
             else:
                 oj = jnp.asarray(other)
@@ -76,7 +82,7 @@ class JaxHarness:
             res = Result(_f64(out), out.dtype.name)
             if not grads:
                 return res
-            argnums = (0, 1) if loss in FLOAT_SECOND else (0,)
+            argnums = (0, 1) if float_second(loss, other) else (0,)
 
             def objective(a, b):
                 val = fn(a, b, **opts)
@@ -98,7 +104,7 @@ class NumbaNumpyHarness:
     def run(self, loss, x, other, dtype, opts, cot=None, grads=True):
         fn = getattr(fastloss, loss)
         xn = np.asarray(x).astype(np_dtype(dtype))
-        on = np.asarray(other).astype(np_dtype(dtype)) if loss in FLOAT_SECOND else np.asarray(other)
+        on = np.asarray(other).astype(np_dtype(dtype)) if float_second(loss, other) else np.asarray(other)
         x_before, o_before = xn.copy(), on.copy()
         out = fn(xn, on, backend="numba", **opts)
         res = Result(_f64(out), np.asarray(out).dtype.name)
@@ -128,13 +134,14 @@ class TorchHarness:
         tdt = getattr(torch, dtype)
         fn = getattr(fastloss, loss)
         xt = torch.tensor(np.asarray(x, dtype=np.float64), device=self.device).to(tdt)
-        if loss in FLOAT_SECOND:
+        second = float_second(loss, other)
+        if second:
             ot = torch.tensor(np.asarray(other, dtype=np.float64), device=self.device).to(tdt)
         else:
             ot = torch.tensor(np.asarray(other), device=self.device)
         x_before, o_before = xt.clone(), ot.clone()
         xt.requires_grad_(grads)
-        if loss in FLOAT_SECOND:
+        if second:
             ot.requires_grad_(grads)
         out = fn(xt, ot, backend=self.backend, **opts)
         res = Result(_f64(out.detach().cpu().double()), str(out.dtype).replace("torch.", ""))
@@ -144,7 +151,7 @@ class TorchHarness:
             obj.backward()
             res.grad_x = _f64(xt.grad.cpu().double())
             res.grad_x_dtype = str(xt.grad.dtype).replace("torch.", "")
-            if loss in FLOAT_SECOND:
+            if second:
                 res.grad_other = _f64(ot.grad.cpu().double())
                 res.grad_other_dtype = str(ot.grad.dtype).replace("torch.", "")
         for now, before in ((xt.detach(), x_before), (ot.detach(), o_before)):  # inputs never modified

@@ -66,6 +66,9 @@ CLASS_CASES = (
     + [("focal", dict(from_logits=fl, label_smoothing=ls, apply_class_balancing=b, gamma=g))
        for fl, ls, b, g in ((True, 0.0, False, 2.0), (True, 0.1, True, 0.5), (False, 0.0, True, 2.0),
                             (False, 0.2, False, 3.0))]
+    + [("categorical_focal", dict(from_logits=fl, label_smoothing=ls, gamma=g, alpha=a))
+       for fl, ls, g, a in ((True, 0.0, 2.0, 0.25), (True, 0.1, 0.5, [0.5, 1.0, 2.0, 0.1, 0.7]),
+                            (False, 0.0, 2.0, 0.25))]
 )
 PAIRS = {
     "sparse": (keras.losses.SparseCategoricalCrossentropy, fk.SparseCategoricalCrossentropy, Y),
@@ -74,6 +77,7 @@ PAIRS = {
     "mse": (keras.losses.MeanSquaredError, fk.MeanSquaredError, Y_ONEHOT),
     "huber": (keras.losses.Huber, fk.Huber, Y_ONEHOT),
     "focal": (keras.losses.BinaryFocalCrossentropy, fk.BinaryFocalCrossentropy, Y_BIN),
+    "categorical_focal": (keras.losses.CategoricalFocalCrossentropy, fk.CategoricalFocalCrossentropy, Y_ONEHOT),
 }
 
 
@@ -98,6 +102,8 @@ def test_classes_match_stock(kind, kwargs, reduction, weight):
     ("mean_squared_error", {}),
     ("huber", dict(delta=0.4)),
     ("binary_focal_crossentropy", dict(from_logits=True, gamma=1.5, apply_class_balancing=True)),
+    ("categorical_focal_crossentropy", dict(from_logits=True, gamma=1.5, label_smoothing=0.1)),
+    ("categorical_focal_crossentropy", dict(from_logits=False, gamma=2.0)),
 ])
 def test_functions_match_stock(fn_name, kwargs):
     y = {"sparse_categorical_crossentropy": Y, "binary_crossentropy": Y_BIN,
@@ -183,6 +189,7 @@ def test_bad_temperature_is_a_value_error():
     (fk.MeanSquaredError, dict(reduction="none", name="my_mse")),
     (fk.Huber, dict(delta=0.8, reduction="sum", name="my_huber")),
     (fk.BinaryFocalCrossentropy, dict(from_logits=True, gamma=3.0, alpha=0.4, apply_class_balancing=True, axis=-1)),
+    (fk.CategoricalFocalCrossentropy, dict(from_logits=True, gamma=1.0, alpha=0.5, label_smoothing=0.1, axis=-1)),
 ])
 def test_serialization_round_trip(cls, kwargs):
     obj = cls(**kwargs)
@@ -202,7 +209,8 @@ def test_signatures_match_stock():
     import inspect
     for name in ("CategoricalCrossentropy", "SparseCategoricalCrossentropy", "BinaryCrossentropy", "MeanSquaredError",
                  "Huber", "BinaryFocalCrossentropy", "categorical_crossentropy", "sparse_categorical_crossentropy",
-                 "binary_crossentropy", "mean_squared_error", "huber", "binary_focal_crossentropy"):
+                 "binary_crossentropy", "mean_squared_error", "huber", "binary_focal_crossentropy",
+                 "CategoricalFocalCrossentropy", "categorical_focal_crossentropy"):
         stock = inspect.signature(getattr(keras.losses, name))
         ours = inspect.signature(getattr(fk, name))
         extra = [p for p in ours.parameters if p not in stock.parameters]

@@ -21,7 +21,7 @@ import fastloss.keras as fk
 PROVIDED = ("MeanSquaredError", "BinaryCrossentropy", "CategoricalCrossentropy", "SparseCategoricalCrossentropy",
             "KLDivergence", "Huber", "BinaryFocalCrossentropy", "mean_squared_error", "binary_crossentropy",
             "categorical_crossentropy", "sparse_categorical_crossentropy", "kl_divergence", "huber",
-            "binary_focal_crossentropy")
+            "binary_focal_crossentropy", "CategoricalFocalCrossentropy", "categorical_focal_crossentropy")
 
 _ns = types.SimpleNamespace(**{k: v for k, v in vars(_stock_losses).items() if not k.startswith("__")})
 for _name in PROVIDED:
@@ -70,6 +70,10 @@ class TestKLDivergence(_stock_tests.KLDivergenceTest):
 
 
 class TestBinaryFocalCrossentropy(_stock_tests.BinaryFocalCrossentropyTest):
+    pass
+
+
+class TestCategoricalFocalCrossentropy(_stock_tests.CategoricalFocalCrossentropyTest):
     pass
 
 

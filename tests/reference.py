@@ -174,6 +174,66 @@ def sigmoid_focal_loss(logits, targets, gamma=2.0, alpha=0.25, apply_class_balan
         return _reduce(vals.reshape(-1), reduction, x.size, x.shape), gx * scale, gt * scale
 
 
+def softmax_focal_loss(logits, targets, gamma=2.0, alpha=0.25, label_smoothing=0.0, ignore_index=-100,
+                       reduction="mean", cot=None):
+    """Returns (loss, d loss / d logits, d loss / d targets | None): Keras' categorical focal loss
+    from logits without its probability clip, term by term in float64. ``targets``: integer labels
+    (..., ) or dense targets (..., C); ``alpha``: a number or (C,) per-class factors.
+
+        p = softmax(x), q = 1 - p, t' = (1-ε) t + ε/C, c = α t'
+        row = Σ_j c_j q_j^γ (-log p_j)
+        d row / d x_k = p_k Σ_j c_j (f_j + h_j) - c_k (f_k + h_k),  f = q^γ, h = γ q^(γ-1) p (-log p)
+    """
+    with np.errstate(all="ignore"):
+        x = f64(logits)
+        n_cls = x.shape[-1]
+        z = x.reshape(-1, n_cls)
+        n = z.shape[0]
+        dense = np.asarray(targets).dtype.kind == "f"
+        zs, m, log_s = _shift(z)
+        # Without cancellation at the argmax a (the one class that can have p > 1/2): with
+        # r = Σ_{k≠a} exp(zs_k), s = 1 + r, log s = log1p(r) and q_a = r / s. Formed as log Σ exp,
+        # s = 1 + 4e-16 rounds by 10% of r, and q_a^γ with it.
+        amax = np.argmax(z, axis=-1)
+        is_a = np.arange(n_cls)[None, :] == amax[:, None]
+        r = np.sum(np.where(is_a, 0.0, np.exp(zs)), axis=-1)
+        finite = np.isfinite(m) & (np.max(z, axis=-1) == m)  # the max is an element: exp(zs_a) = 1
+        log_s = np.where(finite, np.log1p(r), log_s)
+        nll = log_s[:, None] - zs
+        p = np.exp(-nll)
+        q = np.where(is_a & finite[:, None], (r / (1 + r))[:, None], 1.0 - p)
+        if dense:
+            t = f64(targets).reshape(-1, n_cls)
+            y = np.zeros(n, np.int64)
+            ignored = np.zeros(n, bool)
+            valid = np.ones(n, bool)
+        else:
+            y = np.asarray(targets).reshape(-1).astype(np.int64)
+            ignored = y == ignore_index
+            valid = (y >= 0) & (y < n_cls)
+            t = (np.arange(n_cls)[None, :] == np.clip(y, 0, n_cls - 1)[:, None]).astype(np.float64)
+        tq = (1 - label_smoothing) * t + label_smoothing / n_cls
+        a = np.broadcast_to(f64(alpha), (n_cls,))[None, :]
+        c = a * tq
+        f = q ** gamma
+        pl = np.where(p == 0, 0.0, p * nll)
+        h = np.where(pl == 0, 0.0, gamma * q ** (gamma - 1) * pl) if gamma else np.zeros_like(p)
+        row = np.sum(np.where(c == 0, 0.0, c * f * nll), axis=-1)
+        row = np.where(np.isnan(log_s), np.nan, row)
+        row = np.where(ignored, 0.0, np.where(valid, row, np.nan))
+        count = int(np.sum(~ignored))
+        scale = _row_scale(n, reduction, count, cot)
+        scale = np.where(ignored, 0.0, np.where(valid, scale, np.nan))[:, None]
+        w = np.where(c == 0, 0.0, c * (f + h))
+        g_x = (p * w.sum(axis=-1, keepdims=True) - w) * scale
+        g_x = np.where(ignored[:, None], 0.0, g_x)
+        g_t = None
+        if dense:
+            ga = a * (1 - label_smoothing)
+            g_t = (np.where(ga == 0, 0.0, ga * f * nll) * scale).reshape(x.shape)
+        return _reduce(row, reduction, count, x.shape[:-1]), g_x.reshape(x.shape), g_t
+
+
 LOSSES = {
     "sparse_softmax_cross_entropy": sparse_softmax_cross_entropy,
     "softmax_cross_entropy": softmax_cross_entropy,
@@ -181,6 +241,7 @@ LOSSES = {
     "mean_squared_error": mean_squared_error,
     "huber": huber,
     "sigmoid_focal_loss": sigmoid_focal_loss,
+    "softmax_focal_loss": softmax_focal_loss,
 }
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from . import reference as R
-from .harness import ACC_EPS, DTYPES, FLOAT_SECOND, GRAD_RTOL, GRAD_TINY, LOSS_RTOL, assert_close, rounded
+from .harness import ACC_EPS, DTYPES, GRAD_RTOL, GRAD_TINY, LOSS_RTOL, assert_close, float_second, rounded
 
 SPARSE = "sparse_softmax_cross_entropy"
 DENSE = "softmax_cross_entropy"
@@ -15,6 +15,8 @@ SIGMOID = "sigmoid_cross_entropy"
 MSE = "mean_squared_error"
 HUBER = "huber"
 FOCAL = "sigmoid_focal_loss"
+SOFTMAX_FOCAL = "softmax_focal_loss"
+ROWS = (SPARSE, DENSE, SOFTMAX_FOCAL)  # one value per row of classes
 
 
 def make_inputs(loss, shape, seed=0, scale=3.0, ignore_frac=0.0, ignore_index=-100):
@@ -48,8 +50,9 @@ def check(h, loss, x, other, dtype, opts, seed=1, grads=True):
     if h.max_elements is not None and np.size(x) > h.max_elements:
         pytest.skip(f"{h.name}: {np.size(x)} elements is too slow for this harness")
     ref_x = rounded(x, dtype)
-    ref_o = rounded(other, dtype) if loss in FLOAT_SECOND else other
-    lead = np.shape(x)[:-1] if loss in (SPARSE, DENSE) else np.shape(x)
+    second = float_second(loss, other)
+    ref_o = rounded(other, dtype) if second else other
+    lead = np.shape(x)[:-1] if loss in ROWS else np.shape(x)
     cot = np.random.default_rng(seed).standard_normal(lead) if opts.get("reduction") == "none" else None
     res = h.run(loss, x, other, dtype, opts, cot=cot, grads=grads)
     ref = R.LOSSES[loss](ref_x, ref_o, **opts, cot=cot)
@@ -69,12 +72,13 @@ def check(h, loss, x, other, dtype, opts, seed=1, grads=True):
         assert res.grad_x_dtype == dtype
         g = _as_stored(ref[1], dtype)
         gmax = np.abs(g[np.isfinite(g)]).max() if np.isfinite(g).any() else 1.0
-        if loss in (SPARSE, DENSE, SIGMOID, FOCAL):
+        if loss in ROWS + (SIGMOID, FOCAL):
             # The softmax (sigmoid) term p * scale / T bounds what fp32 rounding can cost, even where
             # the gradient itself is far smaller (C = 1: only the z-loss term survives p - q = 0;
             # sigmoid(3e4) - 1 = 0 while the fp32 sigmoid is within an ulp of 1).
             n_rows = int(np.prod(lead))
-            counted = n_rows if loss != SPARSE else int(np.sum(np.asarray(other) != opts.get("ignore_index", -100)))
+            counted = n_rows if second or loss != SPARSE and loss != SOFTMAX_FOCAL else \
+                int(np.sum(np.asarray(other) != opts.get("ignore_index", -100)))
             unit = {"mean": 1.0 / max(counted, 1), "sum": 1.0}.get(opts.get("reduction", "mean"))
             unit = np.abs(cot).max(initial=0.0) if unit is None else unit
             gmax = max(gmax, unit / opts.get("temperature", 1.0))
@@ -82,7 +86,7 @@ def check(h, loss, x, other, dtype, opts, seed=1, grads=True):
                      f"{h.name} {loss} grad_x")
     elif opts.get("reduction") != "none" or h.grads_for_none:
         raise AssertionError(f"{h.name} returned no gradient")
-    if loss in FLOAT_SECOND and h.grads_for_other:
+    if second and h.grads_for_other:
         assert res.grad_other_dtype == dtype
         g = _as_stored(ref[2], dtype)
         gmax = np.abs(g[np.isfinite(g)]).max() if np.isfinite(g).any() else 1.0

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from fastloss import _dispatch
 
 from . import harness as H
-from .test_contract import DENSE, FOCAL, HUBER, MSE, SIGMOID, SPARSE, check
+from .test_contract import DENSE, FOCAL, HUBER, MSE, SIGMOID, SOFTMAX_FOCAL, SPARSE, check
 
 _AVAILABLE = [name for name in ("jax", "numba-jax", "numba", "numba-torch", "triton")
               if _dispatch.unavailable_reason(name.split("-")[0]) is None]
@@ -33,7 +33,7 @@ SPECIALS = {
 
 @st.composite
 def _case(draw, loss):
-    row_loss = loss in (SPARSE, DENSE)
+    row_loss = loss in (SPARSE, DENSE, SOFTMAX_FOCAL)
     lead = draw(st.lists(st.integers(1, 5), min_size=1 if row_loss else 0, max_size=2))
     if row_loss:
         n_cls = draw(st.one_of(st.integers(1, 40), st.sampled_from([31, 32, 33, 257, 2049])))
@@ -82,7 +82,9 @@ def _opts(draw_opts, loss):
         SIGMOID: ("label_smoothing", "reduction"),
         MSE: ("reduction",),
         HUBER: ("delta", "reduction"),
-        FOCAL: ("gamma", "alpha", "apply_class_balancing", "label_smoothing", "reduction")}[loss]}
+        FOCAL: ("gamma", "alpha", "apply_class_balancing", "label_smoothing", "reduction"),
+        SOFTMAX_FOCAL: ("gamma", "alpha", "label_smoothing", "reduction", "ignore_index", "weighted",
+                        "dense_targets")}[loss]}
 
 
 OPTIONS = st.fixed_dictionaries(dict(
@@ -97,11 +99,14 @@ OPTIONS = st.fixed_dictionaries(dict(
     apply_class_balancing=st.booleans(),
     weighted=st.sampled_from([False, False, True]),
     softcap=st.sampled_from([None, None, 30.0, 1.0, 1e-3]),
+    dense_targets=st.booleans(),
 ))
 
 
 def _other(loss, case, opts, rng):
     shape = case["shape"]
+    if loss == SOFTMAX_FOCAL:  # labels or dense targets, as the loss takes either
+        return _other(DENSE if opts.pop("dense_targets") else SPARSE, case, opts, rng)
     if loss == SPARSE:
         y = rng.integers(0, shape[-1], size=shape[:-1])
         y[rng.random(shape[:-1]) < 0.25] = opts["ignore_index"]
@@ -120,7 +125,8 @@ def _run(loss, case, opts):
     other = _other(loss, case, opts, rng)
     if opts.pop("weighted", False):  # class weights, about one in five of them 0
         n_cls = case["shape"][-1]
-        opts["weight"] = np.where(rng.random(n_cls) < 0.2, 0.0, rng.uniform(0.1, 4.0, n_cls))
+        w = np.where(rng.random(n_cls) < 0.2, 0.0, rng.uniform(0.1, 4.0, n_cls))
+        opts["alpha" if loss == SOFTMAX_FOCAL else "weight"] = w
     for name, h in HARNESSES.items():
         xl = _layout(x, case, rng) if name == "numba" else x
         check(h, loss, xl, other, case["dtype"], opts)
@@ -140,6 +146,7 @@ test_fuzz_sigmoid_cross_entropy = _fuzz(SIGMOID)
 test_fuzz_mean_squared_error = _fuzz(MSE)
 test_fuzz_huber = _fuzz(HUBER)
 test_fuzz_sigmoid_focal_loss = _fuzz(FOCAL)
+test_fuzz_softmax_focal_loss = _fuzz(SOFTMAX_FOCAL)
 
 
 def test_every_backend_is_fuzzed():

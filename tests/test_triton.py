@@ -24,9 +24,9 @@ _AOT_SCRIPT = """
 import sys, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from fastloss.kernels import triton_gpu as K
+from fastloss.kernels import triton_focal as KF, triton_gpu as K
 arch = int(sys.argv[1])
-specs = K.specializations()
+specs = K.specializations() + KF.specializations()
 bad = []
 for kernel, sig, const, warps in specs:
     full = dict(sig, **{k: "constexpr" for k in const})

@@ -7,7 +7,7 @@ d row, so a training step needs no second pass. Modules, bottom up:
 - ``base``: compiler flags and typing helpers; ``intrinsics``: LLVM IR building blocks;
 - ``approx``: branch-free exp2, reciprocal and log1p; ``halfio``: bfloat16/float16 loads and stores;
 - ``rowstats``: online row statistics, groups of short rows, gradient stores;
-- ``sparse_ce``, ``sparse_split``, ``dense_ce``, ``distill``, ``elementwise``: the kernels;
+- ``sparse_ce``, ``sparse_split``, ``dense_ce``, ``distill``, ``elementwise``, ``focal``: the kernels;
 - ``plan``: which entry point a shape and layout take (pure Python);
 - ``xla_ffi``: C handlers through which XLA calls these kernels inside ``jax.jit`` (imported only by
   ``fastloss._jax_ffi``, at the first trace that needs it).
@@ -19,6 +19,7 @@ from .approx import SIGMOID_COEF
 from .dense_ce import dense_blocks, dense_tiny
 from .distill import DIVERGENCES, distill_rows
 from .elementwise import BLOCK, huber, sigmoid_cross_entropy, sigmoid_focal, squared_error
+from .focal import softmax_focal
 from .sparse_ce import sparse_blocks, sparse_short, sparse_tiny
 from .sparse_split import sparse_split
 
@@ -26,4 +27,4 @@ SPARSE = {"tiny": sparse_tiny, "short": sparse_short, "blocks": sparse_blocks, "
 DENSE = {"tiny": dense_tiny, "blocks": dense_blocks}
 
 __all__ = ["BLOCK", "DENSE", "DIVERGENCES", "distill_rows", "huber", "SIGMOID_COEF", "SPARSE", "plan", "sigmoid_cross_entropy", "sigmoid_focal",
-           "squared_error"]
+           "softmax_focal", "squared_error"]

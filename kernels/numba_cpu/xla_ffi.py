@@ -36,6 +36,7 @@ from .approx import SIGMOID_COEF
 from .dense_ce import dense_blocks, dense_tiny
 from .distill import distill_rows
 from .elementwise import BLOCK, huber, sigmoid_cross_entropy, sigmoid_focal, squared_error
+from .focal import softmax_focal
 from .sparse_ce import _row_params, sparse_blocks, sparse_short, sparse_tiny
 from .sparse_split import _chunk_grads, _chunk_stats, _combine_rows
 
@@ -207,6 +208,40 @@ def distill_handler(s_dtype, t_dtype, y_dtype, acc, has_labels, want_s, want_t):
         gt = _rows_out(frame, 1 + want_s, t_dtype, c) if want_t else np.empty((1, c), t_dtype)
         distill_rows(s, c, t, c, c, y, loss, gs, gt, (p[0], p[1], p[2], p[3]), div, ign, has_labels, want_s,
                      want_t, threads)
+    return _handler(run)
+
+
+# --------------------------------------------------------------------------- softmax focal
+@njit(inline="always")
+def _focal_run(frame, x_dtype, acc, t, y, gt, dense, want_x, want_t):
+    _, n, c = _buffer(frame, _ARGS, 0)
+    x = _flat_in(frame, 0, x_dtype)
+    p = _flat_in(frame, 2, acc)
+    ign, threads = _attr(frame, 0), _attr(frame, 1)
+    loss = _flat_out(frame, 0, acc)
+    gx = _rows_out(frame, 1, x_dtype, c) if want_x else np.empty((1, c), x_dtype)
+    k = p.shape[0]
+    al = _readonly(np.ascontiguousarray(p[3:3 + c])) if k == c + 4 else _readonly(np.empty(0, acc))
+    softmax_focal(x, c, t, c, y, c, loss, gx, gt, (p[0], p[1], p[2], p[k - 1], acc(1)), al, ign, dense, want_x,
+                  want_t, threads)
+
+
+def focal_handler(x_dtype, o_dtype, acc, dense, want_x, want_t):
+    """Handler for the softmax focal loss: args (x (..., C), labels (...) or targets (..., C),
+    params [γ, ε, α, (C per-class α,) scale]), attributes (ignore_index, threads), results (loss
+    (...), [grad x], [grad targets])."""
+    if dense:
+        def run(frame):
+            _, _, c = _buffer(frame, _ARGS, 0)
+            gt = _rows_out(frame, 1 + want_x, o_dtype, c) if want_t else np.empty((1, c), o_dtype)
+            _focal_run(frame, x_dtype, acc, _flat_in(frame, 1, o_dtype), _readonly(np.zeros(1, np.int64)), gt, True,
+                       want_x, want_t)
+    else:
+        def run(frame):
+            _, _, c = _buffer(frame, _ARGS, 0)
+            y = _readonly(_flat_in(frame, 1, o_dtype).astype(np.int64))
+            _focal_run(frame, x_dtype, acc, _readonly(np.zeros(1, acc)), y, np.empty((1, c), acc), False, want_x,
+                       False)
     return _handler(run)
 
 
