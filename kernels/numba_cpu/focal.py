@@ -19,7 +19,9 @@ log1p(that sum), so a confident row (q = 1e-9) keeps its focal factor q^γ inste
 
 Passes per row: the block-online statistics (one read of the logits, exps kept in a scratch row),
 one pass forming each class's terms (q^γ by multiplication for γ in {0, 1, 2, 3}, ``**`` otherwise)
-with c_j (f_j + h_j) kept in a second scratch row, then the gradient, stored non-temporally.
+with c_j (f_j + h_j) kept in a second scratch row, then the gradient, stored non-temporally. With
+labels and ε = 0 only the label's term is non-zero: the terms pass is skipped (``_label_term``) and
+the gradient is S (p - onehot), the cost of a plain cross-entropy plus the argmax's block.
 """
 from __future__ import annotations
 
@@ -103,6 +105,24 @@ def _terms(xr, tr, uy, dense, al, sc, bm, wk, gtr, c, m, inv_s, log_s, ua, qa, f
 
 
 @njit(**JIT)
+def _label_term(xr, y, al, sc, bm, m, log_s, inv_s, a, qa, fp, k):
+    """(row, w) of a row whose only target mass is its label's (labels, ε = 0): the one term
+    c_y q_y^γ ℓ_y and w = c_y (f_y + h_y), the S of the gradient. No pass over the classes."""
+    gamma, eps, alpha, scale, unit = fp
+    zero = gamma - gamma
+    one = _as(1, zero)
+    zs = (_load(xr[y]) - m) * unit
+    nll = log_s - zs
+    p = sc[y] * _block_factor(bm, y // STAT_BLOCK, m, _as(LOG2E, zero), zero) * inv_s
+    q = qa if y == a else one - p
+    cy = (al[y] if al.shape[0] != 0 else alpha) * (one - eps)
+    f, h = _factors(q, p, nll, gamma, k, zero, one)
+    if cy == zero:
+        return zero, zero
+    return cy * f * nll, cy * (f + h)
+
+
+@njit(**JIT)
 def _argmax(xr, bm, c, m):
     """The first index holding the row max m, or -1 (an all -inf row, whose m was made 0, or NaN).
     The first block whose shift is m is where the running max reached m: the max is in it."""
@@ -134,7 +154,10 @@ def _focal_row(xr, tr, y, dense, al, loss, gxr, gtr, i, sc, bm, wk, fp, k, want_
         ua = _u(c)  # matches no class
     inv_s = one / s
     uy = _u(y if y >= 0 else c)
-    if k == 2:
+    label_only = not dense and fp[1] == zero and not want_gt
+    if label_only:  # every other class has c_j = 0: one term, and the gradient is S (p - onehot)
+        row, big_s = _label_term(xr, y, al, sc, bm, m, log_s, inv_s, a, qa, fp, k)
+    elif k == 2:
         row, big_s = _terms(xr, tr, uy, dense, al, sc, bm, wk, gtr, c, m, inv_s, log_s, ua, qa, fp, 2, want_gt)
     elif k == 0:
         row, big_s = _terms(xr, tr, uy, dense, al, sc, bm, wk, gtr, c, m, inv_s, log_s, ua, qa, fp, 0, want_gt)
@@ -153,8 +176,15 @@ def _focal_row(xr, tr, y, dense, al, loss, gxr, gtr, i, sc, bm, wk, fp, k, want_
             blo = blk * STAT_BLOCK
             bhi = min(blo + STAT_BLOCK, c)
             f = a_s * _block_factor(bm, blk, m, _as(LOG2E, zero), zero)
-            for j in range(_u(blo), _u(bhi)):
-                sc[j] = sc[j] * f - wk[j] * scale
+            if label_only:
+                for j in range(_u(blo), _u(bhi)):
+                    sc[j] = sc[j] * f
+            else:
+                for j in range(_u(blo), _u(bhi)):
+                    sc[j] = sc[j] * f - wk[j] * scale
+        if label_only:  # p_y S - S = -S q_y: no cancellation where p_y is close to 1
+            sy = big_s * scale
+            sc[y] = -sy * qa if y == a else sc[y] - sy
         _axpb(gxr, sc, 0, c, one, zero)
 
 
