@@ -199,7 +199,7 @@ def _softmax_focal(x, other, opts, want_x, want_other):
         KF.softmax_focal_kernel[(n,)](
             x2, x2.stride(0), t2, t2.stride(0), y, loss, gx, gx.stride(0), gt, gt.stride(0), params, a, n_cls, ign,
             BLOCK=block, DENSE=dense, HAS_ALPHA=weight is not None, GAMMA_INT=KF.gamma_int(opts["gamma"]),
-            WANT_GX=want_x, WANT_GT=want_t, ACC_F64=acc == torch.float64, num_warps=K.num_warps(block))
+            LABEL_ONLY=not dense and opts["label_smoothing"] == 0.0, WANT_GX=want_x, WANT_GT=want_t, ACC_F64=acc == torch.float64, num_warps=K.num_warps(block))
     value = _reduce(loss, opts["reduction"], count, tuple(x.shape[:-1]))
     return value, (gx.reshape(x.shape) if want_x else None), (gt.reshape(other.shape) if want_t else None)
 

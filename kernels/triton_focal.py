@@ -69,10 +69,12 @@ def _weights(T, t_row, A, cols, mask, y, eps, alpha, n_cols, DENSE: tl.constexpr
 @triton.jit
 def softmax_focal_kernel(X, stride_x, T, stride_t, Y, LOSS, GX, stride_gx, GT, stride_gt, PARAMS, A, n_cols,
                          ignore_index, BLOCK: tl.constexpr, DENSE: tl.constexpr, HAS_ALPHA: tl.constexpr,
-                         GAMMA_INT: tl.constexpr, WANT_GX: tl.constexpr, WANT_GT: tl.constexpr,
-                         ACC_F64: tl.constexpr):
+                         GAMMA_INT: tl.constexpr, LABEL_ONLY: tl.constexpr, WANT_GX: tl.constexpr,
+                         WANT_GT: tl.constexpr, ACC_F64: tl.constexpr):
     """One row of the softmax focal loss. PARAMS = [γ, ε, α, scale]; A: (C,) per-class α (HAS_ALPHA);
-    labels Y with ignore_index (ignored row: 0, label outside [0, C): NaN), or dense targets T."""
+    labels Y with ignore_index (ignored row: 0, label outside [0, C): NaN), or dense targets T.
+    LABEL_ONLY (labels, ε = 0): the label's is the only term, formed from scalars (no pass 3), and
+    the gradient is S (p - onehot)."""
     row = tl.program_id(0).to(tl.int64)
     gamma = tl.load(PARAMS)
     eps = tl.load(PARAMS + 1)
@@ -115,21 +117,34 @@ def softmax_focal_kernel(X, stride_x, T, stride_t, Y, LOSS, GX, stride_gx, GT, s
     inv_s = 1.0 / s
     loss = _const(0.0, ACC_F64)
     big_s = _const(0.0, ACC_F64)
-    for off in range(0, n_cols, BLOCK):  # pass 3: the loss, S and the targets' gradient
-        cols = off + tl.arange(0, BLOCK)
-        mask = cols < n_cols
-        zs = _acc(tl.load(x_row + cols, mask=mask, other=-float("inf")), ACC_F64) - m
-        p = tl.exp(zs) * inv_s
-        nll = log_s - zs
-        q = tl.where(cols == a_idx, qa, 1.0 - p)
-        c, a = _weights(T, t_row, A, cols, mask, y, eps, alpha, n_cols, DENSE, HAS_ALPHA, ACC_F64)
-        f, h = _factors(q, p, nll, gamma, GAMMA_INT)
-        loss += tl.sum(tl.where(c == 0.0, 0.0, c * f * nll), 0)
-        big_s += tl.sum(tl.where(c == 0.0, 0.0, c * (f + h)), 0)
-        if WANT_GT:
-            ga = a * (1.0 - eps)
-            gt = tl.where(ga == 0.0, 0.0, ga * f * nll + nan_row) * scale
-            tl.store(GT + row * stride_gt + cols, gt.to(GT.dtype.element_ty), mask=mask)
+    if LABEL_ONLY:
+        yc = tl.minimum(tl.maximum(y, 0), n_cols - 1)  # a safe index on ignored and invalid rows
+        zs_y = _acc(tl.load(x_row + yc), ACC_F64) - m
+        p_y = tl.exp(zs_y) * inv_s
+        nll_y = log_s - zs_y
+        q_y = tl.where(yc == a_idx, qa, 1.0 - p_y)
+        a_y = alpha
+        if HAS_ALPHA:
+            a_y = alpha * _acc(tl.load(A + yc), ACC_F64)
+        f_y, h_y = _factors(q_y, p_y, nll_y, gamma, GAMMA_INT)
+        loss = tl.where(a_y == 0.0, 0.0, a_y * f_y * nll_y)
+        big_s = tl.where(a_y == 0.0, 0.0, a_y * (f_y + h_y))
+    if not LABEL_ONLY:
+        for off in range(0, n_cols, BLOCK):  # pass 3: the loss, S, the targets' gradient
+            cols = off + tl.arange(0, BLOCK)
+            mask = cols < n_cols
+            zs = _acc(tl.load(x_row + cols, mask=mask, other=-float("inf")), ACC_F64) - m
+            p = tl.exp(zs) * inv_s
+            nll = log_s - zs
+            q = tl.where(cols == a_idx, qa, 1.0 - p)
+            c, a = _weights(T, t_row, A, cols, mask, y, eps, alpha, n_cols, DENSE, HAS_ALPHA, ACC_F64)
+            f, h = _factors(q, p, nll, gamma, GAMMA_INT)
+            loss += tl.sum(tl.where(c == 0.0, 0.0, c * f * nll), 0)
+            big_s += tl.sum(tl.where(c == 0.0, 0.0, c * (f + h)), 0)
+            if WANT_GT:
+                ga = a * (1.0 - eps)
+                gt = tl.where(ga == 0.0, 0.0, ga * f * nll + nan_row) * scale
+                tl.store(GT + row * stride_gt + cols, gt.to(GT.dtype.element_ty), mask=mask)
     loss = loss + nan_row
     loss = tl.where(ignored, 0.0, tl.where(invalid, float("nan"), loss))
     tl.store(LOSS + row, loss)
@@ -139,11 +154,16 @@ def softmax_focal_kernel(X, stride_x, T, stride_t, Y, LOSS, GX, stride_gx, GT, s
             mask = cols < n_cols
             zs = _acc(tl.load(x_row + cols, mask=mask, other=-float("inf")), ACC_F64) - m
             p = tl.exp(zs) * inv_s
-            nll = log_s - zs
-            q = tl.where(cols == a_idx, qa, 1.0 - p)
-            c, a = _weights(T, t_row, A, cols, mask, y, eps, alpha, n_cols, DENSE, HAS_ALPHA, ACC_F64)
-            f, h = _factors(q, p, nll, gamma, GAMMA_INT)
-            g = (p * big_s - tl.where(c == 0.0, 0.0, c * (f + h))) * scale + nan_row
+            if LABEL_ONLY:  # p S - S at the label; -S q_y there when it is the argmax (no cancellation)
+                sy = big_s * scale
+                g = p * sy - tl.where(cols == y, sy, 0.0)
+                g = tl.where((cols == y) & (y == a_idx), -sy * qa, g) + nan_row
+            else:
+                nll = log_s - zs
+                q = tl.where(cols == a_idx, qa, 1.0 - p)
+                c, a = _weights(T, t_row, A, cols, mask, y, eps, alpha, n_cols, DENSE, HAS_ALPHA, ACC_F64)
+                f, h = _factors(q, p, nll, gamma, GAMMA_INT)
+                g = (p * big_s - tl.where(c == 0.0, 0.0, c * (f + h))) * scale + nan_row
             g = tl.where(ignored, 0.0, tl.where(invalid, float("nan"), g))
             tl.store(GX + row * stride_gx + cols, g.to(GX.dtype.element_ty), mask=mask)
 
@@ -163,14 +183,16 @@ def specializations():
     for dt in ("float16", "bfloat16", "float32", "float64"):
         x, acc = _PTR[dt], "*fp64" if dt == "float64" else "*fp32"
         block = row_block(1 << 20, False)
-        for dense, gi, gx, gt in itertools.product(bools, (0, 1, 2, 3, -1), bools, bools):
+        for dense, gi, gx, gt, label_only in itertools.product(bools, (0, 1, 2, 3, -1), bools, bools, bools):
             has_alpha = dense  # labels without per-class α, dense targets with them: both code paths
             if gt and not dense or not (gx or gt) or dt != "float32" and not (gi == 2 and gx and not gt):
                 continue
+            if label_only and dense or not label_only and not dense and gi not in (2, -1):
+                continue  # labels: every γ path label-only; the smoothed (general) path for two γ
             sig = dict(X=x, stride_x="i64", T=x, stride_t="i64", Y="*i64", LOSS=acc, GX=x, stride_gx="i64", GT=x,
                        stride_gt="i64", PARAMS=acc, A=acc, n_cols="i32", ignore_index="i64")
-            const = dict(BLOCK=block, DENSE=dense, HAS_ALPHA=has_alpha, GAMMA_INT=gi, WANT_GX=gx, WANT_GT=gt,
-                         ACC_F64=dt == "float64")
+            const = dict(BLOCK=block, DENSE=dense, HAS_ALPHA=has_alpha, GAMMA_INT=gi, LABEL_ONLY=label_only,
+                         WANT_GX=gx, WANT_GT=gt, ACC_F64=dt == "float64")
             out.append((softmax_focal_kernel, sig, const, num_warps(block)))
     return out
 
