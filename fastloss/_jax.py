@@ -32,7 +32,6 @@ from jax.custom_derivatives import SymbolicZero
 from fastloss.kernels import jax_xla as K
 
 from . import _adapter
-from ._validation import dtype_name, is_integer_dtype
 
 
 def unavailable_reason():
@@ -259,6 +258,7 @@ _CHECKED_AS = {("softmax_focal_loss", "alpha"): "gamma"}  # a factor >= 0, not s
 
 
 def _has_labels(name, other):
+    """Whether ``other`` holds integer labels (sparse CE always; the focal loss when not float)."""
     return name == "sparse_softmax_cross_entropy" or (name == "softmax_focal_loss"
                                                       and not jnp.issubdtype(other.dtype, jnp.floating))
 
@@ -328,9 +328,7 @@ def _provider(backend):
 def _run(name, x, other, opts, with_grad, backend=None):
     _check_not_torch(x, "predictions" if name in ("mean_squared_error", "huber") else "logits")
     _check_not_torch(other, "labels/targets")
-    labeled = name == "sparse_softmax_cross_entropy" or (name == "softmax_focal_loss"
-                                                          and is_integer_dtype(dtype_name(other)))
-    if labeled:
+    if _has_labels(name, other):
         _check_labels_eagerly(other, x.shape[-1], opts["ignore_index"])
     statics = ()
     if name == "sparse_softmax_cross_entropy":

@@ -211,10 +211,17 @@ def _class_weights(weight, y, ign, n_cls, acc, count):
     NaN)."""
     if weight is None:
         return _NO_WEIGHTS[np.dtype(acc).name], count
-    w = np.ascontiguousarray(_kernel_view(weight).reshape(-1), dtype=acc)
-    w.flags.writeable = False
+    w = _class_array(weight, acc)
     ok = (y != ign) & (y >= 0) & (y < n_cls)
     return w, float(np.sum(w[y[ok]], dtype=np.float64))
+
+
+def _class_array(values, acc):
+    """A (C,) per-class array (class weights, the focal loss's α) as the kernels read it: the
+    accumulation dtype, contiguous, read-only (one kernel specialisation)."""
+    w = np.ascontiguousarray(_kernel_view(values).reshape(-1), dtype=acc)
+    w.flags.writeable = False
+    return w
 
 
 _NO_WEIGHTS = {name: np.zeros(0, name) for name in ("float32", "float64")}
@@ -275,8 +282,7 @@ def _softmax_focal(x, other, opts, want_x, want_other):
     gname, gtname = _grad_names(opts, name, dtype_name(other))
     gx_obj, gx = out.empty(tuple(x.shape), gname) if want_x else (None, _dummy_rows(xv, n_cls))
     gt_obj, gt = out.empty(tuple(other.shape), gtname) if want_t else (None, _dummy_rows(tv, n_cls))
-    alpha = (_NO_WEIGHTS[np.dtype(acc).name] if opts.get("weight") is None
-             else _class_weights(opts["weight"], y, ign, n_cls, acc, count)[0])
+    alpha = _NO_WEIGHTS[np.dtype(acc).name] if opts.get("weight") is None else _class_array(opts["weight"], acc)
     kopts = (acc(opts["gamma"]), acc(opts["label_smoothing"]), acc(opts["alpha"]),
              _scale(opts["reduction"], count, acc), acc(1.0))
     bad = K.softmax_focal(xv, x_stride, tv, t_stride, y, n_cls, loss, gx.reshape(-1, n_cls), gt.reshape(-1, n_cls),
