@@ -617,7 +617,7 @@ def test_tanh_32_ulp_error_and_special_values():
     ok = ref != 0
     err = _ulp_error(out[ok], ref[ok])
     # The rational fit's 2.1e-8 relative (0.35 ulp) plus the roundings of P and Q (four FMAs each, their
-    # relative errors adding in P / Q), the divide and the multiply by a: 5.7 ulp measured here.
+    # relative errors adding in P / Q), the divide and the multiply by u: 5.3 ulp measured here.
     assert err.max() <= 6.5, f"max error {err.max():.3f} ulp"
     assert np.all(out[u == 0] == 0) and np.all(np.abs(out) <= 1.0)
     special = np.array([np.inf, -np.inf, np.nan, 1e30, -1e30], np.float32)

@@ -148,32 +148,37 @@ def _per_dtype(f32_impl, f64_impl, doc):
 
 
 # tanh(a) = a P(a^2) / Q(a^2) on [0, 9], P and Q of degree 4 (Q(0) = 1), fitted here by iteratively
-# reweighted least squares on the relative error (2.1e-8 over [0, 9]); above 9 tanh rounds to within
-# an ulp of 1 in fp32 and the result is 1. Coefficients in increasing powers of a^2.
+# reweighted least squares on the relative error (2.1e-8 over [0, 9]). Coefficients in increasing
+# powers of a^2. The fraction is odd in a, so it serves negative arguments as written.
 _TP = (np.float32(1.0), np.float32(1.3381033e-01), np.float32(3.4955961e-03), np.float32(2.0609210e-05),
        np.float32(1.3354835e-08))
 _TQ = (np.float32(1.0), np.float32(4.6714348e-01), np.float32(2.5877012e-02), np.float32(3.2856475e-04),
        np.float32(7.7766293e-07))
-_TANH_ONE = np.float32(9.0)
+# The argument bound. Past the fitted range the fraction keeps growing (degree 9 over degree 8): it
+# crosses 1 near |u| = 8.9 (where tanh is within 1.4 ulp of 1), is 32 ulp above 1 at 10 and 1.06 at
+# 16, so clamping its result to [-1, 1] saturates it with no test of u: exactly +-1 from about
+# |u| = 9.6 on, far beyond what rounding could undo. 16 keeps the polynomials' terms small.
+_TANH_SAT = np.float32(16.0)
 
 
 @njit(**EXP_JIT)
 def tanh_32(u):
     """tanh(u) for float32, branch-free so loops calling it vectorise (the softcap of the logits).
 
-    With a = |u|: a P(a^2) / Q(a^2), a rational fit with no exp and no cancellation (P(0) = Q(0) = 1,
-    so tiny u keep full relative accuracy); 1 above a = 9. About 13 vector operations, half the
-    exp form's. +-inf give +-1, NaN stays NaN (``a > 9`` is false for NaN, and NaN flows through the
-    polynomials). Within 6.5 ulp of float64: the fit's 2.1e-8 (0.35 ulp) and the roundings of two
-    Horner chains, a divide and a multiply; 5.7 ulp measured (tests/test_numba.py).
+    u P(u^2) / Q(u^2) with u clamped to [-16, 16] and the result to [-1, 1] (which saturates it:
+    _TANH_SAT): a rational fit with no exp and no cancellation (P(0) = Q(0) = 1, so tiny u keep
+    full relative accuracy). The fraction is odd, so no |u| and no sign restore: about 17 vector
+    operations. +-inf give +-1; NaN stays NaN (each clamp is written ``c if u > c else u``, false
+    for NaN). Within 6.5 ulp of float64: the fit's 2.1e-8 (0.35 ulp) and the roundings of two
+    Horner chains, a divide and a multiply; 5.3 ulp measured (tests/test_numba.py).
     """
     one = np.float32(1.0)
-    a = u if u >= np.float32(0.0) else -u
-    ac = _TANH_ONE if a > _TANH_ONE else a  # bounded polynomial arguments (a NaN passes through)
-    s = ac * ac
-    t = ac * _horner(s, _TP) / _horner(s, _TQ)
-    t = one if a > _TANH_ONE or t > one else t  # the fit overshoots 1 by an ulp or two near a = 8
-    return -t if u < np.float32(0.0) else t
+    uc = _TANH_SAT if u > _TANH_SAT else u  # bounded polynomial arguments
+    uc = -_TANH_SAT if uc < -_TANH_SAT else uc
+    s = uc * uc
+    t = uc * _horner(s, _TP) / _horner(s, _TQ)
+    t = one if t > one else t
+    return -one if t < -one else t
 
 
 fexp2 = _per_dtype(exp2_32, np.exp2, "2^u (u <= 0) in the accumulation dtype.")

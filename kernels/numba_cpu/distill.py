@@ -37,7 +37,7 @@ from .approx import fexp2, flog1p_01
 from .base import JIT, LOG2E, _as, _padded, _u
 from .halfio import _load, _store
 from .intrinsics import _VEC_BYTES, _address, _nt_axpbyc, _prefer_wide_vectors, _store_fence
-from .rowstats import STAT_BLOCK, _axpb, _block_factor, _block_max, _fill, _finite_or_zero
+from .rowstats import STAT_BLOCK, _axpb, _block_factor, _block_max, _fill, _finite_or_zero, _move_shift
 
 DIVERGENCES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
 
@@ -82,11 +82,7 @@ def _online_block(xr, b, c, k2, scratch, bstat, m, s, seen, zero):
     blo = b * STAT_BLOCK
     bhi = min(blo + STAT_BLOCK, c)
     bm = _finite_or_zero(_as(_block_max(xr, blo, bhi), zero), zero)
-    if not seen or bm > m or s == zero or bm != bm:  # see _online_stats for each case
-        if seen and s > zero:
-            s *= fexp2((m - bm) * k2)
-        m = bm
-        seen = True
+    m, s, _ = _move_shift(bm, m, s, zero, seen, zero, k2, zero)
     acc = zero
     for j in range(_u(blo), _u(bhi)):
         e = fexp2((_load(xr[j]) - m) * k2)
@@ -94,7 +90,7 @@ def _online_block(xr, b, c, k2, scratch, bstat, m, s, seen, zero):
         acc += e
     bstat[0, b] = m
     bstat[1, b] = acc
-    return m, s + acc, seen
+    return m, s + acc, True
 
 
 @njit(**JIT)

@@ -90,6 +90,24 @@ def _finite_or_zero(m, zero):
 
 
 @njit(**JIT)
+def _move_shift(bm, m, s, sz, seen, count, k2, zero):
+    """The running (m, s, sz) of a block-online softmax moved to the next block's max ``bm`` when it
+    must move (``count`` elements summed so far): s is rescaled by 2^((m - bm) k2) and Σ (x - m)
+    shifted by (m - bm) per element."""
+    # s == 0 means every earlier element was -inf (a finite one contributes 2^0 = 1): then the
+    # shift may also move down, so a masked first block cannot pin m at 0 above the real max.
+    # bm is NaN when the block holds +inf (_finite_or_zero): it becomes the shift, so the whole
+    # row is NaN, as it is when +inf sits in the first block.
+    if not seen or bm > m or s == zero or bm != bm:
+        if seen:
+            if s > zero:
+                s *= fexp2((m - bm) * k2)
+            sz += (m - bm) * count
+        m = bm
+    return m, s, sz
+
+
+@njit(**JIT)
 def _online_stats(xr, lo, hi, k2, scratch, bstat, want_sz, zero):
     """One streaming pass over xr[lo:hi]: max, Σ 2^((x - m) k2), and Σ (x - m).
 
@@ -100,7 +118,6 @@ def _online_stats(xr, lo, hi, k2, scratch, bstat, want_sz, zero):
     Returns (m, s, sz) with m already made finite.
     """
     m = zero
-    seen = False
     s = zero
     sz = zero
     nb = (hi - lo + STAT_BLOCK - 1) // STAT_BLOCK
@@ -108,17 +125,7 @@ def _online_stats(xr, lo, hi, k2, scratch, bstat, want_sz, zero):
         blo = lo + b * STAT_BLOCK
         bhi = min(blo + STAT_BLOCK, hi)
         bm = _finite_or_zero(_as(_block_max(xr, blo, bhi), zero), zero)
-        # s == 0 means every earlier element was -inf (a finite one contributes 2^0 = 1): then the
-        # shift may also move down, so a masked first block cannot pin m at 0 above the real max.
-        # bm is NaN when the block holds +inf (_finite_or_zero): it becomes the shift, so the whole
-        # row is NaN, as it is when +inf sits in the first block.
-        if not seen or bm > m or s == zero or bm != bm:
-            if seen:
-                if s > zero:
-                    s *= fexp2((m - bm) * k2)
-                sz += (m - bm) * _as(blo - lo, zero)
-            m = bm
-            seen = True
+        m, s, sz = _move_shift(bm, m, s, sz, b > 0, _as(blo - lo, zero), k2, zero)
         acc = zero
         for j in range(_u(blo), _u(bhi)):
             e = fexp2((_load(xr[j]) - m) * k2)
@@ -129,6 +136,47 @@ def _online_stats(xr, lo, hi, k2, scratch, bstat, want_sz, zero):
             accz = zero
             for j in range(_u(blo), _u(bhi)):
                 accz += _load(xr[j]) - m
+            sz += accz
+        bstat[0, b] = m
+        bstat[1, b] = acc
+    return m, s, sz
+
+
+@njit(**JIT)
+def _online_stats_capped(xr, c, k2, cap, inv_cap, xs, scratch, bstat, want_sz, zero):
+    """_online_stats of the softcapped row z = cap tanh(x / cap) (_capped), the cap applied block by
+    block while the block sits in L1: the logits are streamed from memory once, as without a cap,
+    and the capped values go to ``xs[:c]`` for the loss, the label and the gradient's 1 - tanh^2.
+
+    A block's shift is its raw max, capped: tanh is increasing, so that is the capped block's max
+    (to the approximation's rounding: an exp a few ulp above 1 is harmless), and no separate pass
+    over the capped block is needed to find it. +inf caps to ``cap`` (finite), -inf stays -inf."""
+    # Why fused: capping the row first in a pass of its own streams the logits from memory with
+    # the tanh's arithmetic in the way, then reads the capped row back from L2 twice (max, exps).
+    _prefer_wide_vectors()
+    m = zero
+    s = zero
+    sz = zero
+    nb = (c + STAT_BLOCK - 1) // STAT_BLOCK
+    for b in range(nb):
+        blo = b * STAT_BLOCK
+        bhi = min(blo + STAT_BLOCK, c)
+        bm = _finite_or_zero(_capped(_as(_block_max(xr, blo, bhi), zero), cap, inv_cap), zero)
+        m, s, sz = _move_shift(bm, m, s, sz, b > 0, _as(blo, zero), k2, zero)
+        # Two loops over the block in L1, not one: together their constants and unrolled lanes
+        # outgrow the vector registers, and the spills cost more than the second read.
+        for j in range(_u(blo), _u(bhi)):
+            xs[j] = _capped(_load(xr[j]), cap, inv_cap)
+        acc = zero
+        for j in range(_u(blo), _u(bhi)):
+            e = fexp2((xs[j] - m) * k2)
+            scratch[j] = e
+            acc += e
+        s += acc
+        if want_sz:
+            accz = zero
+            for j in range(_u(blo), _u(bhi)):
+                accz += xs[j] - m
             sz += accz
         bstat[0, b] = m
         bstat[1, b] = acc
@@ -167,18 +215,23 @@ def _scaled_grad(gr, scratch, bstat, lo, hi, m, k2, a, b, w, weighted_b, xs, inv
 # what the statistics read), and the gradient store multiplies in the two factors below.
 
 @njit(**JIT)
+def _capped(v, cap, inv_cap):
+    """cap tanh(v / cap) in the accumulation dtype, with -inf kept at -inf: a masked (padded) class
+    must stay masked, where tanh alone would give it the logit -cap and probability mass. +inf
+    becomes cap; NaN stays NaN. Every capped value (rows, block shifts, the label) comes from here,
+    so they agree to the last bit."""
+    return v if v == _as(-np.inf, cap) else cap * ftanh(v * inv_cap)
+
+
+@njit(**JIT)
 def _softcap_into(xr, xs, c, cap, inv_cap):
-    """xs[:c] = cap tanh(x / cap) in the accumulation dtype, with -inf kept at -inf: a masked
-    (padded) class must stay masked, where tanh alone would give it the logit -cap and probability
-    mass. +inf becomes cap; NaN stays NaN."""
-    # The tanh makes this loop compute-bound (~1.2 ns per element and thread, more than the whole
-    # plain cross-entropy costs): 512-bit vectors where the CPU has them (docs/performance.md).
+    """xs[:c] = _capped(x): a short row's capped logits, formed before its statistics (a block
+    row's are formed inside them: _online_stats_capped)."""
+    # The tanh makes this loop compute-bound: 512-bit vectors where the CPU has them
+    # (docs/performance.md).
     _prefer_wide_vectors()
-    ninf = _as(-np.inf, cap)
     for j in range(_u(0), _u(c)):
-        v = _load(xr[j])
-        t = cap * ftanh(v * inv_cap)
-        xs[j] = ninf if v == ninf else t
+        xs[j] = _capped(_load(xr[j]), cap, inv_cap)
 
 
 def _grad_span(gr, sc, lo, hi, a, b, w, weighted_b, xs, inv_cap):

@@ -49,8 +49,8 @@ from .base import JIT, LOG2E, _as, _padded, _u
 from .halfio import _load, _store
 from .intrinsics import _store_fence
 from .rowstats import (STAT_BLOCK, TINY_GROUP, _block_max, _cap_factor, _fill, _finite_or_zero, _grad_span,
-                       _group_exp, _group_scratch, _online_stats, _rest_sum, _scaled_grad, _softcap_into,
-                       _sum_except, _weighted_shift_sum)
+                       _group_exp, _group_scratch, _online_stats, _online_stats_capped, _rest_sum, _scaled_grad,
+                       _softcap_into, _sum_except, _weighted_shift_sum)
 
 _LN2 = math.log(2.0)
 
@@ -177,29 +177,32 @@ def _skip_row(yi, c, loss, lse, gr, i, ignore_index, want_grad, zero):
 @njit(**JIT)
 def _block_row(xr, yi, loss, lse, gr, i, sc, bm, xs, w, rp, wo, ignore_index, want_grad):
     """One row by block-online statistics: one streaming pass for the statistics, the gradient from
-    the scratch row. With a softcap the capped row is formed in ``xs`` first and read from there.
-    Returns 1 if the label is out of range (not ignore_index), else 0."""
-    zero = rp[0] - rp[0]
+    the scratch row. With a softcap the statistics pass also writes the capped row to ``xs``, and
+    the rest reads it from there. Returns 1 if the label is out of range (not ignore_index), else 0."""
+    k2, eps = rp[1], rp[2]
+    zero = k2 - k2
     c = xr.shape[0]
     skipped = _skip_row(yi, c, loss, lse, gr, i, ignore_index, want_grad, zero)
     if skipped >= 0:
         return skipped
+    want_sz = eps != zero and not wo[3]
     if wo[0] != zero:
-        _softcap_into(xr, xs, c, wo[0], wo[1])
-        _block_math(xs[:c], yi, loss, lse, gr, i, sc, bm, w, rp, wo, want_grad)
+        m, s, sz = _online_stats_capped(xr, c, k2, wo[0], wo[1], xs, sc, bm, want_sz, zero)
+        _block_math(xs[:c], yi, loss, lse, gr, i, sc, bm, w, rp, wo, want_grad, m, s, sz)
     else:
-        _block_math(xr, yi, loss, lse, gr, i, sc, bm, w, rp, wo, want_grad)
+        m, s, sz = _online_stats(xr, 0, c, k2, sc, bm, want_sz, zero)
+        _block_math(xr, yi, loss, lse, gr, i, sc, bm, w, rp, wo, want_grad, m, s, sz)
     return 0
 
 
 @njit(inline="always", **JIT)
-def _block_math(xr, yi, loss, lse, gr, i, sc, bm, w, rp, wo, want_grad):
+def _block_math(xr, yi, loss, lse, gr, i, sc, bm, w, rp, wo, want_grad, m, s, sz):
+    # A block row after its statistics (m, s, sz): loss, lse and the gradient.
     inv_t, k2, eps, z_loss, scale, _, b_all = rp
     _, inv_cap, wsum, weighted = wo
     zero = inv_t - inv_t
     one = _as(1, zero)
     c = xr.shape[0]
-    m, s, sz = _online_stats(xr, 0, c, k2, sc, bm, eps != zero and not weighted, zero)
     if eps != zero and weighted:
         sz = _weighted_shift_sum(xr, w, c, m)  # a second read of the row, from cache
     wy = w[yi] if weighted else one
