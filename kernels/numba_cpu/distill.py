@@ -109,6 +109,17 @@ def _row_exps(xr, c, k2, e, bstat, zero):
 
 
 @njit(**JIT)
+def _pow_small(e, n):
+    """e^n for n in {2, 3, 4} (n is loop-invariant where this is called: LLVM unswitches the loop)."""
+    q = e * e
+    if n == 3:
+        return q * e
+    if n == 4:
+        return q * q
+    return q
+
+
+@njit(**JIT)
 def _int_power(out, e, c, n, zero):
     """out = e^n for n in {2, 3, 4}, one pass: the T = 1 exps from the tempered ones at an integer
     temperature, 2^((x - m) k2 T) = (2^((x - m) k2))^T, instead of a third exp per element (relative
@@ -116,34 +127,33 @@ def _int_power(out, e, c, n, zero):
     Returns the sum."""
     _prefer_wide_vectors()
     acc = zero
-    if n == 2:
-        for j in range(_u(0), _u(c)):
-            v = e[j] * e[j]
-            out[j] = v
-            acc += v
-    elif n == 3:
-        for j in range(_u(0), _u(c)):
-            v = e[j] * e[j] * e[j]
-            out[j] = v
-            acc += v
-    else:
-        for j in range(_u(0), _u(c)):
-            q = e[j] * e[j]
-            v = q * q
-            out[j] = v
-            acc += v
+    for j in range(_u(0), _u(c)):
+        v = _pow_small(e[j], n)
+        out[j] = v
+        acc += v
     return acc
 
 
 @njit(**JIT)
-def _weighted_delta(e, sr, ms, tr, mt, c, zero):
-    """Σ e_j Δ_j, Δ_j = (t_j - mt) - (s_j - ms), terms with e_j == 0 selected out (a pass over cached
-    rows: accumulated in the exp loop instead, it slowed that loop by more than this pass costs)."""
+def _weighted_delta(e, sr, ms, tr, mt, c, es, e1, n, zero):
+    """(Σ e_j Δ_j, Σ e1_j) with Δ_j = (t_j - mt) - (s_j - ms), terms with e_j == 0 selected out, and,
+    when n > 0, e1 = es^n formed in the same pass (_int_power; Σ e1 is 0 when n == 0). A pass over
+    cached rows: accumulated in the exp loop instead, Σ e Δ slowed that loop by more than this pass
+    costs; the power rides here rather than in a pass of its own (0.28 vs 0.35 ns per element, one
+    cached row)."""
     _prefer_wide_vectors()
     acc = zero
+    acc1 = zero
+    if n == 0:
+        for j in range(_u(0), _u(c)):
+            acc += _pick(e[j], e[j] * ((_load(tr[j]) - mt) - (_load(sr[j]) - ms)), zero)
+        return acc, acc1
     for j in range(_u(0), _u(c)):
         acc += _pick(e[j], e[j] * ((_load(tr[j]) - mt) - (_load(sr[j]) - ms)), zero)
-    return acc
+        v = _pow_small(es[j], n)
+        e1[j] = v
+        acc1 += v
+    return acc, acc1
 
 
 @njit(**JIT)
@@ -192,12 +202,13 @@ def _distill_row(sr, tr, yi, loss, gsr, gtr, i, sc, bs, dp, div, has_labels, wan
     ms, ss = _row_exps(sr, c, k2, es, bs[0], zero)
     mt, st = _row_exps(tr, c, k2, et, bs[1], zero)
     tempered_ce = has_labels and inv_t != one
-    if tempered_ce and (temp == _as(2, zero) or temp == _as(3, zero) or temp == _as(4, zero)):
-        s1 = _int_power(e1, es, c, int(temp), zero)  # T = 2, 3, 4: the power of the tempered exps
-    elif tempered_ce:
+    # T = 2, 3, 4: the T = 1 exps are powers of the tempered ones, formed in the divergence's pass
+    int_t = temp == _as(2, zero) or temp == _as(3, zero) or temp == _as(4, zero)
+    n_pow = int(temp) if tempered_ce and int_t else 0
+    s1 = ss
+    if tempered_ce and n_pow == 0:
         _, s1 = _row_exps(sr, c, _as(LOG2E, zero), e1, bs[2], zero)  # same shift: the max of s
-    else:
-        s1 = ss
+    elif not tempered_ce:
         e1 = es
     log_ss = np.log(ss)
     log_st = np.log(st)
@@ -207,18 +218,23 @@ def _distill_row(sr, tr, yi, loss, gsr, gtr, i, sc, bs, dp, div, has_labels, wan
     # rounding, so the sum form costs ~|log S_s - log S_t| eps. (A pass of its own: accumulated in
     # the exp loop it made that loop slower than the extra pass costs.)
     if div == 0:
-        d = _weighted_delta(et, sr, ms, tr, mt, c, zero) * inv_t * inv_st + (log_ss - log_st)
+        wd, s1_pow = _weighted_delta(et, sr, ms, tr, mt, c, es, e1, n_pow, zero)
+        d = wd * inv_t * inv_st + (log_ss - log_st)
         kl_t = d
         kl_s = zero
     elif div == 1:
-        d = -_weighted_delta(es, sr, ms, tr, mt, c, zero) * inv_t * inv_ss + (log_st - log_ss)
+        wd, s1_pow = _weighted_delta(es, sr, ms, tr, mt, c, es, e1, n_pow, zero)
+        d = -wd * inv_t * inv_ss + (log_st - log_ss)
         kl_s = d
         kl_t = zero
     else:
+        s1_pow = _int_power(e1, es, c, n_pow, zero) if n_pow > 0 else zero
         _log_mix(lm, sr, ms, tr, mt, c, inv_t, log_ss, log_st, beta, zero)
         kl_t = _kl_mix_sum(et[:c], inv_st, tr, mt, log_st, lm, inv_t, zero)
         kl_s = _kl_mix_sum(es[:c], inv_ss, sr, ms, log_ss, lm, inv_t, zero)
         d = beta * kl_t + (one - beta) * kl_s
+    if n_pow > 0:
+        s1 = s1_pow
     w = alpha if has_labels else one  # weight of the divergence term
     row = temp * temp * d * w
     if has_labels:

@@ -49,8 +49,8 @@ from .base import JIT, LOG2E, _as, _padded, _u
 from .halfio import _load, _store
 from .intrinsics import _store_fence
 from .rowstats import (STAT_BLOCK, TINY_GROUP, _block_max, _cap_factor, _fill, _finite_or_zero, _grad_span,
-                       _group_exp, _group_scratch, _online_stats, _online_stats_capped, _rest_sum, _scaled_grad,
-                       _softcap_into, _sum_except, _weighted_shift_sum)
+                       _group_exp, _group_scratch, _online_stats, _online_stats_capped, _rest_sum,
+                       _scaled_grad, _softcap_into, _sum_except, _weighted_shift_sum)
 
 _LN2 = math.log(2.0)
 
