@@ -167,6 +167,9 @@ def _online_stats_capped(xr, c, k2, cap, inv_cap, xs, scratch, bstat, want_sz, z
         # outgrow the vector registers, and the spills cost more than the second read.
         for j in range(_u(blo), _u(bhi)):
             xs[j] = _capped(_load(xr[j]), cap, inv_cap)
+        # From here the block is _online_stats' on the capped values. Written out again, not shared:
+        # with the exp loop in a helper, the plain pass measured 25% slower (0.54 vs 0.43 ns per
+        # element, one cached row, alternating).
         acc = zero
         for j in range(_u(blo), _u(bhi)):
             e = fexp2((xs[j] - m) * k2)
