@@ -215,7 +215,9 @@ def _chart(rows, path, title):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="4 cases, under 3 minutes on a 2-core CPU")
+    ap.add_argument("--quick", action="store_true",
+                    help="9 loss cases, distillation, the Keras fits and the torch step, 3 rounds: "
+                         "~12 minutes on a 2-core CPU")
     ap.add_argument("--out", default="bench-results",
                     help="where the JSON/markdown/PNG go (default: bench-results/, git-ignored)")
     ap.add_argument("--only", default=None,
