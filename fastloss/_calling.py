@@ -42,7 +42,7 @@ def _call(loss, x, other, backend, opts):
             return _torch_ops.call(loss, x, other, opts, name)
     elif _dispatch.framework_of(x) == "jax" or any(V._is_tracer(v) for v in opts.values()):
         choice = _dispatch.explicit(backend)
-        if choice in (None, "jax", "numba"):
+        if choice in (None, "jax", "numba", "triton"):  # "triton": the Pallas kernels
             from . import _jax
             return _jax.call(loss, x, other, opts, choice)
     name = _dispatch.resolve(backend, x)

@@ -142,22 +142,61 @@ def _numba_kernel_jvp(spec, want_x, want_other, primals, tangents):
     return jax.jvp(lambda a, b, c: _xla_kernel(spec, a, b, c, want_x, want_other), primals, tangents)
 
 
+_PALLAS = {"sparse_softmax_cross_entropy": "sparse_cross_entropy", "softmax_cross_entropy": "softmax_cross_entropy"}
+
+
+def _interpret_pallas():
+    """Pallas off a GPU runs only in interpret mode, and only when asked for (as Triton's torch
+    kernels): TRITON_INTERPRET=1."""
+    import os
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(0, 4, 5, 6))
+def _pallas_kernel(spec, x, other, params, want_x, want_other, interpret):
+    from fastloss.kernels import pallas_gpu
+    return getattr(pallas_gpu, _PALLAS[spec[0]])(x, other, params, **_kwargs(spec), want_x=want_x,
+                                                 want_other=want_other, interpret=interpret)
+
+
+@_pallas_kernel.defjvp
+def _pallas_kernel_jvp(spec, want_x, want_other, interpret, primals, tangents):
+    # Second order: that of the XLA formulation, the same math.
+    return jax.jvp(lambda a, b, c: _xla_kernel(spec, a, b, c, want_x, want_other), primals, tangents)
+
+
+def _pallas_fits(spec, x):
+    from fastloss.kernels import pallas_gpu
+    return spec[0] in _PALLAS and pallas_gpu.fits(x)
+
+
 def _kernel(spec, x, other, params, want_x, want_other):
     """The fused kernel ``spec`` asks for: (values, grad_x | None, grad_other | None)."""
     provider = spec[3]
+    xla = partial(_xla_kernel, spec, want_x=want_x, want_other=want_other)
     if provider == "xla":
-        return _xla_kernel(spec, x, other, params, want_x, want_other)
+        return xla(x, other, params)
     if provider == "numba":
         return _numba_kernel(spec, x, other, params, want_x, want_other)
+    if provider == "pallas":
+        if not _pallas_fits(spec, x):
+            return xla(x, other, params)  # int32 addressing: see kernels/pallas_gpu.py
+        return jax.lax.platform_dependent(
+            x, other, params,
+            cuda=lambda a, b, c: _pallas_kernel(spec, a, b, c, want_x, want_other, False),
+            default=lambda a, b, c: _pallas_kernel(spec, a, b, c, want_x, want_other, True))
+    # Automatic: the Numba kernel where the program runs on CPU, the Pallas kernel on an NVIDIA GPU,
+    # XLA anywhere else; XLA picks the branch when it compiles for a platform, so one traced program
+    # stays portable.
+    branches = {}
     from . import _jax_ffi
-    if not _jax_ffi.preferred(spec[0], x):
-        return _xla_kernel(spec, x, other, params, want_x, want_other)
-    # Automatic: the Numba kernel where the program runs on CPU, XLA anywhere else; XLA picks the
-    # branch when it compiles for a platform, so one traced program stays portable.
-    return jax.lax.platform_dependent(
-        x, other, params,
-        cpu=lambda a, b, c: _numba_kernel(spec, a, b, c, want_x, want_other),
-        default=lambda a, b, c: _xla_kernel(spec, a, b, c, want_x, want_other))
+    if provider == "auto" and _jax_ffi.preferred(spec[0], x):
+        branches["cpu"] = lambda a, b, c: _numba_kernel(spec, a, b, c, want_x, want_other)
+    if _pallas_fits(spec, x):
+        branches["cuda"] = lambda a, b, c: _pallas_kernel(spec, a, b, c, want_x, want_other, False)
+    if not branches:
+        return xla(x, other, params)
+    return jax.lax.platform_dependent(x, other, params, default=xla, **branches)
 
 
 # ------------------------------------------------------------------------------- the loss
@@ -313,16 +352,35 @@ def _check_labels_eagerly(labels, n_cls, ignore_index):
         _adapter.check_label_range(np.asarray(labels), n_cls, ignore_index)
 
 
-def _provider(backend):
-    """"xla" for backend="jax", "numba" for backend="numba" (checked now: an explicit choice raises
-    its failure), "auto" for no choice: Numba on CPU where it can run inside XLA, XLA elsewhere."""
+def _provider(backend, name=None):
+    """"xla" for backend="jax", "numba" for backend="numba" and "pallas" for backend="triton" (checked
+    now: an explicit choice raises its failure); for no choice "auto" (Numba on CPU where it can run
+    inside XLA, Pallas on NVIDIA GPUs, XLA elsewhere) or "auto-gpu" (no Numba)."""
     if backend == "jax":
         return "xla"
+    if backend == "triton":
+        _check_pallas(name)
+        return "pallas"
     from . import _jax_ffi
     if backend == "numba":
         _jax_ffi.check_available()
         return "numba"
-    return "auto" if _jax_ffi.unavailable_reason() is None else "xla"
+    return "auto" if _jax_ffi.unavailable_reason() is None else "auto-gpu"
+
+
+def _check_pallas(name):
+    if name is not None and name not in _PALLAS:
+        raise ValueError(f"backend='triton' for jax arrays runs the Pallas kernels, which cover "
+                         f"{sorted(_PALLAS)}; received a call of {name!r}. Use backend=None or 'jax'.")
+    try:
+        from jax.experimental.pallas import triton  # noqa: F401
+    except ImportError as exc:
+        raise RuntimeError(f"fastloss backend 'triton' cannot run on jax arrays here: jax's Pallas Triton "
+                           f"lowering is not importable ({exc})") from exc
+    if jax.default_backend() != "gpu" and not _interpret_pallas():
+        raise RuntimeError("fastloss backend 'triton' runs jax arrays on an NVIDIA GPU (Pallas kernels); "
+                           "here jax has no GPU. Set TRITON_INTERPRET=1 to run them in Pallas' interpreter "
+                           "(slow), or use backend='jax' or 'numba'.")
 
 
 def _run(name, x, other, opts, with_grad, backend=None):
@@ -335,7 +393,7 @@ def _run(name, x, other, opts, with_grad, backend=None):
         statics = (("ignore_index", opts["ignore_index"]), ("softcap", opts.get("softcap")))
     elif name == "softmax_focal_loss":
         statics = (("ignore_index", opts["ignore_index"]),)
-    spec = (name, statics, opts["reduction"], _provider(backend))
+    spec = (name, statics, opts["reduction"], _provider(backend, name))
     options = tuple(opts[k] for k in _OPTIONS[name])
     weight = opts.get("weight")
     ctx, numpy_in = _context(x, other)
@@ -390,7 +448,7 @@ def _distill_numba_jvp(spec, want_s, want_t, primals, tangents):
 
 def _distill_kernel(spec, s, t, labels, params, want_s, want_t):
     provider = spec[4]
-    if provider == "xla":
+    if provider in ("xla", "auto-gpu"):  # no Pallas distillation kernel (yet): XLA off the CPU
         return _distill_xla(spec, s, t, labels, params, want_s, want_t)
     if provider == "numba":
         return _distill_numba(spec, s, t, labels, params, want_s, want_t)

@@ -18,11 +18,11 @@ from fastloss import _dispatch  # noqa: E402
 
 from . import harness as H  # noqa: E402
 
-HARNESSES = ("jax", "numba-jax", "numba", "numba-torch", "triton")
+HARNESSES = ("jax", "numba-jax", "pallas-jax", "numba", "numba-torch", "triton")
 
 
 def _backend_of(name):
-    return name.split("-")[0]
+    return "triton" if name == "pallas-jax" else name.split("-")[0]
 
 
 @pytest.fixture(params=HARNESSES)
@@ -37,8 +37,22 @@ def harness(request):
     return H.make(name)
 
 
-def pytest_collection_modifyitems(items):
+def _pallas_covers(item):
+    """The Pallas harness serves the cross-entropies of the contract matrix (tests/test_contract.py)."""
+    loss = item.callspec.params.get("loss")
+    other_loss = any(k in item.originalname for k in ("sigmoid", "focal", "huber", "mse"))
+    return item.module.__name__.endswith("test_contract") and not other_loss and \
+        (loss is None or loss in H.PALLAS_LOSSES)
+
+
+def pytest_collection_modifyitems(config, items):
+    kept, dropped = [], []
     for item in items:
         callspec = getattr(item, "callspec", None)
-        if callspec is not None and callspec.params.get("harness") == "triton":
+        harness = callspec.params.get("harness") if callspec is not None else None
+        if harness in ("triton", "pallas-jax"):
             item.add_marker(pytest.mark.triton)
+        (dropped if harness == "pallas-jax" and not _pallas_covers(item) else kept).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept

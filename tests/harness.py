@@ -14,6 +14,7 @@ import numpy as np
 import fastloss
 
 DTYPES = ("float16", "bfloat16", "float32", "float64")
+PALLAS_LOSSES = ("sparse_softmax_cross_entropy", "softmax_cross_entropy")  # the losses with Pallas kernels
 FLOAT_SECOND = {"softmax_cross_entropy", "sigmoid_cross_entropy", "mean_squared_error", "huber", "sigmoid_focal_loss"}
 
 
@@ -50,16 +51,22 @@ def _f64(a):
 
 
 class JaxHarness:
-    """jax arrays; ``backend`` "jax" (the XLA formulation, eagerly) or "numba" (the Numba kernels
-    through the XLA FFI, called inside ``jax.jit`` as a training loop calls them)."""
+    """jax arrays; ``backend`` "jax" (the XLA formulation, eagerly), "numba" (the Numba kernels
+    through the XLA FFI) or "triton" (the Pallas kernels: interpret mode on CPU, with
+    TRITON_INTERPRET=1), the latter two called inside ``jax.jit`` as a training loop calls them."""
     grads_for_none = True     # can take a vjp of per-row losses
     grads_for_other = True    # gradient to float targets
     max_elements = None
+    losses = None             # None: every loss
 
     def __init__(self, backend="jax"):
         self.backend = backend
-        self.name = "jax" if backend == "jax" else f"{backend}-jax"
+        self.name = {"jax": "jax", "numba": "numba-jax", "triton": "pallas-jax"}[backend]
         self.traced = backend != "jax"  # labels are tracers: out-of-range ones give NaN, cannot raise
+        if backend == "triton":
+            self.losses = PALLAS_LOSSES
+            # The interpreter runs a grid of programs as a loop: ~20 ms per 1e5 elements.
+            self.max_elements = None if os.environ.get("FASTLOSS_TEST_DEVICE") == "cuda" else 300_000
 
     def _ctx(self, dtype):
         import contextlib
@@ -166,6 +173,8 @@ def make(name):
         return JaxHarness()
     if name == "numba-jax":
         return JaxHarness("numba")
+    if name == "pallas-jax":
+        return JaxHarness("triton")
     if name == "numba":
         return NumbaNumpyHarness()
     if name == "numba-torch":
