@@ -32,9 +32,12 @@ HUGEPAGES = "glibc.malloc.hugetlb=1"
 def _run_suite(mode, keras_backend, select, json_path):
     env = dict(os.environ, FASTLOSS_BENCH=mode, KERAS_BACKEND=keras_backend, PYTHONUNBUFFERED="1")
     env.setdefault("GLIBC_TUNABLES", HUGEPAGES)
-    cmd = [sys.executable, "-m", "pytest", os.path.join(HERE, "test_losses.py"), os.path.join(HERE, "test_distillation.py"),
-           os.path.join(HERE, "test_keras_fit.py"), os.path.join(HERE, "test_linear_ce.py"),
-           os.path.join(HERE, "test_torch_step.py"),
+    # GPU: XLA takes memory as it needs it rather than 75% of the device up front, so its peak is
+    # measurable and torch (the reference) can share the device.
+    env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    files = ["test_losses.py"] if mode == "gpu" else ["test_losses.py", "test_distillation.py", "test_keras_fit.py",
+                                                     "test_linear_ce.py", "test_torch_step.py"]
+    cmd = [sys.executable, "-m", "pytest", *(os.path.join(HERE, f) for f in files),
            "--benchmark-only",
            f"--benchmark-json={json_path}", "-p", "no:cacheprovider", "-o", "addopts=", "-q", "-rs",
            "--benchmark-disable-gc", "-k", select, "-v"]
@@ -57,6 +60,16 @@ def _cpu_name():
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def _gpu_name():
+    try:
+        import torch
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name()
+    except ImportError:
+        pass
+    return "no CUDA device"
 
 
 def _rows(benchmarks):
@@ -218,16 +231,25 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true",
                     help="9 loss cases, distillation, the Keras fits and the torch step, 3 rounds: "
                          "~12 minutes on a 2-core CPU")
+    ap.add_argument("--gpu", action="store_true",
+                    help="the GPU cases alone (jax arrays and torch CUDA tensors), 5 rounds; they skip "
+                         "with a message where no GPU is visible")
     ap.add_argument("--out", default="bench-results",
                     help="where the JSON/markdown/PNG go (default: bench-results/, git-ignored)")
     ap.add_argument("--only", default=None,
                     help="a pytest -k expression selecting benchmarks, e.g. 'linear' (default: all)")
     args = ap.parse_args(argv)
-    mode = "quick" if args.quick else "full"
+    mode = "gpu" if args.gpu else "quick" if args.quick else "full"
     only = f" and ({args.only})" if args.only else ""
+    # Two processes, one per Keras backend; on a GPU the jax providers in the first and the torch
+    # ones in the second, so that neither framework's allocator holds memory the other needs.
+    first, second = "not keras-stock-torch", "keras-stock-torch"
+    if mode == "gpu":
+        first = "fastloss-jax or jax-autodiff or optax or keras-stock-jax"
+        second = "fastloss-triton or torch or keras-stock-torch or torch-compile or liger"
     with tempfile.TemporaryDirectory() as tmp:
-        raw = _run_suite(mode, "jax", "not keras-stock-torch" + only, os.path.join(tmp, "a.json"))
-        raw += _run_suite(mode, "torch", "keras-stock-torch" + only, os.path.join(tmp, "b.json"))
+        raw = _run_suite(mode, "jax", f"({first})" + only, os.path.join(tmp, "a.json"))
+        raw += _run_suite(mode, "torch", f"({second})" + only, os.path.join(tmp, "b.json"))
     rows = _rows(raw)
     fit_lines = _fit_lines(raw) + _linear_lines(raw)
     if not rows and not fit_lines:
@@ -235,16 +257,18 @@ def main(argv=None):
     machine = socket.gethostname().split(".")[0] or "machine"
     date = datetime.date.today().isoformat()
     hw = f"{_cpu_name()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    if mode == "gpu":
+        hw = f"{_gpu_name()}; host {hw}"
     title = f"fastloss vs stock Keras, {mode} suite, {date}: {hw}"
     table = (_table(rows) if rows else "") + "".join(f"\n{line}\n" for line in fit_lines)
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"{machine}-{date}" + ("-quick" if args.quick else ""))
+    stem = os.path.join(args.out, f"{machine}-{date}" + ("-quick" if args.quick else "-gpu" if args.gpu else ""))
     with open(stem + ".json", "w") as f:
         json.dump(dict(date=date, hardware=hw, mode=mode, results=rows, linear_ce=_linear_rows(raw)), f, indent=1)
     with open(stem + ".md", "w") as f:
         f.write(f"# {title}\n\nMedian (and min) of {3 if args.quick else 5} runs of loss + gradient; ratios and floor "
                 f"fractions use the median; floor = bytes moved / `np.copyto` bandwidth measured in the same run, "
-                f"just before each case's providers (best of 5). JAX providers run `jit(value_and_grad)` with the logits "
+                f"just before each case's providers (best of 5; GPU cases: the device's own copy, median of 20, CUDA events). JAX providers run `jit(value_and_grad)` with the logits "
                 f"donated (a fresh copy each round, outside the timing), as a training loop's dead intermediate; every "
                 f"provider runs with `GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', HUGEPAGES)}`. Linear + CE "
                 f"cases: median of 3 runs, peak memory from XLA's accounting (JAX) or resident memory "

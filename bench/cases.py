@@ -97,12 +97,15 @@ def rounds():
 
 
 def selected_cases():
-    """Cases for this run: FASTLOSS_BENCH=quick|tiny|full (default full), plus GPU cases on CUDA."""
+    """Cases for this run: FASTLOSS_BENCH=quick|tiny|gpu|full (default full: CPU cases, and the GPU
+    cases, which skip with a message where no GPU is visible)."""
     mode = os.environ.get("FASTLOSS_BENCH", "full")
     if mode == "tiny":
         return TINY_CASES
     if mode == "quick":
         return QUICK_CASES
+    if mode == "gpu":
+        return GPU_CASES
     return CPU_CASES + GPU_CASES
 
 
@@ -139,6 +142,8 @@ def reference_loss(case):
 
 
 def _reference_loss(case):
+    if case.gpu_only and case.loss == SPARSE and not case.variant:
+        return _reference_on_gpu(case)
     from tests import reference as R
     from tests.harness import rounded
     x, other = data(case)
@@ -151,6 +156,41 @@ def _reference_loss(case):
             total += R.LOSSES[case.loss](xr[lo:lo + 512], o[lo:lo + 512], reduction="sum", **opts)[0]
         return total / (float(np.sum(opts["weight"][o])) if "weight" in opts else xr.shape[0])
     return R.LOSSES[case.loss](xr, o)[0]
+
+
+def _reference_on_gpu(case, rows=256):
+    """The float64 reference of a GPU case on the GPU (torch, float64, chunks of rows): at 16384x131072
+    the NumPy reference would take minutes of a GPU session's short lease."""
+    import torch
+    from tests.harness import np_dtype
+    x, y = data(case)
+    total = 0.0
+    for lo in range(0, x.shape[0], rows):
+        xr = torch.from_numpy(np.ascontiguousarray(x[lo:lo + rows]).astype(np_dtype(case.dtype)).astype(np.float32))
+        xr = xr.to("cuda", torch.float64)
+        yr = torch.from_numpy(np.asarray(y[lo:lo + rows], np.int64)).to("cuda")
+        total += float((torch.logsumexp(xr, -1) - xr.gather(1, yr[:, None])[:, 0]).sum())
+    return total / x.shape[0]
+
+
+def device_copy_bandwidth(nbytes=2 << 30, repeat=20):
+    """Bytes per second of a device-to-device copy on the GPU (read + write counted), the median of
+    ``repeat`` copies timed with CUDA events (torch), after a warm-up."""
+    import torch
+    src = torch.ones(nbytes // 4, device="cuda")
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * nbytes / sorted(times)[len(times) // 2]
 
 
 def copy_bandwidth(nbytes=512 << 20, repeat=5):
@@ -171,6 +211,15 @@ def _timed(fn):
 def peak_extra_mib(fn, device="cpu"):
     """Peak memory added while ``fn`` runs: CUDA ``max_memory_allocated`` on a GPU, else resident
     memory (Linux: VmHWM, reset through /proc/self/clear_refs)."""
+    if device == "jax-gpu":  # XLA's own accounting of the device's peak
+        import jax
+        dev = jax.devices()[0]
+        before = dev.memory_stats() or {}
+        fn()
+        after = dev.memory_stats() or {}
+        if "peak_bytes_in_use" not in after:
+            return float("nan")
+        return max(0.0, (after["peak_bytes_in_use"] - before.get("bytes_in_use", 0)) / 2 ** 20)
     if device == "cuda":
         import torch
         torch.cuda.synchronize()

@@ -292,20 +292,38 @@ _FACTORIES = {
 }
 
 
+JAX_PROVIDERS = ("fastloss-jax", "jax-autodiff", "optax", "keras-stock-jax")
+
+
+def _check_gpu(provider, case):
+    """GPU cases run the jax providers on jax's GPU and the torch providers on CUDA tensors; each
+    skips, saying why, where its framework sees no GPU."""
+    if provider in JAX_PROVIDERS:
+        try:
+            import jax
+            has_gpu = jax.default_backend() == "gpu"
+        except ImportError:
+            has_gpu = False
+        if not has_gpu:
+            raise Skip(f"{case.id} is a GPU case and jax sees no GPU")
+        return
+    try:
+        import torch
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = False
+    if not has_cuda:
+        raise Skip(f"{case.id} is a GPU case and no CUDA device is visible")
+    if provider == "fastloss-numba":
+        raise Skip("fastloss-numba does not run CUDA tensors")
+
+
 def make_step(provider, case):
     """The provider's ``step`` for ``case``, or raise Skip (missing package, wrong Keras backend, ...)."""
     if case.gpu_only:
-        try:
-            import torch
-            has_cuda = torch.cuda.is_available()
-        except ImportError:
-            has_cuda = False
-        if not has_cuda:
-            raise Skip(f"{case.id} is a GPU case and no CUDA device is visible")
-        if provider not in ("fastloss-triton", "torch", "keras-stock-torch", "torch-compile", "liger"):
-            raise Skip(f"{provider} does not run torch CUDA tensors")
-    if case.dtype == "bfloat16" and provider in ("fastloss-jax", "jax-autodiff", "optax", "keras-stock-jax"):
-        raise Skip("bf16 cases compare the torch-tensor paths")
+        _check_gpu(provider, case)
+    elif case.dtype == "bfloat16" and provider in JAX_PROVIDERS:
+        raise Skip("bf16 CPU cases compare the torch-tensor paths")
     try:
         return _FACTORIES[provider](case)
     except ImportError as exc:

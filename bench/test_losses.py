@@ -13,21 +13,23 @@ import math
 
 import pytest
 
-from .cases import copy_bandwidth, peak_extra_mib, reference_loss, rounds, selected_cases
+from .cases import copy_bandwidth, device_copy_bandwidth, peak_extra_mib, reference_loss, rounds, selected_cases
 from .providers import PROVIDERS, Skip, make_step
 
 GPU_PROVIDERS = ("torch-compile", "liger")
+TORCH_GPU_PROVIDERS = ("fastloss-triton", "torch", "keras-stock-torch", "torch-compile", "liger")
 
 _BW = {}
 
 
-def _bandwidth(case_id):
+def _bandwidth(case):
     # Measured once per case, when its first provider runs, rather than once per process: this VM
     # moves between fast and slow phases within minutes, and a floor measured minutes away from the
-    # kernels it is compared with moved their "% of floor" by up to 1.5x (in both directions).
-    if case_id not in _BW:
-        _BW[case_id] = copy_bandwidth()
-    return _BW[case_id]
+    # kernels it is compared with moved their "% of floor" by up to 1.5x (in both directions). GPU
+    # cases: the device's own copy bandwidth.
+    if case.id not in _BW:
+        _BW[case.id] = device_copy_bandwidth() if case.gpu_only else copy_bandwidth()
+    return _BW[case.id]
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -38,14 +40,15 @@ def test_loss_and_grad(benchmark, case, provider):
     except Skip as why:
         pytest.skip(str(why))
     benchmark.group = case.id
-    bandwidth = _bandwidth(case.id)
+    bandwidth = _bandwidth(case)
     # A step with a ``setup`` (the JAX providers: fresh donated logits) gets its arguments from it,
     # made outside the timed call.
     setup = getattr(step, "setup", None)
     call = (lambda: step(*setup())) if setup else step
     value = call()  # compile / warm up outside the timing
     args = setup() if setup else ()
-    peak = peak_extra_mib(lambda: step(*args), "cuda" if case.gpu_only or provider in GPU_PROVIDERS else "cpu")
+    peak = peak_extra_mib(lambda: step(*args), "cuda" if (case.gpu_only and provider in TORCH_GPU_PROVIDERS)
+                          or provider in GPU_PROVIDERS else "jax-gpu" if case.gpu_only else "cpu")
     benchmark.pedantic(step, setup=(lambda: (setup(), {})) if setup else None, rounds=rounds(), iterations=1,
                        warmup_rounds=1)
     ref = reference_loss(case)

@@ -116,7 +116,7 @@ def _sparse(x, labels, opts, want_x, want_other, inplace=False):
     if opts.get("grad_scale") is not None:  # a chunk of a larger "mean" (fastloss._torch_linear)
         params[-1] = opts["grad_scale"]
     if n:
-        block = K.row_block(n_cls, x.device.type == "cpu")
+        block = K.row_block(n_cls, x.device.type == "cpu", x.dtype)
         K.sparse_ce_kernel[(n,)](
             x2, x2.stride(0), y, loss, lse, g, g.stride(0), params, w, n_cls, ign, BLOCK=block,
             HAS_SMOOTH=opts["label_smoothing"] != 0.0, HAS_ZLOSS=opts["z_loss"] != 0.0, HAS_CAP=cap != 0.0,
@@ -138,7 +138,7 @@ def _dense(x, t, opts, want_x, want_other):
     gt = torch.empty_like(t2, dtype=_grad_dtype(opts, t2)) if want_other else t2[:1]
     params = _params((1.0 / opts["temperature"], opts["label_smoothing"]), opts["reduction"], n, x.device, acc)
     if n:
-        block = K.row_block(n_cls, x.device.type == "cpu")
+        block = K.row_block(n_cls, x.device.type == "cpu", x.dtype)
         K.dense_ce_kernel[(n,)](
             x2, x2.stride(0), t2, t2.stride(0), loss, lse, gx, gx.stride(0), gt, gt.stride(0), params, n_cls,
             BLOCK=block, WANT_GX=want_x, WANT_GT=want_other,
@@ -155,13 +155,13 @@ def _elementwise(kernel, extra):
         acc = _acc_dtype(x)
         want_out = opts["reduction"] == "none"
         out = torch.empty(n if want_out else 1, device=x.device, dtype=acc)
-        n_prog = triton.cdiv(n, K.ELEM_BLOCK)
+        n_prog = triton.cdiv(n, K.elem_block(x.dtype))
         partial = torch.zeros(max(n_prog, 1), device=x.device, dtype=acc)
         gx = torch.empty_like(xf, dtype=_grad_dtype(opts, xf)) if want_x else xf[:1]
         gt = torch.empty_like(tf, dtype=_grad_dtype(opts, tf)) if want_other else tf[:1]
         params = _params(extra(opts), opts["reduction"], n, x.device, acc)
         if n:
-            kernel[(n_prog,)](xf, tf, out, partial, gx, gt, params, n, BLOCK=K.ELEM_BLOCK,
+            kernel[(n_prog,)](xf, tf, out, partial, gx, gt, params, n, BLOCK=K.elem_block(x.dtype),
                               WANT_OUT=want_out, ACC_F64=acc == torch.float64, num_warps=8,
                               **{kernel.arg_names[-3]: want_x, kernel.arg_names[-2]: want_other})
         # "none": the per-element values; otherwise the programs' partial sums carry the total.
@@ -195,7 +195,7 @@ def _softmax_focal(x, other, opts, want_x, want_other):
     a = loss[:1] if weight is None else weight.detach().to(device=x.device, dtype=acc).reshape(-1).contiguous()
     params = _params((opts["gamma"], opts["label_smoothing"], opts["alpha"]), opts["reduction"], count, x.device, acc)
     if n:
-        block = K.row_block(n_cls, x.device.type == "cpu")
+        block = K.row_block(n_cls, x.device.type == "cpu", x.dtype)
         KF.softmax_focal_kernel[(n,)](
             x2, x2.stride(0), t2, t2.stride(0), y, loss, gx, gx.stride(0), gt, gt.stride(0), params, a, n_cls, ign,
             BLOCK=block, DENSE=dense, HAS_ALPHA=weight is not None, GAMMA_INT=KF.gamma_int(opts["gamma"]),
@@ -223,7 +223,7 @@ def distill(s, t, labels, opts, want_s, want_t):
     params = _params((1.0 / opts["temperature"], opts["temperature"], opts["alpha"], opts["beta"]),
                      opts["reduction"], count, s.device, acc)
     if n:
-        block = K.distill_block(n_cls, s.device.type == "cpu")
+        block = K.distill_block(n_cls, s.device.type == "cpu", s.dtype)
         K.distill_kernel[(n,)](
             s2, s2.stride(0), t2, t2.stride(0), y, loss, gs, gs.stride(0), gt, gt.stride(0), params, n_cls, ign,
             BLOCK=block, DIV=("forward_kl", "reverse_kl", "jsd").index(opts["divergence"]), HAS_LABELS=has_labels,

@@ -182,7 +182,7 @@ def specializations():
     bools = (False, True)
     for dt in ("float16", "bfloat16", "float32", "float64"):
         x, acc = _PTR[dt], "*fp64" if dt == "float64" else "*fp32"
-        block = row_block(1 << 20, False)
+        block = row_block(1 << 20, False, dt)
         for dense, gi, gx, gt, label_only in itertools.product(bools, (0, 1, 2, 3, -1), bools, bools, bools):
             has_alpha = dense  # labels without per-class α, dense targets with them: both code paths
             if gt and not dense or not (gx or gt) or dt != "float32" and not (gi == 2 and gx and not gt):

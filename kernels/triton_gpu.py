@@ -482,24 +482,35 @@ def distill_kernel(S, stride_s, T, stride_t, Y, LOSS, GS, stride_gs, GT, stride_
 
 
 # ---------------------------------------------------------------------------- launch helpers
-def row_block(n_cols, interpret):
-    """Power-of-two class block: whole small rows, 4096 for long rows on a GPU (2048 in the
-    interpreter, where each block is a NumPy op and smaller blocks only add Python overhead)."""
-    cap = 2048 if interpret else 4096
+# Register budget: these kernels are memory-bound, so they must keep loads in flight: at most 128
+# registers per thread (two 256-thread blocks per SM at least). The sizes below hold 8 values of 16
+# or 32 bits per thread (4 of fp64, which take two registers each) at 8 warps; at 4096 classes (16
+# per thread) sm_90 needed up to 252 registers (tests/test_pallas.py reads them from the cubin).
+def _f64(dtype):
+    return str(dtype).endswith("float64")
+
+
+def row_block(n_cols, interpret, dtype="float32"):
+    """Power-of-two class block for the row kernels: whole small rows, else 2048 classes (1024 in
+    fp64) on a GPU; 2048 in the interpreter too, where each block is one NumPy operation."""
+    cap = 1024 if _f64(dtype) and not interpret else 2048
     return min(cap, max(16, triton.next_power_of_2(n_cols)))
 
 
-ELEM_BLOCK = 4096
+def elem_block(dtype="float32"):
+    """Elements per program of the elementwise kernels: 4 per thread at 8 warps (one 16-byte load of
+    fp32); fp64 2 per thread: the sigmoid focal loss with both gradients needed 143 registers at 4."""
+    return 512 if _f64(dtype) else 1024
 
 
-def distill_block(n_cols, interpret):
+def distill_block(n_cols, interpret, dtype="float32"):
     """Distillation holds blocks of two rows and their log-probabilities at once: at most 2048
-    classes per block (half the cross-entropy's on a GPU), so registers stay bounded."""
-    return min(2048, max(16, triton.next_power_of_2(n_cols)))
+    classes per block (1024 in fp64 on a GPU), as the cross-entropies."""
+    return row_block(n_cols, interpret, dtype)
 
 
 def num_warps(block):
-    return 8 if block >= 2048 else 4
+    return 8 if block >= 1024 else 4
 
 
 _PTR = {"float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32", "float64": "*fp64"}
@@ -518,7 +529,8 @@ def specializations():
     for dt in ("float16", "bfloat16", "float32", "float64"):
         x, acc = _PTR[dt], "*fp64" if dt == "float64" else "*fp32"
         f64 = dt == "float64"
-        blocks = (4096, 16) if dt == "float32" else (4096,)
+        big = row_block(1 << 20, False, dt)
+        blocks = (big, 16) if dt == "float32" else (big,)
         # class weights and softcap: with smoothing and z-loss on (their longest code), gradient wanted
         options = [(sm, zl, False, False, g) for sm, zl, g in itertools.product(bools, bools, bools)]
         options += [(True, True, cap, wt, True) for cap, wt in ((True, False), (False, True), (True, True))]
@@ -539,14 +551,14 @@ def specializations():
                 first = "P" if names[0] == "WANT_GP" else "X"
                 grad1 = "GP" if names[0] == "WANT_GP" else "GX"
                 sig = {first: x, "T": x, "OUT": acc, "PARTIAL": acc, grad1: x, "GT": x, "PARAMS": acc, "n": "i32"}
-                const = {"BLOCK": ELEM_BLOCK, "WANT_OUT": w_out, names[0]: g1, names[1]: g2, "ACC_F64": f64}
+                const = {"BLOCK": elem_block(dt), "WANT_OUT": w_out, names[0]: g1, names[1]: g2, "ACC_F64": f64}
                 out.append((kern, sig, const, 8))
         # distillation: every flag combination in fp32, the training case (labels, student gradient)
         # in the other dtypes (each specialisation costs ~0.7 s per architecture to compile)
         for div, labels, gs, gt in itertools.product((0, 1, 2), bools, bools, bools):
             if dt != "float32" and not (labels and gs and not gt):
                 continue
-            block = distill_block(1 << 20, False)
+            block = distill_block(1 << 20, False, dt)
             sig = dict(S=x, stride_s="i64", T=x, stride_t="i64", Y="*i64", LOSS=acc, GS=x, stride_gs="i64", GT=x,
                        stride_gt="i64", PARAMS=acc, n_cols="i32", ignore_index="i64")
             const = dict(BLOCK=block, DIV=div, HAS_LABELS=labels, WANT_GS=gs, WANT_GT=gt, ACC_F64=f64)

@@ -2,7 +2,8 @@
 
 The contract tests (tests/test_contract.py, harness "triton") already run every kernel under the
 interpreter. Here every specialisation the dispatch can launch is compiled to cubin for sm_80 and
-sm_90, which needs no GPU: a kernel that only works in the interpreter fails here.
+sm_90, which needs no GPU (a kernel that only works in the interpreter fails here), and its registers
+and spills are read from the cubin (tests/gpu_resources.py).
 """
 from __future__ import annotations
 
@@ -20,42 +21,30 @@ from fastloss.kernels import triton_gpu as K  # noqa: E402
 pytestmark = pytest.mark.triton
 
 
-_AOT_SCRIPT = """
-import sys, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from fastloss.kernels import triton_focal as KF, triton_gpu as K
-arch = int(sys.argv[1])
-specs = K.specializations() + KF.specializations()
-bad = []
-for kernel, sig, const, warps in specs:
-    full = dict(sig, **{k: "constexpr" for k in const})
-    try:
-        out = triton.compile(ASTSource(fn=kernel, signature=full, constexprs=const),
-                             target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
-        if not out.asm["cubin"]:
-            bad.append(f"{kernel.fn.__name__} {const}: empty cubin")
-    except Exception as exc:
-        bad.append(f"{kernel.fn.__name__} {const}: {type(exc).__name__}: {str(exc)[:300]}")
-print(len(specs), "compiled")
-print("\\n".join(bad))
-sys.exit(1 if bad else 0)
-"""
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("arch", [80, 90])
-def test_every_specialization_compiles_for_real_gpus(arch):
-    # A fresh process without TRITON_INTERPRET: under the interpreter kernels cannot be compiled.
+def resources_in_subprocess(arch, which):
+    """The per-configuration reports of ``tests/gpu_resources.py`` for ``arch``, compiled in a fresh
+    process without TRITON_INTERPRET (under the interpreter kernels cannot be compiled)."""
+    import json
     import os
     import subprocess
     import sys
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, str(arch)], capture_output=True, text=True,
-                          env=env, timeout=1200)
+    proc = subprocess.run([sys.executable, "-m", "tests.gpu_resources", str(arch), which], capture_output=True,
+                          text=True, env=env, timeout=1200, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert int(proc.stdout.split()[0]) > 100
+    return [json.loads(line) for line in proc.stdout.splitlines()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", [80, 90])
+def test_every_specialization_compiles_without_spills(arch):
+    """Every specialisation the dispatch can launch compiles to cubin, spills nothing and keeps to
+    REG_LIMIT registers per thread (memory-bound kernels need loads in flight, so occupancy)."""
+    from .gpu_resources import problems
+    reports = resources_in_subprocess(arch, "triton")
+    assert len(reports) > 200
+    assert not problems(reports), "\n".join(problems(reports))
 
 
 def test_long_row_spans_several_blocks():
