@@ -171,7 +171,19 @@ def _pallas_fits(spec, x):
 
 
 def _kernel(spec, x, other, params, want_x, want_other):
-    """The fused kernel ``spec`` asks for: (values, grad_x | None, grad_other | None)."""
+    """The fused kernel ``spec`` asks for: (values, grad_x | None, grad_other | None); the
+    cross-entropies' kernels run shard by shard under sharding (``fastloss._jax_partition``)."""
+    from . import _jax_partition
+    # Explicit sharding (sharding in types) keeps the kernel unwrapped: custom_partitioning places
+    # ops by XLA's automatic partitioner, which those types bypass.
+    if spec[0] in _jax_partition.PARTITIONED and not _jax_partition.explicit_axes(x) \
+            and not _jax_partition.in_manual_context():
+        return _jax_partition.partitioned_kernel(_local_kernel, spec, x, other, params, want_x, want_other)
+    return _local_kernel(spec, x, other, params, want_x, want_other)
+
+
+def _local_kernel(spec, x, other, params, want_x, want_other):
+    """The fused kernel on the rows at hand (one device's shard under sharding)."""
     provider = spec[3]
     xla = partial(_xla_kernel, spec, want_x=want_x, want_other=want_other)
     if provider == "xla":
@@ -189,10 +201,11 @@ def _kernel(spec, x, other, params, want_x, want_other):
     # XLA anywhere else; XLA picks the branch when it compiles for a platform, so one traced program
     # stays portable.
     branches = {}
-    from . import _jax_ffi
+    from . import _jax_ffi, _jax_partition
     if provider == "auto" and _jax_ffi.preferred(spec[0], x):
         branches["cpu"] = lambda a, b, c: _numba_kernel(spec, a, b, c, want_x, want_other)
-    if _pallas_fits(spec, x):
+    if _pallas_fits(spec, x) and not _jax_partition.explicit_axes(x):
+        # (Pallas cannot trace arrays whose types carry explicit sharding: those take XLA on GPUs.)
         branches["cuda"] = lambda a, b, c: _pallas_kernel(spec, a, b, c, want_x, want_other, False)
     if not branches:
         return xla(x, other, params)

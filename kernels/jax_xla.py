@@ -18,6 +18,8 @@ one ``custom_jvp`` per loss; ``option_grads`` gives the derivatives with respect
 """
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -36,7 +38,29 @@ def _zs(x, m, temperature):
     return (x.astype(acc_dtype(x)) - m[:, None]) / temperature
 
 
-def _shift(x, temperature):
+class ClassSplit(NamedTuple):
+    """The class axis split over mesh axes (vocabulary parallelism): this shard holds classes
+    [offset, offset + x.shape[-1]) of ``n``; every reduction over classes is completed with a
+    collective over ``axis`` (pmax of the row max, psum of the sums and of the label's logit), so
+    the (N, C) logits are never gathered. None everywhere below means the whole row is local."""
+    axis: Any
+    n: int
+    offset: Any
+
+
+def _cmax(v, split):
+    return v if split is None else lax.pmax(v, split.axis)
+
+
+def _csum(v, split):
+    return v if split is None else lax.psum(v, split.axis)
+
+
+def _n_classes(x, split):
+    return x.shape[-1] if split is None else split.n
+
+
+def _shift(x, temperature, split=None):
     """Row max ``m`` of the unscaled logits (made finite) and ``log s = log Σ exp((x - m) / T)`` of
     a 2-D array; lse = m / T + log s.
 
@@ -47,9 +71,9 @@ def _shift(x, temperature):
     than NaN from (-inf) - (-inf); a row holding +inf or NaN keeps its max, so the row is NaN (as
     on the Numba and Triton backends).
     """
-    m = lax.stop_gradient(jnp.max(x.astype(acc_dtype(x)), axis=-1))
+    m = lax.stop_gradient(_cmax(jnp.max(x.astype(acc_dtype(x)), axis=-1), split))
     m = jnp.where(m == -jnp.inf, jnp.zeros_like(m), m)
-    return m, jnp.log(jnp.sum(jnp.exp(_zs(x, m, temperature)), axis=-1))
+    return m, jnp.log(_csum(jnp.sum(jnp.exp(_zs(x, m, temperature)), axis=-1), split))
 
 
 def is_ignored(labels, ignore_index):
@@ -82,26 +106,32 @@ def _class_weights(params, n_cls):
     return params[3:-1] if params.shape[0] > 4 else None
 
 
-def _sparse_parts(x, labels, params, ignore_index):
+def _sparse_parts(x, labels, params, ignore_index, split=None):
     t = params[0]
-    n_cls = x.shape[-1]
-    m, log_s = _shift(x, t)
+    n_cls = _n_classes(x, split)
+    m, log_s = _shift(x, t, split)
     lse = m / t + log_s
     # Gather the label's logit (a clamped index only to keep the gather in bounds; invalid rows are
-    # overwritten with NaN).
-    idx = jnp.clip(labels, 0, n_cls - 1)[:, None].astype(jnp.int32)
+    # overwritten with NaN). With the classes split, the shard holding the label gives it.
+    local = labels if split is None else labels - split.offset
+    owns = (local >= 0) & (local < x.shape[-1])
+    idx = jnp.clip(local, 0, x.shape[-1] - 1)[:, None].astype(jnp.int32)
     zs_y = _zs(jnp.take_along_axis(x, idx, axis=-1), m, t)[:, 0]
+    zs_y = _csum(jnp.where(owns, zs_y, jnp.zeros_like(zs_y)), split)
     w = _class_weights(params, n_cls)
+    w_local = w
     if w is None:
         wy, wsum = jnp.ones_like(lse), float(n_cls)
-        w_zs = jnp.sum(_zs(x, m, t), axis=-1)
+        w_zs = _csum(jnp.sum(_zs(x, m, t), axis=-1), split)
     else:
         # Σ_k w_k zs_k, a class of weight 0 adding 0 even where its logit is -inf
-        wy, wsum = w[idx[:, 0]], jnp.sum(w)
-        w_zs = jnp.sum(_weighted(w[None, :], _zs(x, m, t)), axis=-1)
+        if split is not None:
+            w_local = lax.dynamic_slice_in_dim(w, split.offset, x.shape[-1])
+        wy, wsum = w[jnp.clip(labels, 0, n_cls - 1)], jnp.sum(w)
+        w_zs = _csum(jnp.sum(_weighted(w_local[None, :], _zs(x, m, t)), axis=-1), split)
     valid = (labels >= 0) & (labels < n_cls)
     ignored = is_ignored(labels, ignore_index)
-    return m, log_s, lse, zs_y, w_zs, wy, wsum, valid, ignored
+    return m, log_s, lse, zs_y, w_zs, wy, wsum, valid, ignored, (w_local, idx[:, 0], owns)
 
 
 def _by_row_kind(values, valid, ignored):
@@ -110,13 +140,16 @@ def _by_row_kind(values, valid, ignored):
     return jnp.where(ignored, jnp.zeros_like(values), jnp.where(valid, values, nan))
 
 
-def sparse_cross_entropy(x, labels, params, ignore_index, softcap=None, *, want_x=True, want_other=False):
+def sparse_cross_entropy(x, labels, params, ignore_index, softcap=None, *, want_x=True, want_other=False,
+                         split=None):
     """Per-row sparse softmax cross-entropy and its gradient.
 
     Args:
         x: (N, C) float logits. labels: (N,) integers. params: [T, ε, z_loss, scale], or
             [T, ε, z_loss, w_0 .. w_{C-1}, scale] with class weights.
         ignore_index: a static int or None. softcap: a static float > 0 or None.
+        split: None, or a ``ClassSplit`` when ``x`` holds one shard of the classes (inside a
+            partitioned program): the loss is the whole row's, the gradient this shard's columns.
 
     Returns:
         (loss (N,), grad (N, C) | None, None). ``loss`` is 0 for ignored rows and NaN for labels
@@ -134,9 +167,9 @@ def sparse_cross_entropy(x, labels, params, ignore_index, softcap=None, *, want_
         x_in = x
         x, dcap = softcap_logits(x, softcap)
     t, eps, z_loss, scale = params[0], params[1], params[2], params[-1]
-    n_cls = x.shape[-1]
-    m, log_s, lse, zs_y, w_zs, wy, wsum, valid, ignored = _sparse_parts(x, labels, params, ignore_index)
-    w = _class_weights(params, n_cls)
+    n_cls = _n_classes(x, split)
+    m, log_s, lse, zs_y, w_zs, wy, wsum, valid, ignored, (w, idx, owns) = _sparse_parts(
+        x, labels, params, ignore_index, split)
     if w is None:
         row = (1.0 - eps) * (log_s - zs_y) + _weighted(eps, log_s - w_zs / n_cls) + _weighted(z_loss, lse * lse)
     else:
@@ -160,7 +193,7 @@ def sparse_cross_entropy(x, labels, params, ignore_index, softcap=None, *, want_
         label = -(1.0 - eps) * wy * scale / t
     g = jnp.exp(_zs(x, m, t)) * a[:, None] - b
     rows = jnp.arange(x.shape[0])
-    g = g.at[rows, jnp.clip(labels, 0, n_cls - 1)].add(label)
+    g = g.at[rows, idx].add(jnp.where(owns, label, jnp.zeros_like(label)))
     if dcap is not None:
         g = g * dcap
     bad = jnp.where(valid, jnp.zeros_like(row), jnp.full_like(row, jnp.nan))
@@ -182,7 +215,7 @@ def sparse_option_grads(x, labels, params, ignore_index, softcap=None):
         x, _ = softcap_logits(x, softcap)
     t, eps, z_loss = params[0], params[1], params[2]
     n_cls = x.shape[-1]
-    m, log_s, lse, zs_y, w_zs, wy, wsum, valid, ignored = _sparse_parts(x, labels, params, ignore_index)
+    m, log_s, lse, zs_y, w_zs, wy, wsum, valid, ignored, _ = _sparse_parts(x, labels, params, ignore_index)
     zs = _zs(x, m, t)
     p = jnp.exp(zs - log_s[:, None])
     p_zs = jnp.sum(jnp.where(p == 0, jnp.zeros_like(zs), p * zs), axis=-1)  # 0 * -inf of masked classes
@@ -201,19 +234,19 @@ def sparse_option_grads(x, labels, params, ignore_index, softcap=None):
 
 
 # ------------------------------------------------------------------------------------ dense CE
-def _dense_parts(x, targets, params):
+def _dense_parts(x, targets, params, split=None):
     t, eps = params[0], params[1]
-    m, log_s = _shift(x, t)
+    m, log_s = _shift(x, t, split)
     zs = _zs(x, m, t)
-    q = (1.0 - eps) * targets.astype(zs.dtype) + eps / x.shape[-1]
+    q = (1.0 - eps) * targets.astype(zs.dtype) + eps / _n_classes(x, split)
     return m, log_s, zs, q
 
 
-def softmax_cross_entropy(x, targets, params, *, want_x=True, want_other=False):
+def softmax_cross_entropy(x, targets, params, *, want_x=True, want_other=False, split=None):
     """Per-row softmax cross-entropy with dense targets and its gradients.
 
     Args:
-        x, targets: (N, C) floats. params: [T, ε, scale].
+        x, targets: (N, C) floats. params: [T, ε, scale]. split: as in ``sparse_cross_entropy``.
 
     Returns:
         (loss (N,), grad x | None, grad targets | None). With q = (1-ε) t + ε/C:
@@ -221,15 +254,15 @@ def softmax_cross_entropy(x, targets, params, *, want_x=True, want_other=False):
         zero target keeps the row finite); d/dx = (p Σq - q) / T; d/dt = (1-ε)(lse - z).
     """
     t, eps, scale = params[0], params[1], params[2]
-    m, log_s, zs, q = _dense_parts(x, targets, params)
+    m, log_s, zs, q = _dense_parts(x, targets, params, split)
     nll = log_s[:, None] - zs
     terms = jnp.where(q == 0, jnp.zeros_like(zs), q * nll)
     # A row whose logits hold NaN or +inf is NaN whatever its targets (log s is NaN exactly then).
-    loss = jnp.where(jnp.isnan(log_s), log_s, jnp.sum(terms, axis=-1))
+    loss = jnp.where(jnp.isnan(log_s), log_s, _csum(jnp.sum(terms, axis=-1), split))
     gx = gt = None
     if want_x:
         p = jnp.exp(zs) * jnp.exp(-log_s)[:, None]  # shares exp(z - m) with the forward's sum
-        gx = ((p * jnp.sum(q, axis=-1)[:, None] - q) * (scale / t)).astype(x.dtype)
+        gx = ((p * _csum(jnp.sum(q, axis=-1), split)[:, None] - q) * (scale / t)).astype(x.dtype)
     if want_other:
         gt = ((1.0 - eps) * scale * nll).astype(targets.dtype)
     return loss, gx, gt

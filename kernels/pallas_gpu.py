@@ -39,8 +39,10 @@ MAX_ELEMENTS = 2 ** 31  # int32 addressing: every in-bounds offset is below 2^31
 # Classes per block on a GPU, measured on an H200 (jax 0.11.2, lane-wise statistics, 2026-12-04):
 # 1024 at 8 warps (4 per thread) ran 8192x128256 bf16 in 3.27 ms against 3.43 at 2048 and 5.64 at
 # 4096, and 4096x32000 fp32 in 0.79 ms against 0.90 and 1.07 (num_stages 1 to 3 moved it <= 10%).
-# It also keeps every variant at <= 128 registers (fp64 at 2048 needed up to 168).
+# fp64 values take two registers each: at 1024 the softcap and class-weight variants carried five
+# per-lane fp64 accumulators in 144-154 registers, so fp64 rows go 512 at a time (2 per thread).
 MAX_BLOCK = 1024
+MAX_BLOCK_F64 = 512
 
 
 def fits(x):
@@ -49,13 +51,15 @@ def fits(x):
     return 0 < x.size <= MAX_ELEMENTS
 
 
-def block_of(n_cols):
-    """Power-of-two class block: the whole row up to MAX_BLOCK classes, at least 16."""
-    return min(MAX_BLOCK, max(16, pl.next_power_of_2(n_cols)))
+def block_of(n_cols, dtype):
+    """Power-of-two class block: the whole row up to MAX_BLOCK classes (MAX_BLOCK_F64 in fp64), at
+    least 16."""
+    cap = MAX_BLOCK_F64 if jnp.dtype(dtype) == jnp.float64 else MAX_BLOCK
+    return min(cap, max(16, pl.next_power_of_2(n_cols)))
 
 
 def warps_of(block):
-    return 8 if block >= 1024 else 4  # 4 classes per thread at the largest block
+    return 8 if block >= 512 else 4  # at most 4 classes per thread
 
 
 def _compiler_params(block):
@@ -68,6 +72,22 @@ def _acc(x):
 
 def _any():
     return pl.BlockSpec(memory_space=pl.ANY)
+
+
+def _varying_alike(*arrays):
+    """The arrays, each declared to vary over every ``shard_map`` mesh axis one of them varies over
+    (a no-op outside ``shard_map``): a Pallas call's outputs are declared with one such type, the
+    first array's (see ``_out``)."""
+    axes = frozenset().union(*(jax.typeof(a).manual_axis_type.varying for a in arrays))
+    out = []
+    for a in arrays:
+        missing = tuple(sorted(axes - jax.typeof(a).manual_axis_type.varying))
+        out.append(lax.pcast(a, missing, to="varying") if missing else a)
+    return out
+
+
+def _out(shape, dtype, like):
+    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=jax.typeof(like).manual_axis_type)
 
 
 def _tanh(u):
@@ -100,19 +120,6 @@ def _load(ref, row, off, block, n_cols, other):
     cols = off + lax.broadcasted_iota(jnp.int32, (block,), 0)
     mask = cols < n_cols
     return plgpu.load(ref.at[row, pl.ds(off, block)], mask=mask, other=other), cols, mask
-
-
-def _online(carry, x, mask, inv_t):
-    """One block of the online max and sum: a shift that is -inf (everything masked so far) becomes
-    0 so that (-inf) - (-inf) never makes NaN; the old sum is rescaled by exp((m - m_safe) / T),
-    exactly 0 while m is still -inf. Returns (m_new, m_old_safe, m_safe, rescale, e)."""
-    m = carry
-    m_new = jnp.maximum(m, jnp.max(x))
-    m_old_safe = jnp.where(m == -jnp.inf, 0.0, m).astype(m.dtype)
-    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new).astype(m.dtype)
-    rescale = jnp.exp((m - m_safe) * inv_t)
-    e = jnp.where(mask, jnp.exp((x - m_safe) * inv_t), 0.0)
-    return m_new, m_old_safe, m_safe, rescale, e
 
 
 # ------------------------------------------------------------------------------------ sparse CE
@@ -241,14 +248,14 @@ def sparse_cross_entropy(x, labels, params, ignore_index, softcap=None, *, want_
     if ignore_index is not None and not info.min <= ignore_index <= info.max:
         ignore_index = None  # an index the labels cannot hold matches nothing
     labels = labels.astype(jnp.int32)  # labels are < C < 2^31: int64 ones fit
-    block = block_of(c)
+    block = block_of(c, x.dtype)
     kernel = functools.partial(
         _sparse_kernel, n_cols=c, block=block, cap=softcap, ignore_index=ignore_index,
         has_smooth=True, has_weight=has_weight, want_grad=want_x, acc=acc)
     # Smoothing and z-loss are values (possibly traced), so their terms are always in the kernel;
     # they cost a few scalar operations per block and one multiply-add per element.
-    out_shape = [jax.ShapeDtypeStruct((n,), acc), jax.ShapeDtypeStruct((n,), acc),
-                 jax.ShapeDtypeStruct((n, c) if want_x else (1, 1), x.dtype)]
+    x, labels, kp, w = _varying_alike(x, labels, kp, w)
+    out_shape = [_out((n,), acc, x), _out((n,), acc, x), _out((n, c) if want_x else (1, 1), x.dtype, x)]
     loss, _, g = pl.pallas_call(
         kernel, out_shape=out_shape, grid=(n,), in_specs=[_any()] * 4, out_specs=[_any()] * 3,
         compiler_params=_compiler_params(block), interpret=interpret, name="fastloss_sparse_ce",
@@ -265,19 +272,31 @@ def _dense_kernel(x_ref, t_ref, p_ref, loss_ref, lse_ref, gx_ref, gt_ref, *, n_c
     n_blocks = pl.cdiv(n_cols, block)
 
     def stats(i, carry):
-        m, s, q_sum, qz = carry   # qz = Σ q zs, re-based when m grows
+        # Lane-wise statistics as in _sparse_kernel; qz = Σ q zs is re-based by the lane's target
+        # mass when its max grows.
+        m, s, q_lane, qz = carry
         off = i * block
         x, _, mask = _load(x_ref, row, off, block, n_cols, -jnp.inf)
         x = x.astype(acc)
         t, _, _ = _load(t_ref, row, off, block, n_cols, 0.0)
         q = jnp.where(mask, (1.0 - eps) * t.astype(acc) + eps / n_cols, 0.0)
-        m_new, m_old_safe, m_safe, rescale, e = _online(m, x, mask, inv_t)
-        s = s * rescale + jnp.sum(e)
-        qz = qz + q_sum * (m_old_safe - m_safe) * inv_t + jnp.sum(jnp.where(q == 0.0, 0.0, q * ((x - m_safe) * inv_t)))
-        return m_new, s, q_sum + jnp.sum(q), qz
+        m_new = jnp.maximum(m, x)
+        m_old_safe = jnp.where(m == -jnp.inf, 0.0, m).astype(acc)
+        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new).astype(acc)
+        s = s * jnp.exp((m - m_safe) * inv_t) + jnp.exp((x - m_safe) * inv_t)
+        qz = qz + jnp.where(q_lane == 0.0, 0.0, q_lane * ((m_old_safe - m_safe) * inv_t)) + \
+            jnp.where(q == 0.0, 0.0, q * ((x - m_safe) * inv_t))
+        return m_new, s, q_lane + q, qz
 
-    m, s, q_sum, qz = lax.fori_loop(jnp.int32(0), jnp.int32(n_blocks), stats, (jnp.full((), -jnp.inf, acc), zero, zero, zero))
+    lanes = jnp.zeros((block,), acc)
+    m_l, s_l, q_l, qz_l = lax.fori_loop(jnp.int32(0), jnp.int32(n_blocks), stats,
+                                        (jnp.full((block,), -jnp.inf, acc), lanes, lanes, lanes))
+    m = jnp.max(m_l)
     m = jnp.where(m == -jnp.inf, 0.0, m).astype(acc)
+    s = jnp.sum(s_l * jnp.where(m_l == -jnp.inf, 0.0, jnp.exp((m_l - m) * inv_t)))
+    m_l_safe = jnp.where(m_l == -jnp.inf, 0.0, m_l).astype(acc)
+    qz = jnp.sum(qz_l + jnp.where(q_l == 0.0, 0.0, q_l * ((m_l_safe - m) * inv_t)))
+    q_sum = jnp.sum(q_l)
     log_s = jnp.log(s)
     # No target mass: 0 (an all-masked row has log s = -inf); NaN or +inf logits: NaN (s is NaN).
     loss_ref[row] = jnp.where(q_sum == 0.0, 0.0, q_sum * log_s) - qz + (s - s)
@@ -310,11 +329,11 @@ def softmax_cross_entropy(x, targets, params, *, want_x=True, want_other=False, 
     acc = _acc(x)
     params = params.astype(acc)
     kp = jnp.stack([1.0 / params[0], params[1], params[-1]])
-    block = block_of(c)
+    block = block_of(c, x.dtype)
     kernel = functools.partial(_dense_kernel, n_cols=c, block=block, want_gx=want_x, want_gt=want_other, acc=acc)
-    out_shape = [jax.ShapeDtypeStruct((n,), acc), jax.ShapeDtypeStruct((n,), acc),
-                 jax.ShapeDtypeStruct((n, c) if want_x else (1, 1), x.dtype),
-                 jax.ShapeDtypeStruct((n, c) if want_other else (1, 1), targets.dtype)]
+    x, targets, kp = _varying_alike(x, targets, kp)
+    out_shape = [_out((n,), acc, x), _out((n,), acc, x), _out((n, c) if want_x else (1, 1), x.dtype, x),
+                 _out((n, c) if want_other else (1, 1), targets.dtype, x)]
     loss, _, gx, gt = pl.pallas_call(
         kernel, out_shape=out_shape, grid=(n,), in_specs=[_any()] * 3, out_specs=[_any()] * 4,
         compiler_params=_compiler_params(block), interpret=interpret, name="fastloss_dense_ce",

@@ -104,6 +104,7 @@ class JaxHarness:
 
 class NumbaNumpyHarness:
     name = "numba"
+    losses = None
     grads_for_none = False    # NumPy has no vjp: value_and_grad needs a scalar loss
     grads_for_other = False
     max_elements = None
@@ -127,6 +128,7 @@ class NumbaNumpyHarness:
 
 class TorchHarness:
     """torch tensors through autograd; ``backend`` is "numba" (CPU) or "triton"."""
+    losses = None
     grads_for_none = True
     grads_for_other = True
 
