@@ -132,14 +132,10 @@ def explicit_axes(x):
 
 @partitioned_kernel.defjvp
 def _partitioned_jvp(kernel, spec, want_x, want_other, primals, tangents):
-    # Second order: the XLA formulation's derivative (the same math), as for the kernels themselves.
-    name, statics = spec[0], dict(spec[1])
-
-    def xla(a, b, c):
-        if name == "sparse_softmax_cross_entropy":
-            return K.sparse_cross_entropy(a, b, c, statics["ignore_index"], statics.get("softcap"), want_x=want_x)
-        return K.softmax_cross_entropy(a, b, c, want_x=want_x, want_other=want_other)
-    return jax.jvp(xla, primals, tangents)
+    # Second order: the XLA formulation's derivative (the same math), as for the kernels themselves:
+    # the kernel with the "xla" provider is plain XLA.
+    xla_spec = tuple(spec[:3]) + ("xla",)
+    return jax.jvp(lambda a, b, c: kernel(xla_spec, a, b, c, want_x, want_other), primals, tangents)
 
 
 _CACHE = {}
