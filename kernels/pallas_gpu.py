@@ -10,7 +10,8 @@ compiles it to cubin for sm_80 and sm_90 and reads the registers and spills).
 One program per row, an online softmax over power-of-two class blocks:
 
 - pass 1 reads the row once for the running max m, the running sum s = Σ exp((x - m) / T)
-  (rescaled when m grows) and, with label smoothing, Σ w (x - m) / T;
+  (rescaled when m grows) and, with label smoothing, Σ w (x - m) / T, kept per lane of the block
+  and combined once at the end of the row (no block-wide reduction inside the loop);
 - pass 2, only when a gradient is wanted, reads the row again and writes the gradient. It cannot
   be folded into pass 1: every element's gradient needs the row's final max and sum, and a row of
   128K fp32 classes (512 KiB) does not fit in registers or shared memory. For rows up to ~32K
