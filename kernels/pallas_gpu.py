@@ -41,9 +41,10 @@ MAX_ELEMENTS = 2 ** 31  # int32 addressing: every in-bounds offset is below 2^31
 # 1024 at 8 warps (4 per thread) ran 8192x128256 bf16 in 3.27 ms against 3.43 at 2048 and 5.64 at
 # 4096, and 4096x32000 fp32 in 0.79 ms against 0.90 and 1.07 (num_stages 1 to 3 moved it <= 10%).
 # fp64 values take two registers each: at 1024 the softcap and class-weight variants carried five
-# per-lane fp64 accumulators in 144-154 registers, so fp64 rows go 512 at a time (2 per thread).
+# per-lane fp64 accumulators in 144-154 registers, and at 512 (2 per thread) ptxas still spilled 8
+# bytes of the plain fp64 kernel for sm_90; at 256 (1 per thread) every fp64 variant takes <= 56.
 MAX_BLOCK = 1024
-MAX_BLOCK_F64 = 512
+MAX_BLOCK_F64 = 256
 
 
 def fits(x):
@@ -60,7 +61,7 @@ def block_of(n_cols, dtype):
 
 
 def warps_of(block):
-    return 8 if block >= 512 else 4  # at most 4 classes per thread
+    return 8 if block >= 256 else 4  # at most 4 classes per thread
 
 
 def _compiler_params(block):

@@ -529,9 +529,10 @@ def row_block(n_cols, interpret, dtype="float32"):
 
 
 def elem_block(dtype="float32"):
-    """Elements per program of the elementwise kernels: 4 per thread at 8 warps (one 16-byte load of
-    fp32); fp64 2 per thread: the sigmoid focal loss with both gradients needed 143 registers at 4."""
-    return 512 if _f64(dtype) else 1024
+    """Elements per program of the elementwise kernels: 2 per thread at 8 warps. At 4 per thread
+    ptxas spilled 8 bytes in the sigmoid focal loss's fp16 gradient for sm_80 (48 registers used,
+    `ptxas -v`), and fp64 needed 143 registers; at 512 every variant stays <= 78, unspilled."""
+    return 512
 
 
 def distill_block(n_cols, interpret, dtype="float32"):
