@@ -144,8 +144,8 @@ def reference_loss(case):
 def _reference_loss(case):
     if case.gpu_only and case.loss == SPARSE and not case.variant:
         return _reference_on_gpu(case)
-    from tests import reference as R
-    from tests.harness import rounded
+    from tests.support import reference as R
+    from tests.support.harness import rounded
     x, other = data(case)
     xr = rounded(x, case.dtype)
     o = rounded(other, case.dtype) if case.loss not in LABELED else other
@@ -162,7 +162,7 @@ def _reference_on_gpu(case, rows=256):
     """The float64 reference of a GPU case on the GPU (torch, float64, chunks of rows): at 16384x131072
     the NumPy reference would take minutes of a GPU session's short lease."""
     import torch
-    from tests.harness import np_dtype
+    from tests.support.harness import np_dtype
     x, y = data(case)
     total = 0.0
     for lo in range(0, x.shape[0], rows):

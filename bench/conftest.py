@@ -4,7 +4,7 @@ import sys
 # Keras holds one backend per process; the suites default to JAX (keras-stock-torch runs in a
 # second process with KERAS_BACKEND=torch, see bench/__main__.py).
 os.environ.setdefault("KERAS_BACKEND", "jax")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests.reference
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests.support.reference
 
 
 def pytest_configure(config):

@@ -49,7 +49,7 @@ def data(shape):
 
 
 def reference(shape):
-    from tests import reference as R
+    from tests.support import reference as R
     s, t, y = data(shape)
     total = 0.0
     for lo in range(0, shape[0], 256):  # chunked: the reference holds several float64 (N, C) arrays

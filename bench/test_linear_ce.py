@@ -67,8 +67,8 @@ _REF = {}
 def reference(shape, dtype):
     """The float64 loss of the inputs rounded to ``dtype`` (chunked: (N, C) float64 is 2 GiB)."""
     if (shape, dtype) not in _REF:
-        from tests import reference as R
-        from tests.harness import rounded
+        from tests.support import reference as R
+        from tests.support.harness import rounded
         h, w, y = data(shape)
         hr, wr = rounded(h, dtype), rounded(w, dtype)
         total = 0.0

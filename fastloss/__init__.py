@@ -3,8 +3,8 @@
 Importing this package imports NumPy only; jax, numba, triton, torch and keras are imported by the
 first call that needs them, and no device is probed before then.
 """
-from ._buffers import empty_cache
 from ._dispatch import available_backends
+from ._numpy.buffers import empty_cache
 from .losses import (
     distillation_loss,
     huber,
@@ -16,8 +16,8 @@ from .losses import (
     softmax_focal_loss,
     sparse_softmax_cross_entropy,
     sparse_softmax_cross_entropy_,
+    value_and_grad,
 )
-from ._gradients import value_and_grad
 
 __version__ = "0.1.0"
 __all__ = [

@@ -3,11 +3,9 @@
 One place decides it for every backend. A chunk holds ``rows x C`` logits (computed in fp32, the
 cross-entropy gradient written over them), so its memory is ``rows * C * 4`` bytes; the weight's
 gradient ``C x H`` (fp32) is accumulated once per chunk, so smaller chunks re-read and re-write it
-more often and the row count of each matmul shrinks. Measured on this machine's CPU (torch, 2
-threads, N=8192 H=1024 C=32000 fp32, 2026-12-03; the three unchunked matmuls take 9.2 s): chunks of
-256 rows 10.5 s, 512 rows 9.5 s, 1024 rows 9.7 s, 2048 rows 9.9 s. So a chunk gets about 64 MiB of
-logits (512 rows at C=32000, 128 at C=128256), less where the free memory is short, never fewer
-than 16 rows unless N is smaller.
+more often and the row count of each matmul shrinks. Between the two, about 64 MiB of logits per
+chunk was fastest in the sweep of docs/performance.md (512 rows at C=32000, 128 at C=128256); less
+where the free memory is short, never fewer than 16 rows unless N is smaller.
 """
 from __future__ import annotations
 

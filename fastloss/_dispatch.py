@@ -1,16 +1,21 @@
-"""The backend registry: (loss, backend) -> implementation, and the automatic choice.
-
-Backends are adapter modules (``fastloss._jax``, ``fastloss._numba``, ``fastloss._triton``) that are
-imported the first time a call needs them, never at ``import fastloss`` time. Each one exposes
-``LOSSES`` (loss name -> callable(x, other, opts)), ``value_and_grad(name, x, other, opts)`` and
-``unavailable_reason()`` (None when it can run here, else a sentence saying why not).
+"""The one router: (a loss's spec, the inputs' framework and device, ``backend=``) -> the adapter that
+runs the call and the kernel family it uses. Every public loss, ``value_and_grad``, the Keras losses
+and the linear head come through ``call``.
 
 Rules (docs/contract.md, "Backends and dispatch"):
 - an explicit ``backend=`` (or ``FASTLOSS_BACKEND``) is used as asked; if it cannot run, its error
   is raised, never swallowed;
-- ``backend=None`` picks from the input's type: jax -> "jax", NumPy -> "numba", torch CUDA ->
-  "triton", torch CPU -> "numba". NumPy input may fall back to "jax" when numba is not installed:
-  both compute the same fp32 math, so the numbers do not change.
+- ``backend=None`` picks from the input: jax arrays (or any jax tracer among the options) -> the
+  JAX adapter ("auto": the Numba kernels through the XLA FFI on CPU, the Pallas kernels on NVIDIA
+  GPUs, the XLA formulation elsewhere); NumPy -> "numba"; torch CPU -> "numba"; torch CUDA ->
+  "triton". NumPy input falls back to the JAX adapter when numba is not installed: both compute the
+  same fp32 math, so the numbers do not change.
+- nothing is imported or probed before a call needs it; while torch.compile traces, nothing at all.
+
+Routes, as (adapter, choice):
+    jax input:    ("jax", "auto" | "xla" | "numba" | "pallas")  for backend None | jax | numba | triton
+    torch input:  ("torch", "numba" | "triton")
+    NumPy input:  ("numpy", "numba") or ("jax", "xla"), NumPy in and out
 """
 from __future__ import annotations
 
@@ -18,40 +23,17 @@ import importlib
 import os
 import sys
 
+from ._frameworks import input_kind, is_tracer
 from ._validation import BACKENDS, check_backend
 
-_MODULES = {"jax": "fastloss._jax", "numba": "fastloss._numba", "triton": "fastloss._triton"}
-_FALLBACKS = {"numpy": ("numba", "jax")}
-
-
-def _module(backend: str):
-    return importlib.import_module(_MODULES[backend])
-
-
-def input_kind(x) -> str:
-    """'jax', 'torch-cuda', 'torch-cpu' or 'numpy', without importing any framework.
-
-    A framework that is not imported yet cannot have produced ``x``, so ``sys.modules`` is enough.
-    """
-    jax = sys.modules.get("jax")
-    if jax is not None and isinstance(x, jax.Array):  # concrete arrays and tracers
-        return "jax"
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(x, torch.Tensor):
-        return "torch-cuda" if x.device.type != "cpu" else "torch-cpu"
-    return "numpy"
-
-
-def framework_of(x) -> str:
-    """'jax', 'torch' or 'numpy' (NumPy arrays and anything else array-like)."""
-    kind = input_kind(x)
-    return "torch" if kind.startswith("torch") else kind
+# backend name -> the module whose import (and unavailable_reason()) says whether it can run here
+_PROBES = {"jax": "fastloss._jax.losses", "numba": "fastloss._numpy.launch", "triton": "fastloss._torch.launch"}
 
 
 def unavailable_reason(backend: str):
     """None if ``backend`` can run here, else why not. Imports the backend (call time only)."""
     try:
-        mod = _module(backend)
+        mod = importlib.import_module(_PROBES[backend])
     except ImportError as exc:
         if (exc.name or "").startswith("fastloss"):
             raise  # our own packaging is broken: that is a bug to see, not a missing backend
@@ -64,8 +46,10 @@ def available_backends() -> dict:
     return {b: unavailable_reason(b) for b in BACKENDS}
 
 
-def _raise_unavailable(backend: str, reason: str):
-    raise RuntimeError(f"fastloss backend {backend!r} cannot run here: {reason}")
+def _require(backend: str):
+    reason = unavailable_reason(backend)
+    if reason is not None:
+        raise RuntimeError(f"fastloss backend {backend!r} cannot run here: {reason}")
 
 
 def explicit(backend):
@@ -74,51 +58,76 @@ def explicit(backend):
                                                    arg="FASTLOSS_BACKEND")
 
 
-def resolve(backend, x) -> str:
-    """The backend name to use for input ``x``."""
-    backend = check_backend(backend)
-    if backend is None:
-        env = os.environ.get("FASTLOSS_BACKEND") or None
-        backend = check_backend(env, arg="FASTLOSS_BACKEND")
-    if backend is not None:
-        reason = unavailable_reason(backend)
-        if reason is not None:
-            _raise_unavailable(backend, reason)
-        return backend
+def _torch_compiling():
+    torch = sys.modules.get("torch")
+    return torch is not None and torch.compiler.is_compiling()
+
+
+def route(spec, x, opts, backend):
+    """(adapter, choice) for a call of ``spec`` whose first array is ``x``; raises the error of an
+    explicit backend that cannot take this input or cannot run here."""
+    asked = explicit(backend)
     kind = input_kind(x)
-    if kind == "jax":
-        candidates = ("jax",)
-    elif kind == "torch-cuda":
-        candidates = ("triton",)
-    elif kind == "torch-cpu":
-        candidates = ("numba",)
-    else:
-        candidates = _FALLBACKS["numpy"]
+    arg = spec.args[0]
+    if kind.startswith("torch"):
+        if asked == "jax":
+            raise TypeError(f"the 'jax' backend takes jax or NumPy arrays; `{arg}` is a torch.Tensor. Use "
+                            f"backend='numba' (CPU) or 'triton' (CUDA) for torch tensors.")
+        on_cpu = kind == "torch-cpu"
+        name = asked or ("numba" if on_cpu else "triton")
+        if _torch_compiling():  # the custom op checks that it can run when it runs
+            return "torch", name
+        if name == "numba" and not on_cpu:
+            raise TypeError(f"the 'numba' backend runs on CPU tensors; received a tensor on {x.device}. "
+                            f"Use backend='triton' for CUDA tensors.")
+        if asked is None:
+            reason = unavailable_reason(name)
+            if reason is not None:
+                raise RuntimeError(f"no fastloss backend can handle {kind} input here ({name}: {reason})")
+        else:
+            _require(name)
+        if name == "triton" and on_cpu:
+            from ._torch import launch
+            launch.check_interpreter()
+        return "torch", name
+    if kind == "jax" or any(is_tracer(v) for v in opts.values()):
+        if asked == "triton" and "pallas" not in spec.families:
+            raise ValueError(f"backend='triton' for jax arrays runs the Pallas kernels, which cover "
+                             f"{', '.join(sorted(_pallas_losses()))}; received a call of {spec.name}. "
+                             f"Use backend=None or 'jax'.")
+        from ._jax import providers
+        return "jax", providers.provider(asked)
+    # NumPy (and lists)
+    if asked == "triton":
+        _require("triton")
+        raise TypeError(f"the 'triton' backend takes torch tensors (or jax arrays for the cross-entropies); "
+                        f"received `{arg}` of type {type(x).__name__}.")
+    if asked is not None:
+        _require(asked)
+        return ("numpy", "numba") if asked == "numba" else ("jax", "xla")
     reasons = []
-    for cand in candidates:
+    for cand in ("numba", "jax"):
         reason = unavailable_reason(cand)
         if reason is None:
-            return cand
+            return ("numpy", "numba") if cand == "numba" else ("jax", "xla")
         reasons.append(f"{cand}: {reason}")
     raise RuntimeError(f"no fastloss backend can handle {kind} input here ({'; '.join(reasons)})")
 
 
-def resolve_torch(backend, x) -> str:
-    """The backend for torch input. While Dynamo traces (``torch.compile``) nothing is imported or
-    probed: the name is the one asked for, or the default for the tensor's device, and the custom op
-    checks that it can run when it runs. Eagerly, as ``resolve``."""
-    import torch
-    if not torch.compiler.is_compiling():
-        return resolve(backend, x)
-    backend = check_backend(backend) or check_backend(os.environ.get("FASTLOSS_BACKEND") or None,
-                                                      arg="FASTLOSS_BACKEND")
-    return backend or ("numba" if x.device.type == "cpu" else "triton")
+def _pallas_losses():
+    from ._spec import SPECS
+    return [s.name for s in SPECS if "pallas" in s.families]
 
 
-def get(loss: str, backend: str):
-    """The implementation registered for (loss, backend)."""
-    return _module(backend).LOSSES[loss]
-
-
-def get_value_and_grad(backend: str):
-    return _module(backend).value_and_grad
+def call(spec, arrays, opts, backend=None, want_grad=False):
+    """Run ``spec`` on ``arrays`` (its validated array arguments, in order) with ``opts``: the loss,
+    or with ``want_grad`` the pair (loss, d loss / d first array) from one fused kernel call."""
+    adapter, choice = route(spec, arrays[0], opts, backend)
+    # Plain import statements, not importlib: torch.compile traces this function.
+    if adapter == "torch":
+        from . import _torch as module
+    elif adapter == "jax":
+        from . import _jax as module
+    else:
+        from . import _numpy as module
+    return module.run(spec, arrays, opts, choice, want_grad)

@@ -6,10 +6,13 @@ a torch tensor and a NumPy array are all described by ``describe(x)``.
 from __future__ import annotations
 
 import math
-import sys
 import numbers
+import sys
 
 import numpy as np
+
+from ._frameworks import framework_of, is_tracer
+from ._spec import DIVERGENCES
 
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 REDUCTIONS = ("mean", "sum", "none")
@@ -87,16 +90,11 @@ def check_class_axis(shape: tuple, arg: str = "logits") -> None:
         )
 
 
-def _is_tracer(value) -> bool:
-    jax = sys.modules.get("jax")
-    return jax is not None and isinstance(value, jax.core.Tracer)
-
-
 def _finite_float(value, arg: str):
     """A Python float from a real number or a 0-d array of any framework (a jax scalar, a NumPy
     scalar); a jax tracer (an option under ``jit``: a schedule, a learnable temperature) is
     returned as it is, to be range-checked inside the program (out of range -> NaN loss)."""
-    if _is_tracer(value):
+    if is_tracer(value):
         if tuple(value.shape) != () or not _is_float_or_int(dtype_name(value)):
             raise ValueError(f"`{arg}` must be a real scalar; received a traced array of shape "
                              f"{tuple(value.shape)} and dtype {dtype_name(value)}.")
@@ -116,33 +114,22 @@ def _is_float_or_int(name: str) -> bool:
     return name.startswith(("float", "bfloat", "int", "uint"))
 
 
-def check_temperature(value):
-    t = _finite_float(value, "temperature")
-    if not _is_tracer(t) and t <= 0.0:
-        raise ValueError(f"`temperature` must be a finite number > 0; received {value!r}.")
-    return t
+_RANGE = {  # rule -> (test of a checked Python float, what the error says is allowed)
+    "positive": (lambda v: v > 0.0, "a finite number > 0"),
+    "non_negative": (lambda v: v >= 0.0, "a finite number >= 0"),
+    "unit": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
+}
 
 
-def check_label_smoothing(value):
-    e = _finite_float(value, "label_smoothing")
-    if not _is_tracer(e) and not 0.0 <= e <= 1.0:
-        raise ValueError(f"`label_smoothing` must be in [0, 1]; received {value!r}.")
-    return e
-
-
-def check_positive(value, arg: str):
-    """A finite number > 0 (Huber's ``delta``); tracers pass through."""
-    v = _finite_float(value, arg)
-    if not _is_tracer(v) and v <= 0.0:
-        raise ValueError(f"`{arg}` must be a finite number > 0; received {value!r}.")
-    return v
-
-
-def check_non_negative(value, arg: str):
-    """A finite number >= 0 (the focal loss's ``gamma``); tracers pass through."""
-    v = _finite_float(value, arg)
-    if not _is_tracer(v) and v < 0.0:
-        raise ValueError(f"`{arg}` must be a finite number >= 0; received {value!r}.")
+def check_option(value, option):
+    """An option value (``_spec.Option``) checked against its rule: a Python float (bool for
+    "binary"), or a jax tracer as it is (its range is checked inside the program: NaN loss)."""
+    if option.rule == "binary":
+        return check_bool(value, option.name)
+    v = _finite_float(value, option.name)
+    test, allowed = _RANGE[option.rule]
+    if not is_tracer(v) and not test(v):
+        raise ValueError(f"`{option.name}` must be {allowed}; received {value!r}.")
     return v
 
 
@@ -151,10 +138,13 @@ def check_softcap(value):
     code runs), so a jax tracer is a TypeError rather than a value checked inside the program."""
     if value is None:
         return None
-    if _is_tracer(value):
+    if is_tracer(value):
         raise TypeError("`softcap` must be None or a Python number > 0 (a static option of the kernels); "
                         "received a traced value.")
-    return check_positive(value, "softcap")
+    v = _finite_float(value, "softcap")
+    if v <= 0.0:
+        raise ValueError(f"`softcap` must be a finite number > 0; received {value!r}.")
+    return v
 
 
 def check_class_weight(weight, n_cls: int, arg: str = "weight") -> None:
@@ -167,7 +157,7 @@ def check_class_weight(weight, n_cls: int, arg: str = "weight") -> None:
     if shape != (n_cls,) or name not in ("float16", "bfloat16", "float32", "float64"):
         raise ValueError(f"`{arg}` must be a float array of shape ({n_cls},), one value per class; received "
                          f"shape {shape} and dtype {name}.")
-    if _is_tracer(weight):
+    if is_tracer(weight):
         return
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(weight, torch.Tensor):
@@ -193,28 +183,10 @@ def check_bool(value, arg: str) -> bool:
     return bool(value)
 
 
-def check_unit_interval(value, arg: str):
-    """A weight in [0, 1] (``alpha``, ``beta`` of distillation_loss); tracers pass through."""
-    e = _finite_float(value, arg)
-    if not _is_tracer(e) and not 0.0 <= e <= 1.0:
-        raise ValueError(f"`{arg}` must be in [0, 1]; received {value!r}.")
-    return e
-
-
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
-
-
 def check_divergence(value) -> str:
     if value not in DIVERGENCES:
         raise ValueError(f"`divergence` must be one of {DIVERGENCES}; received {value!r}.")
     return value
-
-
-def check_z_loss(value):
-    z = _finite_float(value, "z_loss")
-    if not _is_tracer(z) and z < 0.0:
-        raise ValueError(f"`z_loss` must be a finite number >= 0; received {value!r}.")
-    return z
 
 
 def check_ignore_index(value):
@@ -254,3 +226,120 @@ def label_range_error(bad_label, num_classes: int, ignore_index) -> ValueError:
     if ignore_index is not None:
         allowed += f" or `ignore_index` ({ignore_index})"
     return ValueError(f"`labels` must be {allowed}; received label {bad_label}.")
+
+
+# ------------------------------------------------------------------------------ whole calls
+def as_array(x):
+    """Lists and scalars as NumPy arrays; arrays of any framework pass through untouched."""
+    return x if hasattr(x, "shape") and hasattr(x, "dtype") else np.asarray(x)
+
+
+def pair(x, other, x_arg, other_arg):
+    """The two inputs as arrays of one framework. NumPy arrays and lists next to torch logits become
+    torch tensors on the logits' device (as torch's own losses accept only tensors, this is the one
+    conversion users expect); jax and NumPy mix freely (jax reads NumPy arrays). Any other mix, or
+    torch tensors on two devices, is a TypeError naming both arguments."""
+    x, other = as_array(x), as_array(other)
+    kx, ko = framework_of(x), framework_of(other)
+    if kx == "torch" and ko == "numpy":
+        import torch
+        return x, torch.as_tensor(np.asarray(other), device=x.device)
+    if kx == "torch" and ko == "torch" and x.device != other.device:
+        raise TypeError(f"`{x_arg}` and `{other_arg}` must be on one device; received `{x_arg}` on {x.device} "
+                        f"and `{other_arg}` on {other.device}.")
+    if kx != ko and "torch" in (kx, ko):
+        raise TypeError(f"`{x_arg}` and `{other_arg}` must come from one framework (NumPy arrays or lists may "
+                        f"go with torch `{x_arg}`); received `{x_arg}` of type {type(x).__module__}."
+                        f"{type(x).__name__} and `{other_arg}` of type {type(other).__module__}.{type(other).__name__}.")
+    return x, other
+
+
+def _check_second(spec, x, other, arg):
+    """``other`` against ``x`` by what the loss takes there: labels, targets, or either."""
+    integer = is_integer_dtype(dtype_name(other))
+    if spec.other == "labels" or spec.other == "either" and integer:
+        check_labels(other, shape_of(x))
+    else:
+        check_float_input(other, arg)
+        check_same_shape(x, other, spec.args[0], arg)
+
+
+def _per_class(value):
+    return isinstance(value, (list, tuple)) or getattr(value, "ndim", 0) >= 1
+
+
+def check_options(spec, x, given):
+    """The options dict of a call: every option of ``spec`` checked (from ``given``, the call's
+    keyword arguments), its statics, its per-class array and the reduction."""
+    opts = {}
+    n_cls = shape_of(x)[-1] if spec.row_ndim else None
+    if spec.class_array == "weight" and given.get("weight") is not None:
+        _, weight = pair(x, given["weight"], spec.args[0], "weight")
+        check_class_weight(weight, n_cls)
+        opts["weight"] = weight
+    for option in spec.options:
+        value = given[option.name]
+        if option.name == spec.class_array and _per_class(value):
+            # per-class factors (Keras' list alpha): they ride in the class-weight slot of the kernels
+            _, weight = pair(x, value, spec.args[0], option.name)
+            check_class_weight(weight, n_cls, arg=option.name)
+            opts.update({option.name: 1.0, "weight": weight})
+        else:
+            opts[option.name] = check_option(value, option)
+    for name in spec.statics:
+        check = {"ignore_index": check_ignore_index, "softcap": check_softcap, "divergence": check_divergence}[name]
+        opts[name] = check(given[name])
+    opts["reduction"] = check_reduction(given["reduction"])
+    return opts
+
+
+def validate(spec, x, other, given):
+    """(x, other, opts) of a two-input loss call, checked: one framework, float first input, the
+    second by ``spec.other``, then the options."""
+    x_arg, other_arg = spec.args[:2]
+    x, other = pair(x, other, x_arg, other_arg)
+    check_float_input(x, x_arg)
+    if spec.row_ndim:
+        check_class_axis(shape_of(x), x_arg)
+    _check_second(spec, x, other, other_arg)
+    return x, other, check_options(spec, x, given)
+
+
+def validate_distillation(spec, s, t, labels, given):
+    """(student, teacher, labels | None, opts) of distillation_loss, checked."""
+    s, t = pair(s, t, spec.args[0], spec.args[1])
+    check_float_input(s, spec.args[0])
+    check_float_input(t, spec.args[1])
+    check_class_axis(shape_of(s), spec.args[0])
+    check_same_shape(s, t, spec.args[0], spec.args[1])
+    if labels is not None:
+        s, labels = pair(s, labels, spec.args[0], "labels")
+        check_labels(labels, shape_of(s))
+    return s, t, labels, check_options(spec, s, given)
+
+
+def validate_linear(spec, hidden, weight, labels, bias, given):
+    """(hidden, weight, labels, bias, opts, chunk_size) of linear_cross_entropy, checked."""
+    h, w = pair(hidden, weight, "hidden", "weight")
+    h, y = pair(h, labels, "hidden", "labels")
+    check_float_input(h, "hidden")
+    check_float_input(w, "weight")
+    hs, ws = shape_of(h), shape_of(w)
+    if len(hs) < 1 or len(ws) != 2 or hs[-1] != ws[1] or ws[0] < 1:
+        raise ValueError(f"`weight` must have shape (C, H) with C >= 1 for `hidden` of shape (..., H) (as "
+                         f"torch.nn.Linear stores it); received `hidden` of shape {hs} and `weight` of shape {ws}.")
+    if dtype_name(h) != dtype_name(w):
+        raise TypeError(f"`hidden` and `weight` must have one dtype; received {dtype_name(h)} and "
+                        f"{dtype_name(w)}.")
+    if not is_integer_dtype(dtype_name(y)):
+        raise TypeError(f"`labels` must have an integer dtype (int32, int64, ...) holding class indices; "
+                        f"received dtype {dtype_name(y)}.")
+    if shape_of(y) != hs[:-1]:
+        raise ValueError(f"`labels` must have the shape of `hidden` without its last axis, {hs[:-1]}; received "
+                         f"shape {shape_of(y)}.")
+    if bias is not None:
+        _, bias = pair(h, bias, "hidden", "bias")
+        check_float_input(bias, "bias")
+        if shape_of(bias) != ws[:1]:
+            raise ValueError(f"`bias` must have shape (C,) = {ws[:1]}; received shape {shape_of(bias)}.")
+    return h, w, y, bias, check_options(spec, w, given), check_chunk_size(given["chunk_size"])

@@ -1,78 +1,37 @@
-"""The public functional API: validate, pick a backend, call it.
+"""The public functional API: every loss, ``value_and_grad``, and the in-place cross-entropy.
 
-The math of every loss is written once, in docs/contract.md and in the docstrings below; the kernels in
-``fastloss.kernels`` implement it and the backend adapters (``fastloss._jax`` and friends) reshape,
-allocate and reduce around them.
+Each function states its math in its docstring and does three things: check the call against its
+loss's spec (``fastloss._spec``), route it (``fastloss._dispatch``) and return what the adapter
+computed. The kernels are in ``fastloss.kernels``; the adapters (``fastloss._jax``, ``._torch``,
+``._numpy``) reshape, allocate and reduce around them.
 """
 from __future__ import annotations
 
+import inspect
+
 from . import _dispatch
-from . import _validation as V
-from ._calling import _call, _float_pair, _pair
-from ._focal import _validate_sigmoid_focal, _validate_softmax_focal, sigmoid_focal_loss, softmax_focal_loss  # noqa: F401
+from ._spec import (DENSE_CE, DISTILLATION, HUBER, LINEAR_CE, MSE, SIGMOID_CE, SIGMOID_FOCAL, SOFTMAX_FOCAL,
+                    SPARSE_CE)
+from ._validation import validate, validate_distillation, validate_linear
 
 
-# One validator per loss: (x, other, **options) -> (x, other, opts). The public functions and
-# value_and_grad (fastloss._gradients) share them, so the two can never disagree on what is valid.
-
-def _validate_sparse(logits, labels, *, temperature=1.0, label_smoothing=0.0, ignore_index=-100,
-                     z_loss=0.0, weight=None, softcap=None, reduction="mean"):
-    logits, labels = _pair(logits, labels, "logits", "labels")
-    V.check_float_input(logits, "logits")
-    V.check_class_axis(V.shape_of(logits))
-    V.check_labels(labels, V.shape_of(logits))
-    if weight is not None:
-        _, weight = _pair(logits, weight, "logits", "weight")
-        V.check_class_weight(weight, V.shape_of(logits)[-1])
-    opts = dict(temperature=V.check_temperature(temperature),
-                label_smoothing=V.check_label_smoothing(label_smoothing),
-                ignore_index=V.check_ignore_index(ignore_index),
-                z_loss=V.check_z_loss(z_loss),
-                reduction=V.check_reduction(reduction))
-    # The new options appear only when set, so every other path sees the opts it always did.
-    if weight is not None:
-        opts["weight"] = weight
-    if softcap is not None:
-        opts["softcap"] = V.check_softcap(softcap)
-    return logits, labels, opts
-
-
-def _validate_dense(logits, targets, *, temperature=1.0, label_smoothing=0.0, reduction="mean"):
-    logits, targets = _pair(logits, targets, "logits", "targets")
-    V.check_float_input(logits, "logits")
-    V.check_float_input(targets, "targets")
-    V.check_class_axis(V.shape_of(logits))
-    V.check_same_shape(logits, targets, "logits", "targets")
-    return logits, targets, dict(temperature=V.check_temperature(temperature),
-                                 label_smoothing=V.check_label_smoothing(label_smoothing),
-                                 reduction=V.check_reduction(reduction))
-
-
-def _validate_sigmoid(logits, targets, *, label_smoothing=0.0, reduction="mean"):
-    logits, targets = _float_pair(logits, targets, "logits", "targets")
-    return logits, targets, dict(label_smoothing=V.check_label_smoothing(label_smoothing),
-                                 reduction=V.check_reduction(reduction))
-
-
-def _validate_mse(predictions, targets, *, reduction="mean"):
-    predictions, targets = _float_pair(predictions, targets, "predictions", "targets")
-    return predictions, targets, dict(reduction=V.check_reduction(reduction))
-
-
-def _validate_huber(predictions, targets, *, delta=1.0, reduction="mean"):
-    predictions, targets = _float_pair(predictions, targets, "predictions", "targets")
-    return predictions, targets, dict(delta=V.check_positive(delta, "delta"), reduction=V.check_reduction(reduction))
-
-
-_VALIDATORS = {
-    "sparse_softmax_cross_entropy": _validate_sparse,
-    "softmax_cross_entropy": _validate_dense,
-    "sigmoid_cross_entropy": _validate_sigmoid,
-    "mean_squared_error": _validate_mse,
-    "huber": _validate_huber,
-    "sigmoid_focal_loss": _validate_sigmoid_focal,
-    "softmax_focal_loss": _validate_softmax_focal,
-}
+def _run(spec, arrays, given, backend, want_grad=False):
+    """Validate a call of ``spec``, route it, run it: the loss, or (loss, d loss / d first array) with
+    ``want_grad``. ``given`` holds the public function's arguments by name: its ``locals()`` taken
+    before it defines any other name, so each signature is written once, in its ``def``."""
+    if spec.other == "teacher":
+        s, t, y, opts = validate_distillation(spec, *arrays, given)
+        arrays = (s, t, y)
+    elif spec.other == "linear":
+        h, w, y, b, opts, chunk = validate_linear(spec, *arrays, given)
+        arrays, opts["chunk_size"] = (h, w, y, b), chunk
+    else:
+        x, other, opts = validate(spec, *arrays, given)
+        arrays = (x, other)
+    if want_grad and opts["reduction"] == "none":
+        raise ValueError("`reduction` must be 'mean' or 'sum' under value_and_grad (the loss must "
+                         "be a scalar); received 'none'.")
+    return _dispatch.call(spec, arrays, opts, backend, want_grad)
 
 
 def sparse_softmax_cross_entropy(logits, labels, *, temperature=1.0, label_smoothing=0.0,
@@ -122,10 +81,7 @@ def sparse_softmax_cross_entropy(logits, labels, *, temperature=1.0, label_smoot
         >>> print(f"{float(loss):.4f}")
         0.3455
     """
-    x, other, opts = _validate_sparse(logits, labels, temperature=temperature, label_smoothing=label_smoothing,
-                                      ignore_index=ignore_index, z_loss=z_loss, weight=weight, softcap=softcap,
-                                      reduction=reduction)
-    return _call("sparse_softmax_cross_entropy", x, other, backend, opts)
+    return _run(SPARSE_CE, (logits, labels), locals(), backend)
 
 
 def softmax_cross_entropy(logits, targets, *, temperature=1.0, label_smoothing=0.0,
@@ -155,9 +111,7 @@ def softmax_cross_entropy(logits, targets, *, temperature=1.0, label_smoothing=0
         >>> print(f"{float(loss):.4f}")
         0.2505
     """
-    x, other, opts = _validate_dense(logits, targets, temperature=temperature,
-                                     label_smoothing=label_smoothing, reduction=reduction)
-    return _call("softmax_cross_entropy", x, other, backend, opts)
+    return _run(DENSE_CE, (logits, targets), locals(), backend)
 
 
 def sigmoid_cross_entropy(logits, targets, *, label_smoothing=0.0, reduction="mean", backend=None):
@@ -179,9 +133,7 @@ def sigmoid_cross_entropy(logits, targets, *, label_smoothing=0.0, reduction="me
         >>> print(f"{float(loss):.4f}")
         0.3778
     """
-    x, other, opts = _validate_sigmoid(logits, targets, label_smoothing=label_smoothing,
-                                       reduction=reduction)
-    return _call("sigmoid_cross_entropy", x, other, backend, opts)
+    return _run(SIGMOID_CE, (logits, targets), locals(), backend)
 
 
 def mean_squared_error(predictions, targets, *, reduction="mean", backend=None):
@@ -196,8 +148,7 @@ def mean_squared_error(predictions, targets, *, reduction="mean", backend=None):
         >>> print(f"{float(fastloss.mean_squared_error(pred, target)):.4f}")
         1.6667
     """
-    x, other, opts = _validate_mse(predictions, targets, reduction=reduction)
-    return _call("mean_squared_error", x, other, backend, opts)
+    return _run(MSE, (predictions, targets), locals(), backend)
 
 
 def huber(predictions, targets, *, delta=1.0, reduction="mean", backend=None):
@@ -227,54 +178,83 @@ def huber(predictions, targets, *, delta=1.0, reduction="mean", backend=None):
         >>> print(f"{float(fastloss.huber(pred, target, delta=1.0)):.4f}")
         1.7083
     """
-    x, other, opts = _validate_huber(predictions, targets, delta=delta, reduction=reduction)
-    return _call("huber", x, other, backend, opts)
+    return _run(HUBER, (predictions, targets), locals(), backend)
 
 
-def _validate_distill(student_logits, teacher_logits, labels=None, *, temperature=1.0, alpha=0.5,
-                      divergence="forward_kl", beta=0.5, ignore_index=-100, reduction="mean"):
-    s, t = _pair(student_logits, teacher_logits, "student_logits", "teacher_logits")
-    V.check_float_input(s, "student_logits")
-    V.check_float_input(t, "teacher_logits")
-    V.check_class_axis(V.shape_of(s), "student_logits")
-    V.check_same_shape(s, t, "student_logits", "teacher_logits")
-    if labels is not None:
-        s, labels = _pair(s, labels, "student_logits", "labels")
-        V.check_labels(labels, V.shape_of(s))
-    return s, t, labels, dict(temperature=V.check_temperature(temperature),
-                              alpha=V.check_unit_interval(alpha, "alpha"),
-                              beta=V.check_unit_interval(beta, "beta"),
-                              divergence=V.check_divergence(divergence),
-                              ignore_index=V.check_ignore_index(ignore_index),
-                              reduction=V.check_reduction(reduction))
+def sigmoid_focal_loss(logits, targets, *, gamma=2.0, alpha=0.25, apply_class_balancing=False, label_smoothing=0.0,
+                       reduction="mean", backend=None):
+    """Binary focal loss from logits (Lin et al., 2017), per element, fused with its gradient; the
+    semantics of Keras ``BinaryFocalCrossentropy(from_logits=True)``. With ``t' = t(1-ε) + ε/2``,
+    ``p = sigmoid(x)``::
+
+        p_t  = t' p + (1 - t')(1 - p)
+        loss = w (1 - p_t)^γ bce(x, t'),    bce = max(x, 0) - x t' + log1p(exp(-|x|))
+        w    = t' α + (1 - t')(1 - α)   with apply_class_balancing, else 1
+
+    ``1 - p_t`` is formed from ``sigmoid(-x)``, never as ``1 - p`` (which rounds a confident
+    prediction's factor to 0), and the gradient is the closed form (no log of a rounded
+    probability). torchvision's ``sigmoid_focal_loss(alpha=a)`` is this with
+    ``apply_class_balancing=True, alpha=a``; optax's with ``alpha=None`` is the default here.
+
+    Args:
+        logits: float array of any shape; targets: float array of the same shape (in [0, 1]).
+        gamma: focusing parameter γ >= 0 (0: plain BCE). Integers 0 to 4 take the fastest CPU path.
+        alpha: class-1 weight in [0, 1], used with ``apply_class_balancing``.
+        apply_class_balancing: weight class 1 by α and class 0 by 1 - α.
+        label_smoothing: ε in [0, 1], squeezing targets towards 1/2 (Keras).
+        reduction: "mean" over elements, "sum", or "none" (per element).
+        backend: None (by input type), "jax", "numba" or "triton".
+
+    Returns:
+        Scalar loss, or per-element losses for "none": float32 (float64 for float64 input).
+
+    Example:
+        >>> import numpy as np, fastloss
+        >>> x = np.array([2.0, -1.0, 0.0], np.float32)
+        >>> loss = fastloss.sigmoid_focal_loss(x, np.array([1.0, 0.0, 1.0], np.float32))
+        >>> print(f"{float(loss):.4f}")
+        0.0659
+    """
+    return _run(SIGMOID_FOCAL, (logits, targets), locals(), backend)
 
 
-def _distill(s, t, labels, backend, opts, want_s):
-    """(loss, d loss / d student | None) on the backend the inputs and ``backend`` pick."""
-    kind = _dispatch.framework_of(s)
-    if kind == "torch":
-        name = _dispatch.resolve_torch(backend, s)
-        if name != "jax":
-            from . import _torch_ops
-            if want_s:  # value_and_grad: the fused kernel directly, as for the other losses
-                return _torch_ops.distill_value_and_grad(s, t, labels, opts, name)
-            return _torch_ops.distill_call(s, t, labels, opts, name), None
-    elif kind == "jax" or any(V._is_tracer(v) for v in opts.values()):
-        choice = _dispatch.explicit(backend)
-        if choice in (None, "jax", "numba"):
-            from . import _jax
-            return _jax.distill(s, t, labels, opts, choice, want_s)
-    name = _dispatch.resolve(backend, s)
-    if name == "numba":
-        from . import _numba
-        value, gs, _ = _numba.distill(s, t, labels, opts, want_s, False)
-        return value, gs
-    if name == "jax":
-        from . import _jax
-        return _jax.distill(s, t, labels, opts, "jax", want_s)
-    from . import _triton
-    _triton.check_device(s, t)  # NumPy input: a TypeError saying what the backend takes
-    raise AssertionError("unreachable: check_device raises for non-torch input")
+def softmax_focal_loss(logits, labels, *, gamma=2.0, alpha=0.25, label_smoothing=0.0, ignore_index=-100,
+                       reduction="mean", backend=None):
+    """Categorical focal loss from logits (Lin et al., 2017), per row, fused with its gradient; the
+    semantics of Keras ``CategoricalFocalCrossentropy(from_logits=True)`` without its probability
+    clip. With ``p = softmax(x)``, ``t' = (1-ε) t + ε/C`` (``t`` the one-hot of the label, never
+    built, or the dense target row)::
+
+        row = Σ_j α_j t'_j (1 - p_j)^γ (-log p_j)
+
+    ``-log p`` is ``lse - x`` (no log of a rounded probability), and ``1 - p`` of the row's most
+    likely class is the sum of the others' probabilities, so a confident row keeps its focal
+    factor instead of rounding it to 0. The gradient is the closed form
+    ``p_k S - c_k (f_k + h_k)`` (docs/contract.md).
+
+    Args:
+        logits: (..., C) floats.
+        labels: (...) integer class indices, or (..., C) float targets (one-hot or soft, as Keras'
+            ``y_true``; torch's probability targets).
+        gamma: focusing parameter γ >= 0 (0: α-weighted cross-entropy). Integers 0 to 3 take the
+            fastest CPU path.
+        alpha: a number >= 0 multiplying every class, or (C,) per-class factors (Keras' list form).
+        label_smoothing: ε in [0, 1] (Keras: t becomes (1-ε) t + ε/C).
+        ignore_index: integer labels equal to it contribute 0 and are not counted; None for none.
+        reduction: "mean" over counted rows, "sum", or "none" (per row).
+        backend: None (by input type), "jax", "numba" or "triton".
+
+    Returns:
+        Scalar loss, or per-row losses of shape (...) for "none": float32 (float64 for float64
+        input).
+
+    Example:
+        >>> import numpy as np, fastloss
+        >>> logits = np.array([[2.0, 0.5, -1.0], [0.1, 0.2, 3.0]], np.float32)
+        >>> print(f"{float(fastloss.softmax_focal_loss(logits, np.array([0, 1]))):.4f}")
+        0.3265
+    """
+    return _run(SOFTMAX_FOCAL, (logits, labels), locals(), backend)
 
 
 def distillation_loss(student_logits, teacher_logits, labels=None, *, temperature=1.0, alpha=0.5,
@@ -319,40 +299,7 @@ def distillation_loss(student_logits, teacher_logits, labels=None, *, temperatur
         >>> print(f"{float(loss):.4f}")
         0.1712
     """
-    s, t, y, opts = _validate_distill(student_logits, teacher_logits, labels, temperature=temperature,
-                                      alpha=alpha, divergence=divergence, beta=beta,
-                                      ignore_index=ignore_index, reduction=reduction)
-    return _distill(s, t, y, backend, opts, False)[0]
-
-
-def _validate_linear(hidden, weight, labels, bias, *, temperature=1.0, label_smoothing=0.0, ignore_index=-100,
-                     z_loss=0.0, reduction="mean", chunk_size=None):
-    h, w = _pair(hidden, weight, "hidden", "weight")
-    h, y = _pair(h, labels, "hidden", "labels")
-    V.check_float_input(h, "hidden")
-    V.check_float_input(w, "weight")
-    hs, ws = V.shape_of(h), V.shape_of(w)
-    if len(hs) < 1 or len(ws) != 2 or hs[-1] != ws[1] or ws[0] < 1:
-        raise ValueError(f"`weight` must have shape (C, H) with C >= 1 for `hidden` of shape (..., H) (as "
-                         f"torch.nn.Linear stores it); received `hidden` of shape {hs} and `weight` of shape {ws}.")
-    if V.dtype_name(h) != V.dtype_name(w):
-        raise TypeError(f"`hidden` and `weight` must have one dtype; received {V.dtype_name(h)} and "
-                        f"{V.dtype_name(w)}.")
-    if not V.is_integer_dtype(V.dtype_name(y)):
-        raise TypeError(f"`labels` must have an integer dtype (int32, int64, ...) holding class indices; "
-                        f"received dtype {V.dtype_name(y)}.")
-    if V.shape_of(y) != hs[:-1]:
-        raise ValueError(f"`labels` must have the shape of `hidden` without its last axis, {hs[:-1]}; received "
-                         f"shape {V.shape_of(y)}.")
-    if bias is not None:
-        _, bias = _pair(h, bias, "hidden", "bias")
-        V.check_float_input(bias, "bias")
-        if V.shape_of(bias) != ws[:1]:
-            raise ValueError(f"`bias` must have shape (C,) = {ws[:1]}; received shape {V.shape_of(bias)}.")
-    opts = dict(temperature=V.check_temperature(temperature), label_smoothing=V.check_label_smoothing(label_smoothing),
-                ignore_index=V.check_ignore_index(ignore_index), z_loss=V.check_z_loss(z_loss),
-                reduction=V.check_reduction(reduction))
-    return h, w, y, bias, opts, V.check_chunk_size(chunk_size)
+    return _run(DISTILLATION, (student_logits, teacher_logits, labels), locals(), backend)
 
 
 def linear_cross_entropy(hidden, weight, labels, *, bias=None, temperature=1.0, label_smoothing=0.0,
@@ -400,32 +347,7 @@ def linear_cross_entropy(hidden, weight, labels, *, bias=None, temperature=1.0, 
         >>> bool(np.isclose(loss, ref, rtol=1e-5))
         True
     """
-    h, w, y, b, opts, chunk = _validate_linear(hidden, weight, labels, bias, temperature=temperature,
-                                               label_smoothing=label_smoothing, ignore_index=ignore_index,
-                                               z_loss=z_loss, reduction=reduction, chunk_size=chunk_size)
-    kind = _dispatch.framework_of(h)
-    if kind == "torch":
-        name = _dispatch.resolve_torch(backend, h)
-        if name == "jax":
-            raise TypeError("the 'jax' backend takes jax or NumPy arrays; `hidden` is a torch.Tensor. Use "
-                            "backend='numba' (CPU) or 'triton' (CUDA) for torch tensors.")
-        from . import _torch_linear
-        return _torch_linear.linear_cross_entropy(h, w, y, b, opts, name, chunk)
-    if kind == "jax" or any(V._is_tracer(v) for v in opts.values()) or _dispatch.explicit(backend) == "jax":
-        choice = _dispatch.explicit(backend)
-        if choice in (None, "jax", "numba"):
-            from . import _jax_linear
-            return _jax_linear.linear_cross_entropy(h, w, y, b, opts, choice, chunk)
-    name = _dispatch.resolve(backend, h)
-    if name == "numba":
-        from . import _numba
-        return _numba.linear_cross_entropy(h, w, y, b, opts, chunk)
-    if name == "jax":  # NumPy input where Numba is missing: the automatic fallback
-        from . import _jax_linear
-        return _jax_linear.linear_cross_entropy(h, w, y, b, opts, "jax", chunk)
-    from . import _triton
-    _triton.check_device(h, w)  # NumPy input: a TypeError saying what the backend takes
-    raise AssertionError("unreachable: check_device raises for non-torch input")
+    return _run(LINEAR_CE, (hidden, weight, labels, bias), locals(), backend)
 
 
 def sparse_softmax_cross_entropy_(logits, labels, *, temperature=1.0, label_smoothing=0.0,
@@ -444,10 +366,50 @@ def sparse_softmax_cross_entropy_(logits, labels, *, temperature=1.0, label_smoo
         >>> loss = fastloss.sparse_softmax_cross_entropy_(logits, torch.tensor([1, 2, 3, 4]))
         >>> logits.backward(logits.detach())
     """
-    x, other, opts = _validate_sparse(logits, labels, temperature=temperature, label_smoothing=label_smoothing,
-                                      ignore_index=ignore_index, z_loss=z_loss, reduction=reduction)
-    name = _dispatch.resolve(backend, x)
-    if name != "triton":
-        raise ValueError(f"`backend` must be 'triton' for the in-place variant (torch tensors); received {name!r}.")
-    from . import _triton
-    return _triton.sparse_inplace(x, other, opts)
+    given = dict(locals(), weight=None, softcap=None)
+    x, other, opts = validate(SPARSE_CE, logits, labels, given)
+    if _dispatch.route(SPARSE_CE, x, opts, backend) != ("torch", "triton"):
+        raise ValueError(f"`backend` must be 'triton' for the in-place variant (torch tensors); received {backend!r}.")
+    from ._torch import launch
+    return launch.sparse_cross_entropy(x, other, opts, True, False, in_place=True)[0]
+
+
+# value_and_grad takes these, and finds their spec here.
+_SPECS = {sparse_softmax_cross_entropy: SPARSE_CE, softmax_cross_entropy: DENSE_CE, sigmoid_cross_entropy: SIGMOID_CE,
+          mean_squared_error: MSE, huber: HUBER, sigmoid_focal_loss: SIGMOID_FOCAL, softmax_focal_loss: SOFTMAX_FOCAL,
+          distillation_loss: DISTILLATION}
+
+
+def value_and_grad(loss_fn):
+    """Wrap a fastloss loss so that it returns ``(loss, d loss / d x)`` for its first argument.
+
+    ``f(x, other, **kw)`` validates like ``loss_fn``; on NumPy input (and torch CPU tensors) the loss
+    and the gradient come from one fused kernel call, on jax input from ``jax.value_and_grad`` over
+    the custom-VJP kernel. The reduction must be "mean" or "sum" (a scalar loss). Inputs are never
+    modified.
+
+    Example:
+        >>> import numpy as np, fastloss
+        >>> logits = np.array([[2.0, 0.5, -1.0], [0.1, 0.2, 3.0]], np.float32)
+        >>> vg = fastloss.value_and_grad(fastloss.sparse_softmax_cross_entropy)
+        >>> loss, dlogits = vg(logits, np.array([0, 2]), label_smoothing=0.1)
+        >>> dlogits.shape
+        (2, 3)
+    """
+    spec = _SPECS.get(loss_fn) if callable(loss_fn) else None
+    if spec is None:
+        names = ", ".join(f.__name__ for f in _SPECS)
+        raise TypeError(f"`loss_fn` must be one of the fastloss losses ({names}); received {loss_fn!r}.")
+    signature = inspect.signature(loss_fn)
+    n_arrays = len(spec.args)
+
+    def wrapped(*args, backend=None, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        given = bound.arguments
+        arrays = tuple(given[name] for name in list(signature.parameters)[:n_arrays])
+        return _run(spec, arrays, given, backend, want_grad=True)
+
+    wrapped.__name__ = f"value_and_grad_{spec.name}"
+    wrapped.__doc__ = f"(loss, gradient to `{spec.args[0]}`) of fastloss.{spec.name}."
+    return wrapped

@@ -1,4 +1,4 @@
-"""The reused CPU gradient memory (fastloss/_buffers.py): never aliased while in use, reused after."""
+"""The reused CPU gradient memory (fastloss/_numpy/buffers.py): never aliased while in use, reused after."""
 import gc
 import subprocess
 import sys
@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from fastloss import _buffers
+from fastloss._numpy import buffers as _buffers
 
 numba = pytest.importorskip("numba")
 
@@ -84,7 +84,7 @@ def _run(code, env):
 
 
 def test_cache_can_be_turned_off_and_bad_setting_is_an_error():
-    code = ("import numpy as np; from fastloss import _buffers as b; a = b.empty((1024, 1024), np.float32); "
+    code = ("import numpy as np; from fastloss._numpy import buffers as b; a = b.empty((1024, 1024), np.float32); "
             "print(a.flags.owndata)")
     assert _run(code, {"FASTLOSS_CPU_CACHE_MB": "0"}).stdout.strip() == "True"
     bad = _run(code, {"FASTLOSS_CPU_CACHE_MB": "lots"})

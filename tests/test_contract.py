@@ -1,4 +1,4 @@
-"""Every clause of docs/contract.md, run on every backend through tests/harness.py."""
+"""Every clause of docs/contract.md, run on every backend through tests/support/harness.py."""
 from __future__ import annotations
 
 import itertools
@@ -6,8 +6,8 @@ import itertools
 import numpy as np
 import pytest
 
-from . import reference as R
-from .harness import ACC_EPS, DTYPES, GRAD_RTOL, GRAD_TINY, LOSS_RTOL, assert_close, float_second, rounded
+from .support import reference as R
+from .support.harness import ACC_EPS, DTYPES, GRAD_RTOL, GRAD_TINY, LOSS_RTOL, assert_close, float_second, rounded
 
 SPARSE = "sparse_softmax_cross_entropy"
 DENSE = "softmax_cross_entropy"

@@ -1,4 +1,4 @@
-"""distillation_loss on every backend against the float64 reference (tests/reference.py), and the
+"""distillation_loss on every backend against the float64 reference (tests/support/reference.py), and the
 reference itself against float64 finite differences."""
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 
 import fastloss
 
-from . import reference as R
-from .harness import ACC_EPS, GRAD_RTOL, LOSS_RTOL, assert_close, np_dtype, require_backend, rounded
+from .support import reference as R
+from .support.harness import ACC_EPS, GRAD_RTOL, LOSS_RTOL, assert_close, np_dtype, require_backend, rounded
 
 BACKENDS = ("numba", "numba-torch", "triton", "jax", "numba-jax")
 DIVS = ("forward_kl", "reverse_kl", "jsd")

@@ -1,4 +1,4 @@
-"""The softmax focal loss's clauses of docs/contract.md on every backend (tests/harness.py), against
+"""The softmax focal loss's clauses of docs/contract.md on every backend (tests/support/harness.py), against
 the float64 reference: labels and dense targets, every option, shapes, dtypes and extreme inputs."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 import fastloss
 
-from .harness import DTYPES, LOSS_RTOL, assert_close
+from .support.harness import DTYPES, LOSS_RTOL, assert_close
 from .test_contract import check
 
 LOSS = "softmax_focal_loss"

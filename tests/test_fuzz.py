@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from fastloss import _dispatch
 
-from . import harness as H
+from .support import harness as H
 from .test_contract import DENSE, FOCAL, HUBER, MSE, SIGMOID, SOFTMAX_FOCAL, SPARSE, check
 
 _BACKEND = {"pallas-jax": "triton"}

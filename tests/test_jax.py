@@ -6,7 +6,7 @@ import pytest
 
 import fastloss
 
-from . import reference as R
+from .support import reference as R
 
 jax = pytest.importorskip("jax")
 jnp = jax.numpy

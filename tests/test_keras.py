@@ -1,6 +1,6 @@
-"""Runs tests/keras_cases.py (fastloss.keras against keras.losses), keras_distill_cases.py and
+"""Runs tests/support/keras_cases.py (fastloss.keras against keras.losses), keras_distill_cases.py and
 keras_linear_cases.py (the distillation losses and the fused output head against stock) and
-tests/keras_stock_tests.py (Keras' own losses tests against fastloss.keras) under KERAS_BACKEND=jax and KERAS_BACKEND=torch,
+tests/support/keras_stock_tests.py (Keras' own losses tests against fastloss.keras) under KERAS_BACKEND=jax and KERAS_BACKEND=torch,
 each backend in its own process (Keras fixes its backend at import)."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "support")
 
 
 @pytest.mark.keras
@@ -27,7 +27,7 @@ def test_keras_wrappers(backend):
                            os.path.join(HERE, "keras_distill_cases.py"), os.path.join(HERE, "keras_linear_cases.py"),
                            os.path.join(HERE, "keras_stock_tests.py"), "-q", "-x",
                            "-p", "no:cacheprovider", "-o", "addopts=", "-W", "ignore::DeprecationWarning"], capture_output=True, text=True, env=env,
-                          cwd=os.path.dirname(HERE), timeout=1800)
+                          cwd=os.path.dirname(os.path.dirname(HERE)), timeout=1800)
     tail = proc.stdout[-4000:] + proc.stderr[-2000:]
     assert proc.returncode == 0, tail
     summary = proc.stdout.strip().splitlines()[-1]

@@ -1,5 +1,5 @@
 """linear_cross_entropy (the chunked projection + sparse CE) on every backend against the unfused
-float64 reference (tests/reference.py): values and all three gradients, every option, ragged and
+float64 reference (tests/support/reference.py): values and all three gradients, every option, ragged and
 all-ignored chunks, chunk sizes 1, odd and larger than N, 16-bit inputs; its transforms (jit, vmap,
 torch.compile) and the memory property itself (no (N, C) array in the JAX program)."""
 from __future__ import annotations
@@ -14,8 +14,8 @@ import pytest
 
 import fastloss
 
-from . import reference as R
-from .harness import np_dtype, require_backend, rounded
+from .support import reference as R
+from .support.harness import np_dtype, require_backend, rounded
 
 BACKENDS = ("numba", "numba-torch", "triton", "jax", "numba-jax")
 GRAD_BACKENDS = BACKENDS[1:]  # NumPy input gives the loss only
@@ -353,6 +353,6 @@ def test_jax_backend_needs_no_numba():
     # The XLA path must run where only jax is installed: it imports neither numba nor the FFI module.
     code = ("import sys, jax.numpy as jnp, fastloss\n"
             "fastloss.linear_cross_entropy(jnp.ones((4, 3)), jnp.ones((5, 3)), jnp.zeros(4, jnp.int32), backend='jax')\n"
-            "assert 'numba' not in sys.modules and 'fastloss._jax_ffi' not in sys.modules\n")
+            "assert 'numba' not in sys.modules and 'fastloss._jax.ffi' not in sys.modules\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]

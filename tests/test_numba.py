@@ -11,7 +11,7 @@ import pytest
 
 import fastloss
 
-from . import reference as R
+from .support import reference as R
 
 numba = pytest.importorskip("numba")
 from fastloss.kernels import numba_cpu as K  # noqa: E402
@@ -409,7 +409,7 @@ def test_single_long_row_uses_all_threads_and_is_correct():
 def test_elementwise_kernels_across_blocks_and_alignments(loss, opts, dtype):
     # Lengths around the kernels' BLOCK and the non-temporal store's vector width, with views that
     # start off a 32-byte boundary: each block's scalar head, vector body and tail against float64.
-    from .harness import np_dtype, rounded
+    from .support.harness import np_dtype, rounded
     rng = np.random.default_rng(len(loss))
     for n, start in ((1, 0), (7, 1), (K.BLOCK - 1, 3), (K.BLOCK + 5, 1), (3 * K.BLOCK + 17, 0)):
         p = (rng.standard_normal(n + start) * 2).astype(np_dtype(dtype))[start:]
@@ -438,12 +438,12 @@ def test_strided_inputs():
 
 @pytest.mark.parametrize("shape,pad", [((7, 13), 3), ((3, 5, 17), 7), ((4, 32001), 63), ((1, 9), 5)])
 def test_row_strided_logits_are_streamed_without_a_copy(shape, pad):
-    from fastloss._numba import _row_view
+    from fastloss._numpy.launch import row_view
     rng = np.random.default_rng(sum(shape))
     base = (rng.standard_normal(shape[:-1] + (shape[-1] + pad,)) * 4).astype(np.float32)
     x = base[..., :shape[-1]]               # a padded vocabulary: rows strided, classes contiguous
     assert not x.flags.c_contiguous or x.shape[0] == 1  # one row is trivially contiguous
-    flat, stride, n = _row_view(x, shape[-1])
+    flat, stride, n = row_view(x, shape[-1])
     assert np.shares_memory(flat, base) and n == int(np.prod(shape[:-1]))
     assert stride == (shape[-1] + pad if n > 1 else shape[-1])
     assert flat.size == (n - 1) * stride + shape[-1]  # ends at the last row's last class
@@ -463,11 +463,11 @@ def test_row_strided_logits_are_streamed_without_a_copy(shape, pad):
 
 
 def test_layouts_that_cannot_stream_are_copied_and_correct():
-    from fastloss._numba import _row_view
+    from fastloss._numpy.launch import row_view
     rng = np.random.default_rng(8)
     base = rng.standard_normal((6, 10)).astype(np.float32)
     for x in (base[::-1], base[:, ::2], np.broadcast_to(base[:1], (4, 10)), base.T):
-        flat, stride, n = _row_view(x, x.shape[-1])
+        flat, stride, n = row_view(x, x.shape[-1])
         assert not np.shares_memory(flat, base) and stride == x.shape[-1]
         y = rng.integers(0, x.shape[-1], x.shape[0])
         loss, g = fastloss.value_and_grad(fastloss.sparse_softmax_cross_entropy)(x, y)

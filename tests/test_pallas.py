@@ -2,7 +2,7 @@
 
 The contract matrix (tests/test_contract.py, harness "pallas-jax") runs the kernels in Pallas'
 interpreter. Here every shipped configuration is lowered for CUDA and its Triton IR compiled to cubin
-for sm_80 and sm_90, with no spill and at most REG_LIMIT registers per thread (tests/gpu_resources.py).
+for sm_80 and sm_90, with no spill and at most REG_LIMIT registers per thread (tests/support/gpu_resources.py).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ SPARSE = fastloss.sparse_softmax_cross_entropy
 @pytest.mark.parametrize("arch", [80, 90])
 def test_every_configuration_lowers_and_compiles_without_spills(arch):
     pytest.importorskip("triton")
-    from .gpu_resources import problems
+    from .support.gpu_resources import problems
     from .test_triton import resources_in_subprocess
     from fastloss.kernels import pallas_gpu as P
     reports = resources_in_subprocess(arch, "pallas")

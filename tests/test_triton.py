@@ -3,7 +3,7 @@
 The contract tests (tests/test_contract.py, harness "triton") already run every kernel under the
 interpreter. Here every specialisation the dispatch can launch is compiled to cubin for sm_80 and
 sm_90, which needs no GPU (a kernel that only works in the interpreter fails here), and its registers
-and spills are read from the cubin (tests/gpu_resources.py).
+and spills are read from the cubin (tests/support/gpu_resources.py).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 
 import fastloss
 
-from . import reference as R
+from .support import reference as R
 
 triton = pytest.importorskip("triton")
 torch = pytest.importorskip("torch")
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.triton
 
 
 def resources_in_subprocess(arch, which):
-    """The per-configuration reports of ``tests/gpu_resources.py`` for ``arch``, compiled in a fresh
+    """The per-configuration reports of ``tests/support/gpu_resources.py`` for ``arch``, compiled in a fresh
     process without TRITON_INTERPRET (under the interpreter kernels cannot be compiled)."""
     import json
     import os
@@ -30,7 +30,7 @@ def resources_in_subprocess(arch, which):
     import sys
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    proc = subprocess.run([sys.executable, "-m", "tests.gpu_resources", str(arch), which], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "tests.support.gpu_resources", str(arch), which], capture_output=True,
                           text=True, env=env, timeout=1200, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return [json.loads(line) for line in proc.stdout.splitlines()]
@@ -41,7 +41,7 @@ def resources_in_subprocess(arch, which):
 def test_every_specialization_compiles_without_spills(arch):
     """Every specialisation the dispatch can launch compiles to cubin, spills nothing and keeps to
     REG_LIMIT registers per thread (memory-bound kernels need loads in flight, so occupancy)."""
-    from .gpu_resources import problems
+    from .support.gpu_resources import problems
     reports = resources_in_subprocess(arch, "triton")
     assert len(reports) > 200
     assert not problems(reports), "\n".join(problems(reports))

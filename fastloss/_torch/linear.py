@@ -27,38 +27,35 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from . import _adapter, _chunks
-from ._torch_ops import _LIB
+from .. import _chunks
+from .. import _reduction as R
+from .._spec import LINEAR_CE
+from .library import LIB, acc_dtype, launchers
 
-_OPTS = ("temperature", "label_smoothing", "z_loss")
-_FWD = ("linear_cross_entropy(Tensor hidden, Tensor weight, Tensor labels, Tensor? bias, float[] params, "
+_OPTS = LINEAR_CE.option_names
+_FWD = ("(Tensor hidden, Tensor weight, Tensor labels, Tensor? bias, float[] params, "
         "int ignore_index, str reduction, str backend, int rows, bool want_h, bool want_w, bool want_b) "
         "-> (Tensor, Tensor, Tensor, Tensor)")
-_BWD = ("linear_cross_entropy_backward(Tensor hidden, Tensor weight, Tensor labels, Tensor? bias, "
+_BWD = ("_backward(Tensor hidden, Tensor weight, Tensor labels, Tensor? bias, "
         "Tensor row_grad, float[] params, int ignore_index, str backend, int rows, bool want_h, bool want_w, "
         "bool want_b) -> (Tensor, Tensor, Tensor)")
 
 
-def _acc(x):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _opts(params, ignore_index):
     opts = dict(zip(_OPTS, params), reduction="none")
-    opts["ignore_index"] = None if ignore_index == _adapter.NO_IGNORE else ignore_index
+    opts["ignore_index"] = R.user_ignore_index(ignore_index)
     return opts
 
 
 def _ce_chunk(z, y, opts, scale, backend):
     """(rows' losses (acc dtype), G over z's memory | None) from the fused sparse CE kernel."""
-    if backend == "triton" or z.device.type != "cpu":
-        from . import _triton
-        # labels_checked: the whole label array was checked once eagerly (no host sync per chunk)
-        values, g, _ = _triton._sparse(z, y, dict(opts, grad_scale=scale, labels_checked=True), scale is not None,
-                                       False, inplace=scale is not None)
-    else:
-        from . import _numba
-        values, g, _ = _numba._sparse(z, y, dict(opts, grad_scale=scale, in_place=True), scale is not None, False)
+    launch = launchers(backend, z)
+    # in_place: the gradient overwrites the chunk's logits (a temporary). The Triton launcher checks
+    # labels eagerly (a host sync); the whole label array was checked once already, so not per chunk.
+    # (The Numba kernel reports a bad label itself: no separate check to skip.)
+    extra = dict(labels_checked=True) if launch.__name__ == f"{__package__}.launch" else {}
+    values, g, _ = launch.sparse_cross_entropy(z, y, opts, scale is not None, False, grad_scale=scale,
+                                               in_place=scale is not None, **extra)
     return values, g
 
 
@@ -67,7 +64,7 @@ def _sweep(h, w, y, b, params, ignore_index, backend, rows, scale, row_grad, wan
     gradients are those of ``scale * Σ rows`` (times ``row_grad`` per row when given)."""
     opts = _opts(params, ignore_index)
     n = h.shape[0]
-    acc = _acc(h)
+    acc = acc_dtype(h)
     want = want_h or want_w or want_b
     values = torch.empty(n, dtype=acc, device=h.device)
     gh = torch.empty_like(h) if want_h else None
@@ -110,8 +107,7 @@ def _one_chunk(hc, w, y, b, opts, backend, scale, row_grad, gh, gw, gb):
 def _mean_scale(y, ignore_index, reduction):
     if reduction != "mean":
         return 1.0
-    count = int((y != ignore_index).sum()) if ignore_index != _adapter.NO_IGNORE else y.numel()
-    return 1.0 / max(count, 1)
+    return R.mean_scale(reduction, int(R.mean_count(y, R.user_ignore_index(ignore_index), 0, xp=torch)))
 
 
 def _empty(like):
@@ -133,7 +129,7 @@ def _forward(hidden, weight, labels, bias, params, ignore_index, reduction, back
 
 def _forward_fake(hidden, weight, labels, bias, params, ignore_index, reduction, backend, rows, want_h, want_w,
                   want_b):
-    value = hidden.new_empty(hidden.shape[:1] if reduction == "none" else (), dtype=_acc(hidden))
+    value = hidden.new_empty(hidden.shape[:1] if reduction == "none" else (), dtype=acc_dtype(hidden))
     want = reduction != "none"
     return (value, torch.empty_like(hidden) if want and want_h else _empty(hidden),
             torch.empty_like(weight) if want and want_w else _empty(weight),
@@ -154,26 +150,28 @@ def _backward_fake(hidden, weight, labels, bias, row_grad, params, ignore_index,
             torch.empty_like(bias) if want_b and bias is not None else _empty(hidden))
 
 
-_LIB.define(_FWD)
-torch.library.impl("fastloss::linear_cross_entropy", ("cpu", "cuda"), lib=_LIB)(_forward)
-torch.library.register_fake("fastloss::linear_cross_entropy", _forward_fake, lib=_LIB)
-_LIB.define(_BWD)
-torch.library.impl("fastloss::linear_cross_entropy_backward", ("cpu", "cuda"), lib=_LIB)(_backward)
-torch.library.register_fake("fastloss::linear_cross_entropy_backward", _backward_fake, lib=_LIB)
+LIB.define(LINEAR_CE.name + _FWD)
+LIB.define(LINEAR_CE.name + _BWD)
+_QUAL = f"fastloss::{LINEAR_CE.name}"
+torch.library.impl(_QUAL, ("cpu", "cuda"), lib=LIB)(_forward)
+torch.library.register_fake(_QUAL, _forward_fake, lib=LIB)
+torch.library.impl(_QUAL + "_backward", ("cpu", "cuda"), lib=LIB)(_backward)
+torch.library.register_fake(_QUAL + "_backward", _backward_fake, lib=LIB)
+_FORWARD_OP = getattr(torch.ops.fastloss, LINEAR_CE.name)
+_BACKWARD_OP = getattr(torch.ops.fastloss, LINEAR_CE.name + "_backward")
 
 
 class _LinearCE(torch.autograd.Function):
     @staticmethod
     def forward(hidden, weight, labels, bias, params, ignore_index, reduction, backend, rows, want):
-        return torch.ops.fastloss.linear_cross_entropy(hidden, weight, labels, bias, params, ignore_index, reduction,
-                                                       backend, rows, *want)
+        return _FORWARD_OP(hidden, weight, labels, bias, params, ignore_index, reduction,
+                           backend, rows, *want)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         hidden, weight, labels, bias, params, ignore_index, reduction, backend, rows, want = inputs
         ctx.cfg = (params, ignore_index, backend, rows)
         ctx.reduction = reduction
-        ctx.has_bias = bias is not None
         if reduction == "none":  # recomputed in the backward
             ctx.save_for_backward(hidden, weight, labels, bias)
         else:
@@ -191,7 +189,7 @@ class _LinearCE(torch.autograd.Function):
         if ctx.reduction == "none":
             hidden, weight, labels, bias = ctx.saved_tensors
             params, ignore_index, backend, rows = ctx.cfg
-            gh, gw, gb = torch.ops.fastloss.linear_cross_entropy_backward(
+            gh, gw, gb = _BACKWARD_OP(
                 hidden, weight, labels, bias, g.reshape(-1), params, ignore_index, backend, rows, need[0], need[1],
                 need[3])
         else:
@@ -202,19 +200,20 @@ class _LinearCE(torch.autograd.Function):
         return (gh if need[0] else None, gw if need[1] else None, None, gb if need[3] else None) + rest
 
 
-def linear_cross_entropy(hidden, weight, labels, bias, opts, backend, chunk_size):
+def linear_cross_entropy(hidden, weight, labels, bias, opts, backend):
     """The loss of torch tensors through the custom ops, with autograd."""
     lead = tuple(hidden.shape[:-1])
     h2 = hidden.reshape(-1, hidden.shape[-1])
     y = labels.reshape(-1)
     if not torch.compiler.is_compiling() and y.numel():
-        _adapter.check_label_range(y, weight.shape[0], opts["ignore_index"])
+        R.check_label_range(y, weight.shape[0], opts["ignore_index"])
+    chunk_size = opts["chunk_size"]
     free = None if chunk_size is not None or torch.compiler.is_compiling() else _chunks.free_bytes(hidden.device)
     rows = _chunks.rows_per_chunk(h2.shape[0], weight.shape[0], chunk_size, free)
     grad_on = torch.is_grad_enabled()
     want = (bool(grad_on and hidden.requires_grad), bool(grad_on and weight.requires_grad),
             bool(grad_on and bias is not None and bias.requires_grad))
     params = [float(opts[k]) for k in _OPTS]
-    ign = _adapter.kernel_ignore_index(opts["ignore_index"])
+    ign = R.kernel_ignore_index(opts["ignore_index"])
     value = _LinearCE.apply(h2, weight, y, bias, params, ign, opts["reduction"], backend, rows, want)[0]
     return value.reshape(lead) if opts["reduction"] == "none" else value

@@ -101,12 +101,13 @@ def softcap_logits(x, cap):
     return jnp.where(xf == -jnp.inf, xf, cap * th), 1.0 - th * th
 
 
-def _class_weights(params, n_cls):
-    """The (C,) class weights carried in params [T, ε, z_loss, w..., scale], or None."""
-    return params[3:-1] if params.shape[0] > 4 else None
+def _class_weights(params, weighted):
+    """The (C,) class weights carried in params [T, ε, z_loss, w..., scale] when ``weighted`` (a
+    static flag of the call), else None."""
+    return params[3:-1] if weighted else None
 
 
-def _sparse_parts(x, labels, params, ignore_index, split=None):
+def _sparse_parts(x, labels, params, ignore_index, weighted, split=None):
     t = params[0]
     n_cls = _n_classes(x, split)
     m, log_s = _shift(x, t, split)
@@ -118,7 +119,7 @@ def _sparse_parts(x, labels, params, ignore_index, split=None):
     idx = jnp.clip(local, 0, x.shape[-1] - 1)[:, None].astype(jnp.int32)
     zs_y = _zs(jnp.take_along_axis(x, idx, axis=-1), m, t)[:, 0]
     zs_y = _csum(jnp.where(owns, zs_y, jnp.zeros_like(zs_y)), split)
-    w = _class_weights(params, n_cls)
+    w = _class_weights(params, weighted)
     w_local = w
     if w is None:
         wy, wsum = jnp.ones_like(lse), float(n_cls)
@@ -140,14 +141,15 @@ def _by_row_kind(values, valid, ignored):
     return jnp.where(ignored, jnp.zeros_like(values), jnp.where(valid, values, nan))
 
 
-def sparse_cross_entropy(x, labels, params, ignore_index, softcap=None, *, want_x=True, want_other=False,
-                         split=None):
+def sparse_cross_entropy(x, labels, params, ignore_index, softcap=None, weighted=False, *, want_x=True,
+                         want_other=False, split=None):
     """Per-row sparse softmax cross-entropy and its gradient.
 
     Args:
         x: (N, C) float logits. labels: (N,) integers. params: [T, ε, z_loss, scale], or
             [T, ε, z_loss, w_0 .. w_{C-1}, scale] with class weights.
-        ignore_index: a static int or None. softcap: a static float > 0 or None.
+        ignore_index: a static int or None. softcap: a static float > 0 or None. weighted: static,
+            whether params carries class weights.
         split: None, or a ``ClassSplit`` when ``x`` holds one shard of the classes (inside a
             partitioned program): the loss is the whole row's, the gradient this shard's columns.
 
@@ -169,7 +171,7 @@ def sparse_cross_entropy(x, labels, params, ignore_index, softcap=None, *, want_
     t, eps, z_loss, scale = params[0], params[1], params[2], params[-1]
     n_cls = _n_classes(x, split)
     m, log_s, lse, zs_y, w_zs, wy, wsum, valid, ignored, (w, idx, owns) = _sparse_parts(
-        x, labels, params, ignore_index, split)
+        x, labels, params, ignore_index, weighted, split)
     if w is None:
         row = (1.0 - eps) * (log_s - zs_y) + _weighted(eps, log_s - w_zs / n_cls) + _weighted(z_loss, lse * lse)
     else:
@@ -201,7 +203,7 @@ def sparse_cross_entropy(x, labels, params, ignore_index, softcap=None, *, want_
     return loss, g.astype(x_in.dtype if softcap else x.dtype), None
 
 
-def sparse_option_grads(x, labels, params, ignore_index, softcap=None):
+def sparse_cross_entropy_option_grads(x, labels, params, ignore_index, softcap=None, weighted=False):
     """d row / d (T, ε, z_loss), shape (N, 3), with z = x / T and g_z = p A - q (A the factor of p
     in the gradient, q = (1-ε) w_y onehot(y) + ε w / C; w = 1 unweighted):
 
@@ -215,12 +217,13 @@ def sparse_option_grads(x, labels, params, ignore_index, softcap=None):
         x, _ = softcap_logits(x, softcap)
     t, eps, z_loss = params[0], params[1], params[2]
     n_cls = x.shape[-1]
-    m, log_s, lse, zs_y, w_zs, wy, wsum, valid, ignored, _ = _sparse_parts(x, labels, params, ignore_index)
+    m, log_s, lse, zs_y, w_zs, wy, wsum, valid, ignored, _ = _sparse_parts(x, labels, params, ignore_index,
+                                                                           weighted)
     zs = _zs(x, m, t)
     p = jnp.exp(zs - log_s[:, None])
     p_zs = jnp.sum(jnp.where(p == 0, jnp.zeros_like(zs), p * zs), axis=-1)  # 0 * -inf of masked classes
     zl_lse = _weighted(z_loss, 2.0 * lse)
-    if _class_weights(params, n_cls) is None:
+    if not weighted:
         d_t = -((1.0 + zl_lse) * p_zs - (1.0 - eps) * zs_y - _weighted(eps, w_zs / n_cls)
                 + _weighted(zl_lse, m / t)) / t
         d = jnp.stack([d_t, zs_y - w_zs / n_cls, lse * lse], axis=-1)
@@ -268,7 +271,7 @@ def softmax_cross_entropy(x, targets, params, *, want_x=True, want_other=False, 
     return loss, gx, gt
 
 
-def softmax_option_grads(x, targets, params):
+def softmax_cross_entropy_option_grads(x, targets, params):
     """d row / d (T, ε), shape (N, 2): -(1/T)(Σq Σ p zs - Σ q zs) and Σ (1/C - t)(lse - z)."""
     t = params[0]
     m, log_s, zs, q = _dense_parts(x, targets, params)
@@ -297,7 +300,7 @@ def sigmoid_cross_entropy(x, targets, params, *, want_x=True, want_other=False):
     return loss, gx, gt
 
 
-def sigmoid_option_grads(x, targets, params):
+def sigmoid_cross_entropy_option_grads(x, targets, params):
     """d loss / dε per element, (n, 1): -x (1/2 - t)."""
     xa = x.astype(acc_dtype(x))
     return (-xa * (0.5 - targets.astype(xa.dtype)))[:, None]
@@ -422,13 +425,13 @@ def _focal_factors(q, p, nll, gamma):
     return f, h
 
 
-def softmax_focal(x, other, params, ignore_index=None, *, want_x=True, want_other=False):
+def softmax_focal(x, other, params, ignore_index=None, weighted=False, *, want_x=True, want_other=False):
     """Per-row softmax focal loss (Keras CategoricalFocalCrossentropy from logits) and its gradients.
 
     Args:
         x: (N, C) float logits. other: (N,) integer labels, or (N, C) float targets.
         params: [γ, ε, α, scale], or [γ, ε, α, a_0 .. a_{C-1}, scale] with per-class factors (then
-            c_j = α a_j t'_j). ignore_index: static, for labels.
+            c_j = α a_j t'_j; ``weighted``, static, says which). ignore_index: static, for labels.
 
     Returns:
         (loss (N,), grad x | None, grad targets | None). With p = softmax(x), ℓ = -log p, q = 1 - p,
@@ -463,7 +466,7 @@ def softmax_focal(x, other, params, ignore_index=None, *, want_x=True, want_othe
         valid = (other >= 0) & (other < n_cls)
         ignored = is_ignored(other, ignore_index)
         t = (jnp.arange(n_cls)[None, :] == other[:, None]).astype(acc)  # fused into the terms by XLA
-    a = alpha * (params[3:3 + n_cls] if params.shape[0] == n_cls + 4 else jnp.ones((), acc))
+    a = alpha * (params[3:3 + n_cls] if weighted else jnp.ones((), acc))
     c = a * ((1.0 - eps) * t + eps / n_cls)
     f, h = _focal_factors(q, p, nll, gamma)
     loss = jnp.sum(jnp.where(c == 0, 0.0, c * f * nll), axis=-1)

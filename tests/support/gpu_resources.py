@@ -2,7 +2,7 @@
 and spills from the binary.
 
 - Triton kernels for torch: each specialisation from ``triton_gpu.specializations()`` and
-  ``triton_focal.specializations()``, compiled with ``triton.compile`` for ``GPUTarget("cuda", arch)``.
+  ``triton_gpu.specializations()``, compiled with ``triton.compile`` for ``GPUTarget("cuda", arch)``.
 - Pallas kernels for jax: each configuration from ``pallas_gpu.configurations()`` is lowered for CUDA
   (``jax.jit(...).trace(...).lower(lowering_platforms=("cuda",))``, which rejects what a GPU would);
   the Triton IR inside the ``__gpu$xla.gpu.triton`` custom call (MLIR bytecode) is printed as text
@@ -12,7 +12,7 @@ and spills from the binary.
 ``cuobjdump -res-usage`` (bundled with triton) reports REG (registers per thread) and LOCAL (bytes of
 local memory per thread: spills and stack arrays; 0 means nothing spilled).
 
-Run as a script (``python -m tests.gpu_resources ARCH [triton|pallas]``) it prints one JSON object per
+Run as a script (``python -m tests.support.gpu_resources ARCH [triton|pallas]``) it prints one JSON object per
 configuration; it must run without TRITON_INTERPRET (the interpreter cannot compile).
 """
 from __future__ import annotations
@@ -56,9 +56,8 @@ def triton_reports(arch):
     import triton
     from triton.compiler import ASTSource
 
-    from fastloss.kernels import triton_focal as KF
     from fastloss.kernels import triton_gpu as K
-    for kernel, sig, const, warps in K.specializations() + KF.specializations():
+    for kernel, sig, const, warps in K.specializations():
         full = dict(sig, **{k: "constexpr" for k in const})
         name = f"{kernel.fn.__name__} {sig[next(iter(sig))]} {const}"
         try:

@@ -1,5 +1,5 @@
 """Keras wrapper cases, run by tests/test_keras.py in one process per Keras backend (jax, torch):
-``KERAS_BACKEND=jax python -m pytest tests/keras_cases.py``. Every case compares fastloss.keras with
+``KERAS_BACKEND=jax python -m pytest tests/support/keras_cases.py``. Every case compares fastloss.keras with
 keras.losses: values and gradients, every reduction, sample weights, masks, options, serialization,
 and a model that fits, saves and reloads."""
 from __future__ import annotations
@@ -236,9 +236,10 @@ def test_model_fits_saves_and_reloads(tmp_path):
 
 
 def test_fallback_backend_warns_once_and_matches(monkeypatch):
+    import fastloss._keras_models as models
     import fastloss.keras as mod
     monkeypatch.setattr(mod.keras.backend, "backend", lambda: "tensorflow")
-    monkeypatch.setattr(mod, "_WARNED", [])
+    monkeypatch.setattr(models, "_WARNED", [])
     with pytest.warns(RuntimeWarning, match="not fused|unfused"):
         a = _np(mod.sparse_categorical_crossentropy(Y, X, from_logits=True, temperature=2.0))
     b = _np(keras.losses.sparse_categorical_crossentropy(Y, X / 2.0, from_logits=True))

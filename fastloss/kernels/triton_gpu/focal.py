@@ -15,7 +15,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_gpu import _PTR, _acc, _const, num_warps, row_block
+from .common import const, widen
 
 
 @triton.jit
@@ -56,12 +56,12 @@ def _weights(T, t_row, A, cols, mask, y, eps, alpha, n_cols, DENSE: tl.constexpr
              ACC_F64: tl.constexpr):
     """(c, α a) of a block: c = α a ((1-ε) t + ε/C), 0 on masked lanes."""
     if DENSE:
-        t = _acc(tl.load(t_row + cols, mask=mask, other=0.0), ACC_F64)
+        t = widen(tl.load(t_row + cols, mask=mask, other=0.0), ACC_F64)
     else:
         t = tl.where(cols == y, 1.0, 0.0)
     a = alpha
     if HAS_ALPHA:
-        a = alpha * _acc(tl.load(A + cols, mask=mask, other=0.0), ACC_F64)
+        a = alpha * widen(tl.load(A + cols, mask=mask, other=0.0), ACC_F64)
     c = tl.where(mask, a * ((1.0 - eps) * t + eps / n_cols), 0.0)
     return c, a
 
@@ -89,13 +89,13 @@ def softmax_focal_kernel(X, stride_x, T, stride_t, Y, LOSS, GX, stride_gx, GT, s
         y = tl.load(Y + row).to(tl.int64)
         ignored = y == ignore_index
         invalid = ((y < 0) | (y >= n_cols)) & (y != ignore_index)
-    m = _const(-float("inf"), ACC_F64)
-    s = _const(0.0, ACC_F64)
+    m = const(-float("inf"), ACC_F64)
+    s = const(0.0, ACC_F64)
     a_idx = tl.full([], -1, tl.int64)
     for off in range(0, n_cols, BLOCK):  # pass 1: max, sum, the first argmax
         cols = off + tl.arange(0, BLOCK)
         mask = cols < n_cols
-        x = _acc(tl.load(x_row + cols, mask=mask, other=-float("inf")), ACC_F64)
+        x = widen(tl.load(x_row + cols, mask=mask, other=-float("inf")), ACC_F64)
         bm = tl.max(x, 0)
         a_idx = tl.where(bm > m, off + tl.argmax(x, 0).to(tl.int64), a_idx)
         m_new = tl.maximum(m, bm)
@@ -103,11 +103,11 @@ def softmax_focal_kernel(X, stride_x, T, stride_t, Y, LOSS, GX, stride_gx, GT, s
         s = s * tl.exp(m - m_safe) + tl.sum(tl.where(mask, tl.exp(x - m_safe), 0.0), 0)
         m = m_new
     m = tl.where(m == -float("inf"), 0.0, m)
-    r = _const(0.0, ACC_F64)
+    r = const(0.0, ACC_F64)
     for off in range(0, n_cols, BLOCK):  # pass 2: the mass of every class but the argmax
         cols = off + tl.arange(0, BLOCK)
         mask = (cols < n_cols) & (cols != a_idx)
-        x = _acc(tl.load(x_row + cols, mask=mask, other=-float("inf")), ACC_F64)
+        x = widen(tl.load(x_row + cols, mask=mask, other=-float("inf")), ACC_F64)
         r += tl.sum(tl.where(mask, tl.exp(x - m), 0.0), 0)
     has_a = a_idx >= 0
     nan_row = s - s  # NaN exactly for a row holding NaN or +inf (whose online sum is NaN), else 0
@@ -115,17 +115,17 @@ def softmax_focal_kernel(X, stride_x, T, stride_t, Y, LOSS, GX, stride_gx, GT, s
     log_s = tl.where(has_a, _log1p(r), tl.log(s))
     qa = r / s
     inv_s = 1.0 / s
-    loss = _const(0.0, ACC_F64)
-    big_s = _const(0.0, ACC_F64)
+    loss = const(0.0, ACC_F64)
+    big_s = const(0.0, ACC_F64)
     if LABEL_ONLY:
         yc = tl.minimum(tl.maximum(y, 0), n_cols - 1)  # a safe index on ignored and invalid rows
-        zs_y = _acc(tl.load(x_row + yc), ACC_F64) - m
+        zs_y = widen(tl.load(x_row + yc), ACC_F64) - m
         p_y = tl.exp(zs_y) * inv_s
         nll_y = log_s - zs_y
         q_y = tl.where(yc == a_idx, qa, 1.0 - p_y)
         a_y = alpha
         if HAS_ALPHA:
-            a_y = alpha * _acc(tl.load(A + yc), ACC_F64)
+            a_y = alpha * widen(tl.load(A + yc), ACC_F64)
         f_y, h_y = _factors(q_y, p_y, nll_y, gamma, GAMMA_INT)
         loss = tl.where(a_y == 0.0, 0.0, a_y * f_y * nll_y)
         big_s = tl.where(a_y == 0.0, 0.0, a_y * (f_y + h_y))
@@ -133,7 +133,7 @@ def softmax_focal_kernel(X, stride_x, T, stride_t, Y, LOSS, GX, stride_gx, GT, s
         for off in range(0, n_cols, BLOCK):  # pass 3: the loss, S, the targets' gradient
             cols = off + tl.arange(0, BLOCK)
             mask = cols < n_cols
-            zs = _acc(tl.load(x_row + cols, mask=mask, other=-float("inf")), ACC_F64) - m
+            zs = widen(tl.load(x_row + cols, mask=mask, other=-float("inf")), ACC_F64) - m
             p = tl.exp(zs) * inv_s
             nll = log_s - zs
             q = tl.where(cols == a_idx, qa, 1.0 - p)
@@ -152,7 +152,7 @@ def softmax_focal_kernel(X, stride_x, T, stride_t, Y, LOSS, GX, stride_gx, GT, s
         for off in range(0, n_cols, BLOCK):  # pass 4: the gradient, the terms recomputed
             cols = off + tl.arange(0, BLOCK)
             mask = cols < n_cols
-            zs = _acc(tl.load(x_row + cols, mask=mask, other=-float("inf")), ACC_F64) - m
+            zs = widen(tl.load(x_row + cols, mask=mask, other=-float("inf")), ACC_F64) - m
             p = tl.exp(zs) * inv_s
             if LABEL_ONLY:  # p S - S at the label; -S q_y there when it is the argmax (no cancellation)
                 sy = big_s * scale
@@ -166,35 +166,3 @@ def softmax_focal_kernel(X, stride_x, T, stride_t, Y, LOSS, GX, stride_gx, GT, s
                 g = (p * big_s - tl.where(c == 0.0, 0.0, c * (f + h))) * scale + nan_row
             g = tl.where(ignored, 0.0, tl.where(invalid, float("nan"), g))
             tl.store(GX + row * stride_gx + cols, g.to(GX.dtype.element_ty), mask=mask)
-
-
-def gamma_int(gamma):
-    """GAMMA_INT for a γ: 0-3 for those integers, -1 otherwise."""
-    return int(gamma) if gamma in (0.0, 1.0, 2.0, 3.0) else -1
-
-
-def specializations():
-    """The focal kernel's configurations for the ahead-of-time checks (as triton_gpu.specializations):
-    every γ path and gradient flag in fp32 at the largest block (labels without per-class α, dense
-    targets with them), the training case (γ = 2, gradient to the logits) in the other dtypes."""
-    import itertools
-    out = []
-    bools = (False, True)
-    for dt in ("float16", "bfloat16", "float32", "float64"):
-        x, acc = _PTR[dt], "*fp64" if dt == "float64" else "*fp32"
-        block = row_block(1 << 20, False, dt)
-        for dense, gi, gx, gt, label_only in itertools.product(bools, (0, 1, 2, 3, -1), bools, bools, bools):
-            has_alpha = dense  # labels without per-class α, dense targets with them: both code paths
-            if gt and not dense or not (gx or gt) or dt != "float32" and not (gi == 2 and gx and not gt):
-                continue
-            if label_only and dense or not label_only and not dense and gi not in (2, -1):
-                continue  # labels: every γ path label-only; the smoothed (general) path for two γ
-            sig = dict(X=x, stride_x="i64", T=x, stride_t="i64", Y="*i64", LOSS=acc, GX=x, stride_gx="i64", GT=x,
-                       stride_gt="i64", PARAMS=acc, A=acc, n_cols="i32", ignore_index="i64")
-            const = dict(BLOCK=block, DENSE=dense, HAS_ALPHA=has_alpha, GAMMA_INT=gi, LABEL_ONLY=label_only,
-                         WANT_GX=gx, WANT_GT=gt, ACC_F64=dt == "float64")
-            out.append((softmax_focal_kernel, sig, const, num_warps(block)))
-    return out
-
-
-__all__ = ["gamma_int", "softmax_focal_kernel", "specializations", "triton"]

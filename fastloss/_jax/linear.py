@@ -26,23 +26,35 @@ from __future__ import annotations
 
 import math
 from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
-from fastloss.kernels import jax_xla as K
+from .. import _chunks
+from .. import _reduction as R
+from .._spec import LINEAR_CE, SPARSE_CE
+from ..kernels import jax_xla as K
+from .common import Call, check_labels_eagerly, check_not_torch, numpy_out, option_value, varying_like, x64_context
+from .losses import reduce_rows
+from .providers import kernel
 
-from . import _chunks
-from . import _jax as J
 
-_SPARSE = "sparse_softmax_cross_entropy"
+class Config(NamedTuple):
+    """The static part of a call (a jit static argument)."""
+    ignore_index: object
+    reduction: str
+    provider: str
+    chunk_rows: int
+    weight_dtype: str
+    bias_dtype: str | None
 
 
-# cfg = (ignore_index, reduction, provider, chunk_rows, weight dtype, bias dtype | None): static
-def _ce_spec(cfg):
-    ignore_index, _, provider = cfg[:3]
-    return (_SPARSE, (("ignore_index", ignore_index),), "sum", provider)
+def _ce_call(cfg):
+    """The chunk's sparse cross-entropy: the gradients of ``params[-1] * Σ rows``."""
+    return Call(SPARSE_CE, (("ignore_index", cfg.ignore_index), ("softcap", None), ("weighted", False)), "sum",
+                cfg.provider)
 
 
 def _logits(h, w, b, acc):
@@ -61,7 +73,7 @@ def _chunk(cfg, w, b, params, h, y, row_w, want):
     ``want`` = (want_h, want_w, want_b) asks for it."""
     acc = params.dtype
     z = _logits(h, w, b, acc)
-    values, g, _ = J._kernel(_ce_spec(cfg), z, y, params, any(want), False)
+    values, g, _ = kernel(_ce_call(cfg), z, y, params, any(want), False)
     if not any(want):
         return values, None, None, None
     g = g.astype(acc)
@@ -80,15 +92,15 @@ def _sweep(cfg, h, w, b, y, params, row_w, want):
     ``want`` asks for them. Full chunks go through one ``lax.scan`` (one compiled body); a ragged
     tail is one more call of the same body."""
     n, hdim = h.shape
-    rows = cfg[3]
+    rows = cfg.chunk_rows
     full, tail = divmod(n, rows)
     acc = params.dtype
     want_h, want_w, want_b = want[0], want[1], want[2] and b is not None
     # Inside shard_map the accumulators vary over the mesh axes the chunks vary over (a scan's carry
     # must keep its type): declared on the zeros they start from.
     like = tuple(a for a in (h, w, b, y) if a is not None)
-    gw = J.varying_like(jnp.zeros(w.shape, acc), like) if want_w else None
-    gb = J.varying_like(jnp.zeros(w.shape[:1], acc), like) if want_b else None
+    gw = varying_like(jnp.zeros(w.shape, acc), like) if want_w else None
+    gb = varying_like(jnp.zeros(w.shape[:1], acc), like) if want_b else None
     parts_v, parts_h = [], []
 
     def add(acc_, part):
@@ -124,7 +136,7 @@ def _sweep(cfg, h, w, b, y, params, row_w, want):
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _linear_ce(cfg, h, w, b, y, params):
     values, _, _, _ = _sweep(cfg, h, w, b, y, params, None, _NONE)
-    return J.reduce_rows(values, params, cfg[1])
+    return reduce_rows(values, params, cfg.reduction)
 
 
 def _linear_ce_fwd(cfg, h, w, b, y, params):
@@ -133,14 +145,14 @@ def _linear_ce_fwd(cfg, h, w, b, y, params):
     want = (h.perturbed, w.perturbed, b is not None and b.perturbed)
     h, w, y, params = h.value, w.value, y.value, params.value
     b = None if b is None else b.value
-    if cfg[1] == "none":
+    if cfg.reduction == "none":
         values, _, _, _ = _sweep(cfg, h, w, b, y, params, None, _NONE)
         return values, (h, w, b, y, params)
     values, gh, gw, gb = _sweep(cfg, h, w, b, y, params, None, want)
     # The weight and bias gradients stay fp32 until the cotangent has scaled them (one rounding).
     # w[:0], b[:0]: empty slices that carry the inputs' types (their shard_map varying axes) to
     # the backward, which needs them to sum per-device gradients of a replicated head.
-    return J.reduce_rows(values, params, cfg[1]), (gh, gw, gb, w[:0], None if b is None else b[:0])
+    return reduce_rows(values, params, cfg.reduction), (gh, gw, gb, w[:0], None if b is None else b[:0])
 
 
 def _sum_to_type_of(g, like):
@@ -153,7 +165,7 @@ def _sum_to_type_of(g, like):
 def _linear_ce_bwd(cfg, res, ct):
     if type(ct) is SymbolicZero:
         return None, None, None, None, None
-    if cfg[1] == "none":  # every gradient: the residuals cannot carry which inputs were perturbed
+    if cfg.reduction == "none":  # every gradient: the residuals cannot carry which inputs were perturbed
         h, w, b, y, params = res
         _, gh, gw, gb = _sweep(cfg, h, w, b, y, params, ct, _ALL)
     else:
@@ -161,7 +173,7 @@ def _linear_ce_bwd(cfg, res, ct):
         gh = (gh.astype(ct.dtype) * ct).astype(gh.dtype) if gh is not None else None
         gw = gw * ct.astype(gw.dtype) if gw is not None else None
         gb = gb * ct.astype(gb.dtype) if gb is not None else None
-    wdt, bdt = cfg[4], cfg[5]
+    wdt, bdt = cfg.weight_dtype, cfg.bias_dtype
     gw = _sum_to_type_of(gw, w).astype(wdt) if gw is not None else None
     gb = _sum_to_type_of(gb, b).astype(bdt) if gb is not None else None
     return gh, gw, gb, None, None
@@ -176,32 +188,31 @@ def _core(h, w, b, y, options, *, cfg):
     h2 = h.reshape(-1, h.shape[-1])
     y2 = y.reshape(-1)
     acc = K.acc_dtype(h)
-    ignore_index, reduction = cfg[0], cfg[1]
-    count = jnp.sum(~K.is_ignored(y2, ignore_index))
-    scale = 1.0 / jnp.maximum(count, 1).astype(acc) if reduction == "mean" else jnp.ones((), acc)
-    temp, eps, zl = (jax.lax.stop_gradient(J._option(v, k, acc))
-                     for k, v in zip(J._OPTIONS[_SPARSE], options))
-    params = jnp.stack([temp, eps, zl, scale]).astype(acc)
+    reduction = cfg.reduction
+    count = R.mean_count(y2, cfg.ignore_index, w.shape[0], xp=jnp).astype(acc)
+    scale = 1.0 / R.nonzero_or_one(count, jnp) if reduction == "mean" else jnp.ones((), acc)
+    opts = [jax.lax.stop_gradient(option_value(v, o, acc)) for o, v in zip(LINEAR_CE.options, options)]
+    params = jnp.stack(opts + [scale]).astype(acc)
     out = _linear_ce(cfg, h2, w, b, y2, params)
     return out.reshape(lead) if reduction == "none" else out
 
 
-def linear_cross_entropy(h, w, y, b, opts, backend, chunk_size):
+def run(h, w, y, b, opts, provider):
     """The loss of jax (or NumPy) input; NumPy in, NumPy out (float64 NumPy in float64)."""
     for a, arg in ((h, "hidden"), (w, "weight"), (y, "labels"), (b, "bias")):
         if a is not None:
-            J._check_not_torch(a, arg)
-    J._check_labels_eagerly(y, w.shape[0], opts["ignore_index"])
+            check_not_torch(a, arg)
+    check_labels_eagerly(y, w.shape[0], opts["ignore_index"])
+    chunk_size = opts["chunk_size"]
     n = math.prod(h.shape[:-1])
     rows = _chunks.rows_per_chunk(n, w.shape[0], chunk_size,
                                   None if chunk_size is not None else _chunks.free_bytes("cpu"))
-    cfg = (opts["ignore_index"], opts["reduction"], J._provider(backend), rows, _dtype(w),
-           None if b is None else _dtype(b))
-    options = tuple(opts[k] for k in J._OPTIONS[_SPARSE])
-    ctx, numpy_in = J._context(h, w)
+    cfg = Config(opts["ignore_index"], opts["reduction"], provider, rows, _dtype(w), None if b is None else _dtype(b))
+    options = tuple(opts[k] for k in LINEAR_CE.option_names)
+    ctx, numpy_in = x64_context(h, w)
     with ctx:
         args = [jnp.asarray(a) if a is not None else None for a in (h, w, b, y)]
-        return J._out(_core(args[0], args[1], args[2], args[3], options, cfg=cfg), numpy_in)
+        return numpy_out(_core(args[0], args[1], args[2], args[3], options, cfg=cfg), numpy_in)
 
 
 def _dtype(a):

@@ -213,7 +213,7 @@ def distill_handler(s_dtype, t_dtype, y_dtype, acc, has_labels, want_s, want_t):
 
 # --------------------------------------------------------------------------- softmax focal
 @njit(inline="always")
-def _focal_run(frame, x_dtype, acc, t, y, gt, dense, want_x, want_t):
+def _focal_run(frame, x_dtype, acc, t, y, gt, dense, weighted, want_x, want_t):
     _, n, c = _buffer(frame, _ARGS, 0)
     x = _flat_in(frame, 0, x_dtype)
     p = _flat_in(frame, 2, acc)
@@ -221,27 +221,27 @@ def _focal_run(frame, x_dtype, acc, t, y, gt, dense, want_x, want_t):
     loss = _flat_out(frame, 0, acc)
     gx = _rows_out(frame, 1, x_dtype, c) if want_x else np.empty((1, c), x_dtype)
     k = p.shape[0]
-    al = _readonly(np.ascontiguousarray(p[3:3 + c])) if k == c + 4 else _readonly(np.empty(0, acc))
+    al = _readonly(np.ascontiguousarray(p[3:3 + c])) if weighted else _readonly(np.empty(0, acc))
     softmax_focal(x, c, t, c, y, c, loss, gx, gt, (p[0], p[1], p[2], p[k - 1], acc(1)), al, ign, dense, want_x,
                   want_t, threads)
 
 
-def focal_handler(x_dtype, o_dtype, acc, dense, want_x, want_t):
+def focal_handler(x_dtype, o_dtype, acc, dense, weighted, want_x, want_t):
     """Handler for the softmax focal loss: args (x (..., C), labels (...) or targets (..., C),
-    params [γ, ε, α, (C per-class α,) scale]), attributes (ignore_index, threads), results (loss
-    (...), [grad x], [grad targets])."""
+    params [γ, ε, α, (C per-class α when ``weighted``,) scale]), attributes (ignore_index, threads),
+    results (loss (...), [grad x], [grad targets])."""
     if dense:
         def run(frame):
             _, _, c = _buffer(frame, _ARGS, 0)
             gt = _rows_out(frame, 1 + want_x, o_dtype, c) if want_t else np.empty((1, c), o_dtype)
             _focal_run(frame, x_dtype, acc, _flat_in(frame, 1, o_dtype), _readonly(np.zeros(1, np.int64)), gt, True,
-                       want_x, want_t)
+                       weighted, want_x, want_t)
     else:
         def run(frame):
             _, _, c = _buffer(frame, _ARGS, 0)
             y = _readonly(_flat_in(frame, 1, o_dtype).astype(np.int64))
-            _focal_run(frame, x_dtype, acc, _readonly(np.zeros(1, acc)), y, np.empty((1, c), acc), False, want_x,
-                       False)
+            _focal_run(frame, x_dtype, acc, _readonly(np.zeros(1, acc)), y, np.empty((1, c), acc), False, weighted,
+                       want_x, False)
     return _handler(run)
 
 

@@ -1,4 +1,4 @@
-"""The "numba" backend: NumPy arrays and torch CPU tensors on ``fastloss.kernels.numba_cpu``.
+"""The Numba launchers: NumPy arrays and torch CPU tensors on ``fastloss.kernels.numba_cpu``.
 
 Zero-copy: NumPy arrays and torch CPU tensors are passed as they are when C-contiguous, and so
 are row-strided cross-entropy inputs (unit-stride classes, any row stride, e.g. ``logits[:, :V]``);
@@ -9,15 +9,15 @@ float16 as int16; see the kernel module). One kernel call gives loss and gradien
 """
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 
-from fastloss.kernels import numba_cpu as K
-from fastloss.kernels.numba_cpu import plan
-
-from . import _adapter, _buffers
-from ._validation import dtype_name, is_integer_dtype
+from .. import _chunks
+from .. import _reduction as R
+from .._frameworks import is_torch as _is_torch
+from .._validation import dtype_name, is_integer_dtype
+from ..kernels import numba_cpu as K
+from ..kernels.numba_cpu import plan
+from . import buffers
 
 
 def unavailable_reason():
@@ -28,12 +28,8 @@ _BITS = {"float16": np.int16, "bfloat16": np.uint16}
 
 
 def _torch():
-    return sys.modules.get("torch")
-
-
-def _is_torch(a):
-    t = _torch()
-    return t is not None and isinstance(a, t.Tensor)
+    import torch
+    return torch
 
 
 def _kernel_view(a):
@@ -56,7 +52,7 @@ def _kernel_view(a):
     return arr
 
 
-def _row_view(a, n_cls):
+def row_view(a, n_cls):
     """(flat, row_stride, n_rows): the rows of ``a`` (shape (..., C)) as a flat 1-D array in which row
     i is ``flat[i * row_stride : i * row_stride + C]``, for the cross-entropy kernels.
 
@@ -110,7 +106,7 @@ class _Out:
     def empty(self, shape, name):
         # Large gradients reuse memory from fastloss._buffers (no page faults per step); the array
         # or tensor returned to the user owns its block until the user drops it.
-        arr = _buffers.empty(shape, _BITS.get(name, name))
+        arr = buffers.empty(shape, _BITS.get(name, name))
         if self.torch:
             t = _torch()
             tt = t.from_numpy(arr)
@@ -147,50 +143,50 @@ def _total(values):
 def _reduce(values, reduction, count, acc, out, shape):
     if reduction == "none":
         return out.array(values.reshape(shape))
-    return out.scalar(acc(_adapter.reduce(values, reduction, count, shape, _total)), acc)
+    return out.scalar(acc(R.reduce(values, reduction, count, shape, _total)), acc)
 
 
 def _scale(reduction, count, acc):
-    return acc(_adapter.mean_scale(reduction, count))
+    return acc(R.mean_scale(reduction, count))
 
 
-def _grad_names(opts, *names):
-    """The gradients' storage dtypes: the inputs', or opts["grad_dtype"] (float32) when the caller
-    rescales them afterwards (fastloss._torch_ops, 16-bit inputs with reduction="none")."""
-    return tuple(opts.get("grad_dtype") or n for n in names)
+def _grad_names(grad_dtype, *names):
+    """The gradients' storage dtypes: the inputs', or ``grad_dtype`` (float32) when the caller
+    rescales them afterwards (fastloss._torch.ops, 16-bit inputs with reduction="none")."""
+    return tuple(grad_dtype or n for n in names)
 
 
 # ---------------------------------------------------------------------------- loss runners
-def _sparse(x, labels, opts, want_x, want_other):
+def sparse_cross_entropy(x, labels, opts, want_x, want_other, *, grad_dtype=None, grad_scale=None, in_place=False):
+    """Sparse softmax CE. ``grad_scale``: d total / d row set by the caller (a chunk of a larger
+    "mean"); ``in_place``: the gradient may overwrite ``x`` (a temporary the caller owns)."""
     name = dtype_name(x)
     acc = _acc(name)
     n_cls = x.shape[-1]
-    xv, stride, n = _row_view(x, n_cls)
+    xv, stride, n = row_view(x, n_cls)
     threads = _workers()
     y = _kernel_view(labels).reshape(-1)
     if y.dtype != np.int64:
         y = y.astype(np.int64)
         y.flags.writeable = False
     out = _Out(x)
-    ign = _adapter.kernel_ignore_index(opts["ignore_index"])
-    count = int(np.count_nonzero(y != ign))
+    ign = R.kernel_ignore_index(opts["ignore_index"])
+    count = int(R.mean_count(y, opts["ignore_index"], n_cls, xp=np))
     loss = np.empty(n, acc)
     lse = np.empty(n, acc)
-    gname, = _grad_names(opts, name)
-    w, count = _class_weights(opts.get("weight"), y, ign, n_cls, acc, count)
+    gname, = _grad_names(grad_dtype, name)
+    w, count = _class_weights(opts.get("weight"), y, opts["ignore_index"], n_cls, acc, count)
     cap = opts.get("softcap") or 0.0
     path, chunks = plan.sparse_path(n, n_cls, stride, threads, plain=w.shape[0] == 0 and not cap)
-    if want_x and opts.get("in_place") and path in ("short", "blocks") and stride == n_cls:
-        # fastloss._torch_linear's chunk logits (a temporary it owns): the gradient overwrites them.
+    if want_x and in_place and path in ("short", "blocks") and stride == n_cls:
+        # the linear head's chunk logits (a temporary it owns): the gradient overwrites them.
         # Only on the paths that read each row's logits before writing its gradient, never after.
         g_obj, g = x, xv.view()
         g.flags.writeable = True
     else:
         g_obj, g = out.empty(tuple(x.shape), gname) if want_x else (None, _dummy_rows(xv, n_cls))
-    # opts["grad_scale"]: d total / d row set by the caller (a chunk of a larger "mean").
-    scale = opts.get("grad_scale")
     kopts = (acc(1.0 / opts["temperature"]), acc(opts["label_smoothing"]), acc(opts["z_loss"]), acc(cap),
-             acc(scale) if scale is not None else _scale(opts["reduction"], count, acc))
+             acc(grad_scale) if grad_scale is not None else _scale(opts["reduction"], count, acc))
     g2 = g.reshape(-1, n_cls)
     if path == "tiny":
         bad = K.sparse_tiny(xv, n_cls, y, loss, lse, g2, kopts, ign, want_x, threads)
@@ -199,12 +195,12 @@ def _sparse(x, labels, opts, want_x, want_other):
     else:
         bad = K.SPARSE[path](xv, stride, n_cls, y, loss, lse, g2, kopts, w, ign, want_x, threads)
     if bad:
-        _adapter.check_label_range(y, n_cls, opts["ignore_index"])
+        R.check_label_range(y, n_cls, opts["ignore_index"])
     value = _reduce(loss, opts["reduction"], count, acc, out, tuple(x.shape[:-1]))
     return value, (out.finish(g_obj, gname) if want_x else None), None
 
 
-def _class_weights(weight, y, ign, n_cls, acc, count):
+def _class_weights(weight, y, ignore_index, n_cls, acc, count):
     """(w, count): the kernel's weights ((C,) in the accumulation dtype, read-only; empty for none)
     and what "mean" divides by: the number of counted rows, or with weights the sum of their
     labels' weights (as torch; a sum of 0 divides by 1, as an empty batch does, where torch gives
@@ -212,8 +208,7 @@ def _class_weights(weight, y, ign, n_cls, acc, count):
     if weight is None:
         return _NO_WEIGHTS[np.dtype(acc).name], count
     w = _class_array(weight, acc)
-    ok = (y != ign) & (y >= 0) & (y < n_cls)
-    return w, float(np.sum(w[y[ok]], dtype=np.float64))
+    return w, float(R.mean_count(y, ignore_index, n_cls, w.astype(np.float64), xp=np))
 
 
 def _class_array(values, acc):
@@ -235,16 +230,16 @@ def _dummy_rows(xv, n_cls):
     return np.empty((1, n_cls), xv.dtype)
 
 
-def _dense(x, t, opts, want_x, want_other):
+def softmax_cross_entropy(x, t, opts, want_x, want_other, *, grad_dtype=None):
     name, tname = dtype_name(x), dtype_name(t)
     acc = _acc(name)
     n_cls = x.shape[-1]
-    xv, x_stride, n = _row_view(x, n_cls)
-    tv, t_stride, _ = _row_view(t, n_cls)
+    xv, x_stride, n = row_view(x, n_cls)
+    tv, t_stride, _ = row_view(t, n_cls)
     out = _Out(x)
     loss = np.empty(n, acc)
     lse = np.empty(n, acc)
-    gname, gtname = _grad_names(opts, name, tname)
+    gname, gtname = _grad_names(grad_dtype, name, tname)
     gx_obj, gx = out.empty(tuple(x.shape), gname) if want_x else (None, _dummy_rows(xv, n_cls))
     gt_obj, gt = out.empty(tuple(t.shape), gtname) if want_other else (None, _dummy_rows(tv, n_cls))
     kopts = (acc(1.0 / opts["temperature"]), acc(opts["label_smoothing"]), _scale(opts["reduction"], n, acc))
@@ -258,28 +253,28 @@ def _dense(x, t, opts, want_x, want_other):
             out.finish(gt_obj, gtname) if want_other else None)
 
 
-def _softmax_focal(x, other, opts, want_x, want_other):
+def softmax_focal(x, other, opts, want_x, want_other, *, grad_dtype=None):
     """Integer labels (ignore_index applies) or dense targets (..., C): one kernel, see focal.py."""
     name = dtype_name(x)
     acc = _acc(name)
     n_cls = x.shape[-1]
-    xv, x_stride, n = _row_view(x, n_cls)
+    xv, x_stride, n = row_view(x, n_cls)
     dense = not is_integer_dtype(dtype_name(other))
     if dense:
-        tv, t_stride, _ = _row_view(other, n_cls)
-        y, ign, count = _NO_LABELS, _adapter.NO_IGNORE, n
+        tv, t_stride, _ = row_view(other, n_cls)
+        y, ign, count = _NO_LABELS, R.NO_IGNORE, n
     else:
         tv, t_stride = _NO_TARGETS[np.dtype(acc).name], 0
         y = _kernel_view(other).reshape(-1)
         if y.dtype != np.int64:
             y = y.astype(np.int64)
             y.flags.writeable = False
-        ign = _adapter.kernel_ignore_index(opts["ignore_index"])
-        count = int(np.count_nonzero(y != ign))
+        ign = R.kernel_ignore_index(opts["ignore_index"])
+        count = int(R.mean_count(y, opts["ignore_index"], n_cls, xp=np))
     want_t = want_other and dense
     out = _Out(x)
     loss = np.empty(n, acc)
-    gname, gtname = _grad_names(opts, name, dtype_name(other))
+    gname, gtname = _grad_names(grad_dtype, name, dtype_name(other))
     gx_obj, gx = out.empty(tuple(x.shape), gname) if want_x else (None, _dummy_rows(xv, n_cls))
     gt_obj, gt = out.empty(tuple(other.shape), gtname) if want_t else (None, _dummy_rows(tv, n_cls))
     alpha = _NO_WEIGHTS[np.dtype(acc).name] if opts.get("weight") is None else _class_array(opts["weight"], acc)
@@ -288,14 +283,14 @@ def _softmax_focal(x, other, opts, want_x, want_other):
     bad = K.softmax_focal(xv, x_stride, tv, t_stride, y, n_cls, loss, gx.reshape(-1, n_cls), gt.reshape(-1, n_cls),
                           kopts, alpha, ign, dense, want_x, want_t, _workers())
     if bad:
-        _adapter.check_label_range(y, n_cls, opts["ignore_index"])
+        R.check_label_range(y, n_cls, opts["ignore_index"])
     value = _reduce(loss, opts["reduction"], count, acc, out, tuple(x.shape[:-1]))
     return (value, out.finish(gx_obj, gname) if want_x else None,
             out.finish(gt_obj, gtname) if want_t else None)
 
 
 def _elementwise(kernel, extra):
-    def run(x, t, opts, want_x, want_other):
+    def run(x, t, opts, want_x, want_other, *, grad_dtype=None):
         name, tname = dtype_name(x), dtype_name(t)
         acc = _acc(name)
         xv = _kernel_view(x).reshape(-1)
@@ -306,7 +301,7 @@ def _elementwise(kernel, extra):
         vals = np.empty(n if want_vals else 1, acc)
         partial = np.empty((n + K.BLOCK - 1) // K.BLOCK, acc)
         # A forward-only call passes a typed 1-element output that the kernel never writes.
-        gname, gtname = _grad_names(opts, name, tname)
+        gname, gtname = _grad_names(grad_dtype, name, tname)
         gx_obj, gx = out.empty(tuple(x.shape), gname) if want_x else (None, np.empty(1, xv.dtype))
         gt_obj, gt = out.empty(tuple(t.shape), gtname) if want_other else (None, np.empty(1, tv.dtype))
         kernel(xv, tv, vals, partial, gx.reshape(-1), gt.reshape(-1), *extra(opts, acc),
@@ -318,28 +313,22 @@ def _elementwise(kernel, extra):
     return run
 
 
-_RUNNERS = {
-    "sparse_softmax_cross_entropy": _sparse,
-    "softmax_cross_entropy": _dense,
-    "sigmoid_cross_entropy": _elementwise(K.sigmoid_cross_entropy,
-                                          lambda o, acc: (acc(o["label_smoothing"]), K.SIGMOID_COEF)),
-    "mean_squared_error": _elementwise(K.squared_error, lambda o, acc: ()),
-    "huber": _elementwise(K.huber, lambda o, acc: (acc(o["delta"]),)),
-    "sigmoid_focal_loss": _elementwise(K.sigmoid_focal, lambda o, acc: (
-        acc(o["gamma"]), acc(o["alpha"]), acc(o["apply_class_balancing"]), acc(o["label_smoothing"]),
-        K.SIGMOID_COEF)),
-    "softmax_focal_loss": _softmax_focal,
-}
+sigmoid_cross_entropy = _elementwise(K.sigmoid_cross_entropy,
+                                     lambda o, acc: (acc(o["label_smoothing"]), K.SIGMOID_COEF))
+squared_error = _elementwise(K.squared_error, lambda o, acc: ())
+huber = _elementwise(K.huber, lambda o, acc: (acc(o["delta"]),))
+sigmoid_focal = _elementwise(K.sigmoid_focal, lambda o, acc: (
+    acc(o["gamma"]), acc(o["alpha"]), acc(o["apply_class_balancing"]), acc(o["label_smoothing"]), K.SIGMOID_COEF))
 
 
-def distill(s, t, labels, opts, want_s, want_t):
+def distillation(s, t, labels, opts, want_s, want_t, *, grad_dtype=None):
     """(loss, grad_student | None, grad_teacher | None) of distillation_loss from one kernel call;
     ``labels`` is None or an integer array of the leading shape."""
     name = dtype_name(s)
     acc = _acc(name)
     n_cls = s.shape[-1]
-    sv, s_stride, n = _row_view(s, n_cls)
-    tv, t_stride, _ = _row_view(t, n_cls)
+    sv, s_stride, n = row_view(s, n_cls)
+    tv, t_stride, _ = row_view(t, n_cls)
     has_labels = labels is not None
     if has_labels:
         y = _kernel_view(labels).reshape(-1)
@@ -348,18 +337,18 @@ def distill(s, t, labels, opts, want_s, want_t):
             y.flags.writeable = False
     else:
         y = _NO_LABELS
-    ign = _adapter.kernel_ignore_index(opts["ignore_index"])
-    count = int(np.count_nonzero(y != ign)) if has_labels else n
+    ign = R.kernel_ignore_index(opts["ignore_index"])
+    count = int(R.mean_count(y, opts["ignore_index"], n_cls, xp=np)) if has_labels else n
     out = _Out(s)
     loss = np.empty(n, acc)
-    gname, gtname = _grad_names(opts, name, dtype_name(t))
+    gname, gtname = _grad_names(grad_dtype, name, dtype_name(t))
     gs_obj, gs = out.empty(tuple(s.shape), gname) if want_s else (None, _dummy_rows(sv, n_cls))
     gt_obj, gt = out.empty(tuple(t.shape), gtname) if want_t else (None, _dummy_rows(tv, n_cls))
     kopts = (acc(opts["temperature"]), acc(opts["alpha"]), acc(opts["beta"]), _scale(opts["reduction"], count, acc))
     bad = K.distill_rows(sv, s_stride, tv, t_stride, n_cls, y, loss, gs.reshape(-1, n_cls), gt.reshape(-1, n_cls),
                          kopts, K.DIVERGENCES[opts["divergence"]], ign, has_labels, want_s, want_t, _workers())
     if bad:
-        _adapter.check_label_range(y, n_cls, opts["ignore_index"])
+        R.check_label_range(y, n_cls, opts["ignore_index"])
     value = _reduce(loss, opts["reduction"], count, acc, out, tuple(s.shape[:-1]))
     return (value, out.finish(gs_obj, gname) if want_s else None,
             out.finish(gt_obj, gtname) if want_t else None)
@@ -369,42 +358,18 @@ _NO_LABELS = np.zeros(1, np.int64)  # the labels argument of a call without labe
 _NO_LABELS.flags.writeable = False
 
 
-def run(name, x, other, opts, want_x, want_other):
-    """(loss, grad_x | None, grad_other | None) from one kernel call, for NumPy arrays or CPU tensors
-    (torch tensors come here through fastloss._torch_ops, which adds autograd)."""
-    return _RUNNERS[name](x, other, opts, want_x, want_other)
-
-
-def _loss(name):
-    runner = _RUNNERS[name]
-
-    def call(x, other, opts):
-        return runner(x, other, opts, False, False)[0]
-    call.__name__ = name
-    return call
-
-
-LOSSES = _adapter.loss_table(_loss)
-
-
-def value_and_grad(name, x, other, opts):
-    """(loss, d loss / d x) from one fused kernel call; torch tensors and NumPy arrays alike."""
-    value, gx, _ = _RUNNERS[name](x, other, opts, True, False)
-    return value, gx
-
-
-def linear_cross_entropy(h, w, y, b, opts, chunk_size):
+def linear_cross_entropy(h, w, y, b, opts):
     """linear_cross_entropy of NumPy arrays: NumPy matmuls and the Numba kernel per chunk of rows,
     the loss only (NumPy has no autograd; torch tensors and jax arrays get the gradients)."""
-    from . import _chunks
     acc = _acc(dtype_name(h))
     lead = tuple(h.shape[:-1])
     h2 = np.asarray(h).reshape(-1, h.shape[-1]).astype(acc, copy=False)  # 16-bit: matmul in fp32
     w2 = np.asarray(w).astype(acc, copy=False)
     b2 = None if b is None else np.asarray(b).astype(acc, copy=False)
     y2 = np.asarray(y).reshape(-1)
-    _adapter.check_label_range(y2, w2.shape[0], opts["ignore_index"])
+    R.check_label_range(y2, w2.shape[0], opts["ignore_index"])
     n = h2.shape[0]
+    chunk_size = opts["chunk_size"]
     rows = _chunks.rows_per_chunk(n, w2.shape[0], chunk_size,
                                   None if chunk_size is not None else _chunks.free_bytes("cpu"))
     values = np.empty(n, acc)
@@ -413,6 +378,6 @@ def linear_cross_entropy(h, w, y, b, opts, chunk_size):
         z = h2[lo:lo + rows] @ w2.T
         if b2 is not None:
             z += b2
-        values[lo:lo + rows] = _sparse(z, y2[lo:lo + rows], chunk_opts, False, False)[0]
-    count = int(np.count_nonzero(y2 != _adapter.kernel_ignore_index(opts["ignore_index"])))
+        values[lo:lo + rows] = sparse_cross_entropy(z, y2[lo:lo + rows], chunk_opts, False, False)[0]
+    count = int(R.mean_count(y2, opts["ignore_index"], w2.shape[0], xp=np))
     return _reduce(values, opts["reduction"], count, acc, _Out(values), lead)

@@ -22,10 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fastloss.kernels.numba_cpu import BLOCK, plan
-
-from . import _adapter
-from ._jax import varying_like
+from .. import _reduction as R
+from ..kernels.numba_cpu import BLOCK, plan
+from .common import varying_like
 
 _LOCK = threading.Lock()
 _HANDLERS = {}  # target name -> cfunc; kept alive for the process: XLA holds raw pointers to them
@@ -49,12 +48,12 @@ def unavailable_reason():
 
 def _probe():
     try:
-        import numba
-        from numba.np.ufunc import parallel
+        import numba  # noqa: F401 - importable or not is the question
     except ImportError:
         return "it needs the package 'numba', which is not installed (pip install numba)"
     if np.dtype(np.intp).itemsize != 8 or sys.byteorder != "little":
         return "the XLA FFI handlers assume a 64-bit little-endian machine"
+    from numba.np.ufunc import parallel
     parallel._launch_threads()
     layer = numba.threading_layer()
     if layer not in ("omp", "tbb"):
@@ -63,12 +62,12 @@ def _probe():
     return None
 
 
-def preferred(loss, x):
+def preferred(spec, x):
     """Whether the automatic choice should take the Numba kernel for this input (shapes are static
-    at trace time). Rows of at most plan.TINY_ROW classes stay on XLA: there XLA's fused loops are
-    as fast as the grouped kernel (65536x10, 2026-12-02, logits donated: XLA 2.5-2.8 ms, the FFI
-    call 4.2-4.6 ms), and a kernel call per program costs more than such rows do."""
-    if loss in ("sparse_softmax_cross_entropy", "softmax_cross_entropy"):
+    at trace time). Rows of at most plan.TINY_ROW classes stay on XLA: XLA fuses such short rows
+    into its own loops at least as well as the grouped kernel does, and a custom call per program
+    costs more than such rows do (docs/performance.md)."""
+    if spec.kernel in ("sparse_cross_entropy", "softmax_cross_entropy"):
         return x.shape[-1] > plan.TINY_ROW
     return True
 
@@ -147,13 +146,13 @@ def _call(name, outs, args, alias_grad, **attrs):
     return [varying_like(r, args) for r in res]
 
 
-def sparse_cross_entropy(x, labels, params, ignore_index, softcap=None, *, want_x=True, want_other=False):
+def sparse_cross_entropy(x, labels, params, ignore_index, softcap=None, weighted=False, *, want_x=True,
+                         want_other=False):
     """params: [T, ε, z_loss, (C class weights,) scale], as jax_xla.sparse_cross_entropy."""
-    from fastloss.kernels.numba_cpu import xla_ffi
+    from ..kernels.numba_cpu import xla_ffi
     labels = _labels(labels)
     n, c = x.shape
     threads = _threads()
-    weighted = params.shape[0] > 4
     path, chunks = plan.sparse_path(n, c, c, threads, plain=not weighted and not softcap)
     acc = _acc(x)
     xs, ys = _storage(x.dtype), _storage(labels.dtype)
@@ -165,7 +164,7 @@ def sparse_cross_entropy(x, labels, params, ignore_index, softcap=None, *, want_
     p = jnp.concatenate([p[:3], jnp.full((1,), softcap or 0.0, acc), p[3:]])
     # In place only on the paths that never read a logit after writing its row's gradient.
     res = _call(name, outs, (x, labels, p), want_x and path in ("short", "blocks"),
-                ignore_index=_adapter.kernel_ignore_index(ignore_index), n_chunks=chunks, threads=threads)
+                ignore_index=R.kernel_ignore_index(ignore_index), n_chunks=chunks, threads=threads)
     return res[0], (res[1] if want_x else None), None
 
 
@@ -183,23 +182,23 @@ def _with_other(kind, build, x, other, params, want_x, want_other, outs0, in_pla
 
 
 def softmax_cross_entropy(x, targets, params, *, want_x=True, want_other=False):
-    from fastloss.kernels.numba_cpu import xla_ffi
+    from ..kernels.numba_cpu import xla_ffi
     n, c = x.shape
     path = plan.dense_path(c, c, c)
     return _with_other(f"dense_{path}", lambda xs, ts, acc: xla_ffi.dense_handler(path, xs, ts, acc, want_x,
-                                                                                 want_other),
+                                                                                  want_other),
                        x, targets, params, want_x, want_other, jax.ShapeDtypeStruct((n,), _acc(x)),
                        path == "blocks" and not want_other, threads=_threads())
 
 
 def _elementwise(loss):
     def run(x, targets, params, *, want_x=True, want_other=False, want_values=True):
-        from fastloss.kernels.numba_cpu import xla_ffi
+        from ..kernels.numba_cpu import xla_ffi
         n = x.shape[0]
         first = jax.ShapeDtypeStruct((n if want_values else -(-n // BLOCK),), _acc(x))
         return _with_other(f"{loss}_{int(want_values)}",
                            lambda xs, ts, acc: xla_ffi.elementwise_handler(loss, xs, ts, acc, want_values, want_x,
-                                                                          want_other),
+                                                                           want_other),
                            x, targets, params, want_x, want_other, first,
                            loss in ("squared_error", "huber") or not want_other)
     run.__name__ = loss
@@ -214,7 +213,7 @@ sigmoid_focal = _elementwise("sigmoid_focal")
 
 def distillation(s, t, labels, params, divergence, ignore_index, has_labels, *, want_s=True, want_t=False):
     """The Numba distillation kernel inside XLA; the signature of jax_xla.distillation."""
-    from fastloss.kernels.numba_cpu import DIVERGENCES, xla_ffi
+    from ..kernels.numba_cpu import DIVERGENCES, xla_ffi
     n, c = s.shape
     acc = _acc(s)
     labels = _labels(labels) if has_labels else jnp.zeros((1,), jnp.int32)
@@ -226,25 +225,26 @@ def distillation(s, t, labels, params, divergence, ignore_index, has_labels, *, 
             + ([jax.ShapeDtypeStruct(t.shape, t.dtype)] if want_t else []))
     # Every read of a student row comes before that row's gradient is written: in place is safe.
     res = _call(name, outs, (s, t, labels, params.astype(acc)), want_s, div=DIVERGENCES[divergence],
-                ignore_index=_adapter.kernel_ignore_index(ignore_index), threads=_threads())
+                ignore_index=R.kernel_ignore_index(ignore_index), threads=_threads())
     return res[0], (res[1] if want_s else None), (res[1 + want_s] if want_t else None)
 
 
-def softmax_focal(x, other, params, ignore_index=None, *, want_x=True, want_other=False):
+def softmax_focal(x, other, params, ignore_index=None, weighted=False, *, want_x=True, want_other=False):
     """The Numba softmax focal kernel inside XLA; the signature of jax_xla.softmax_focal (labels or
     dense targets in ``other``)."""
-    from fastloss.kernels.numba_cpu import xla_ffi
+    from ..kernels.numba_cpu import xla_ffi
     n, c = x.shape
     dense = jnp.issubdtype(other.dtype, jnp.floating)
     other = other if dense else _labels(other)
     want_t = want_other and dense
     acc = _acc(x)
     xs, os_ = _storage(x.dtype), _storage(other.dtype)
-    key = ("focal", np.dtype(xs).name, np.dtype(os_).name, np.dtype(acc).name, int(dense), int(want_x), int(want_t))
-    name = _target(key, lambda: xla_ffi.focal_handler(xs, os_, acc, dense, want_x, want_t))
+    key = ("focal", np.dtype(xs).name, np.dtype(os_).name, np.dtype(acc).name, int(dense), int(weighted), int(want_x),
+           int(want_t))
+    name = _target(key, lambda: xla_ffi.focal_handler(xs, os_, acc, dense, weighted, want_x, want_t))
     outs = ([jax.ShapeDtypeStruct((n,), acc)] + ([jax.ShapeDtypeStruct(x.shape, x.dtype)] if want_x else [])
             + ([jax.ShapeDtypeStruct(other.shape, other.dtype)] if want_t else []))
     # Each row's logits are read (statistics, terms) before its gradient is written: in place is safe.
     res = _call(name, outs, (x, other, params.astype(acc)), want_x,
-                ignore_index=_adapter.kernel_ignore_index(ignore_index), threads=_threads())
+                ignore_index=R.kernel_ignore_index(ignore_index), threads=_threads())
     return res[0], (res[1] if want_x else None), (res[1 + want_x] if want_t else None)

@@ -25,14 +25,12 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from fastloss.kernels import jax_xla as K
-
-PARTITIONED = ("sparse_softmax_cross_entropy", "softmax_cross_entropy")
+from ..kernels import jax_xla as K
 
 
-def _outputs(spec, want_x, want_other):
+def _outputs(call, want_x, want_other):
     """Which of (values, grad_x, grad_other) the kernel returns as arrays."""
-    return (True, want_x, want_other and spec[0] != "sparse_softmax_cross_entropy")
+    return (True, want_x, want_other and not call.spec.has_labels)
 
 
 def _pack(result, wanted):
@@ -44,14 +42,11 @@ def _unpack(arrays, wanted):
     return tuple(next(it) if w else None for w in wanted)
 
 
-def _class_parallel(spec, want_x, want_other, axis, n_cls, x, other, params):
+def _class_parallel(call, want_x, want_other, axis, n_cls, x, other, params):
     """One shard of the classes: the XLA formulation with collectives over ``axis``."""
     split = K.ClassSplit(axis, n_cls, jax.lax.axis_index(axis) * x.shape[-1])
-    name, statics = spec[0], dict(spec[1])
-    if name == "sparse_softmax_cross_entropy":
-        return K.sparse_cross_entropy(x, other, params, statics["ignore_index"], statics.get("softcap"),
-                                      want_x=want_x, split=split)
-    return K.softmax_cross_entropy(x, other, params, want_x=want_x, want_other=want_other, split=split)
+    return getattr(K, call.spec.kernel)(x, other, params, **call.kwargs, want_x=want_x, want_other=want_other,
+                                        split=split)
 
 
 def _axes(entry):
@@ -61,14 +56,14 @@ def _axes(entry):
     return tuple(entry) if isinstance(entry, tuple) else (entry,)
 
 
-def _partitioned(kernel, spec, want_x, want_other):
-    """``kernel(spec, x, other, params, want_x, want_other) -> (values, gx, go)`` as a
+def _partitioned(kernel, call, want_x, want_other):
+    """``kernel(call, x, other, params, want_x, want_other) -> (values, gx, go)`` as a
     custom_partitioning op on arrays."""
-    wanted = _outputs(spec, want_x, want_other)
-    labels = spec[0] == "sparse_softmax_cross_entropy"
+    wanted = _outputs(call, want_x, want_other)
+    labels = call.spec.has_labels
 
     def run(x, other, params):
-        return _pack(kernel(spec, x, other, params, want_x, want_other), wanted)
+        return _pack(kernel(call, x, other, params, want_x, want_other), wanted)
 
     fn = custom_partitioning(run)
 
@@ -86,7 +81,7 @@ def _partitioned(kernel, spec, want_x, want_other):
         axis = _axes(cols)
         if axis:
             def lower(x, other, params):
-                return _pack(_class_parallel(spec, want_x, want_other, axis, n_cls, x, other, params), wanted)
+                return _pack(_class_parallel(call, want_x, want_other, axis, n_cls, x, other, params), wanted)
         else:
             lower = run
         return mesh, lower, results, args
@@ -103,10 +98,10 @@ def _partitioned(kernel, spec, want_x, want_other):
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(0, 1, 5, 6))
-def partitioned_kernel(kernel, spec, x, other, params, want_x, want_other):
-    """``kernel(spec, x, other, params, want_x, want_other)`` (a fused kernel of ``fastloss._jax``, a
+def partitioned_kernel(kernel, call, x, other, params, want_x, want_other):
+    """``kernel(call, x, other, params, want_x, want_other)`` (``providers.local_kernel``, a
     module-level function) as an op that XLA partitions shard by shard."""
-    return _vmappable(kernel, spec, want_x, want_other)(x, other, params)
+    return _vmappable(kernel, call, want_x, want_other)(x, other, params)
 
 
 def in_manual_context():
@@ -131,26 +126,26 @@ def explicit_axes(x):
 
 
 @partitioned_kernel.defjvp
-def _partitioned_jvp(kernel, spec, want_x, want_other, primals, tangents):
+def _partitioned_jvp(kernel, call, want_x, want_other, primals, tangents):
     # Second order: the XLA formulation's derivative (the same math), as for the kernels themselves:
     # the kernel with the "xla" provider is plain XLA.
-    xla_spec = tuple(spec[:3]) + ("xla",)
-    return jax.jvp(lambda a, b, c: kernel(xla_spec, a, b, c, want_x, want_other), primals, tangents)
+    xla_call = call._replace(provider="xla")
+    return jax.jvp(lambda a, b, c: kernel(xla_call, a, b, c, want_x, want_other), primals, tangents)
 
 
 _CACHE = {}
 
 
-def _vmappable(kernel, spec, want_x, want_other):
-    key = (kernel, spec, want_x, want_other)
+def _vmappable(kernel, call, want_x, want_other):
+    key = (kernel, call, want_x, want_other)
     if key not in _CACHE:
-        _CACHE[key] = _with_vmap(kernel, spec, want_x, want_other)
+        _CACHE[key] = _with_vmap(kernel, call, want_x, want_other)
     return _CACHE[key]
 
 
-def _with_vmap(kernel, spec, want_x, want_other):
-    wanted = _outputs(spec, want_x, want_other)
-    part = _partitioned(kernel, spec, want_x, want_other)
+def _with_vmap(kernel, call, want_x, want_other):
+    wanted = _outputs(call, want_x, want_other)
+    part = _partitioned(kernel, call, want_x, want_other)
 
     @jax.custom_batching.custom_vmap
     def op(x, other, params):

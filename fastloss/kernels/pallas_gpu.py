@@ -37,12 +37,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 MAX_ELEMENTS = 2 ** 31  # int32 addressing: every in-bounds offset is below 2^31 (see the module docstring)
-# Classes per block on a GPU, measured on an H200 (jax 0.11.2, lane-wise statistics, 2026-12-04):
-# 1024 at 8 warps (4 per thread) ran 8192x128256 bf16 in 3.27 ms against 3.43 at 2048 and 5.64 at
-# 4096, and 4096x32000 fp32 in 0.79 ms against 0.90 and 1.07 (num_stages 1 to 3 moved it <= 10%).
-# fp64 values take two registers each: at 1024 the softcap and class-weight variants carried five
-# per-lane fp64 accumulators in 144-154 registers, and at 512 (2 per thread) ptxas still spilled 8
-# bytes of the plain fp64 kernel for sm_90; at 256 (1 per thread) every fp64 variant takes <= 56.
+# Classes per block on a GPU: 1024 at 8 warps, 4 values per thread in flight (the fastest of the
+# block sizes swept, docs/performance.md). fp64 values take two registers each and a row keeps up to
+# five per-lane fp64 accumulators, so fp64 rows go in blocks of 256 (1 per thread): larger ones spill
+# (tests/test_pallas.py reads registers and spills from the compiled cubin).
 MAX_BLOCK = 1024
 MAX_BLOCK_F64 = 256
 
@@ -134,15 +132,13 @@ def _sparse_kernel(x_ref, y_ref, p_ref, w_ref, loss_ref, lse_ref, g_ref, *, n_co
     ignored = (y == ignore_index) if ignore_index is not None else False
     valid = (y >= 0) & (y < n_cols)
     y_safe = jnp.where(valid, y, 0)
-    zero = jnp.zeros((), acc)
     n_blocks = pl.cdiv(n_cols, block)
 
     def stats(i, carry):
         # Lane-wise online softmax: every lane of the block keeps its own running max, sum, sum
         # without the label (s_rest, see the gradient) and Σ w zs, so the loop holds no reduction
-        # and no barrier: it streams the row (a per-block max and sum made the kernel wait on two
-        # to four block-wide reductions per 2048 classes: 31% of the H200's copy floor against
-        # optax's 48% at 16384x131072). zs = (x - m) / T: the max is of the unscaled logits and the
+        # and no barrier: it streams the row (a block-wide max and sum per block would make every
+        # block wait on reductions). zs = (x - m) / T: the max is of the unscaled logits and the
         # shift comes before 1/T, so a tiny T cannot overflow x / T. A lane's shift that is -inf
         # (only masked classes so far) is taken as 0, so (-inf) - (-inf) never makes NaN.
         m, s, s_rest, sz, seen = carry
@@ -227,14 +223,14 @@ def _sparse_kernel(x_ref, y_ref, p_ref, w_ref, loss_ref, lse_ref, g_ref, *, n_co
     lax.fori_loop(jnp.int32(0), jnp.int32(n_blocks), grad, 0)
 
 
-def sparse_cross_entropy(x, labels, params, ignore_index, softcap=None, *, want_x=True, want_other=False,
-                         interpret=False):
+def sparse_cross_entropy(x, labels, params, ignore_index, softcap=None, weighted=False, *, want_x=True,
+                         want_other=False, interpret=False):
     """Per-row sparse softmax cross-entropy and its gradient (``jax_xla.sparse_cross_entropy``'s
     signature and math).
 
     Args:
         x: (N, C) float logits, N * C < 2^31. labels: (N,) integers.
-        params: [T, ε, z_loss, scale] or [T, ε, z_loss, w_0 .. w_{C-1}, scale].
+        params: [T, ε, z_loss, scale] or, when ``weighted`` (static), [T, ε, z_loss, w_0 .. w_{C-1}, scale].
         ignore_index: static int or None. softcap: static float > 0 or None.
 
     Returns:
@@ -243,7 +239,7 @@ def sparse_cross_entropy(x, labels, params, ignore_index, softcap=None, *, want_
     n, c = x.shape
     acc = _acc(x)
     params = params.astype(acc)
-    has_weight = params.shape[0] > 4
+    has_weight = weighted
     w = params[3:-1] if has_weight else jnp.zeros((1,), acc)
     kp = jnp.stack([1.0 / params[0], params[1], params[2], jnp.sum(w), params[-1]])
     info = jnp.iinfo(labels.dtype)
@@ -270,7 +266,6 @@ def _dense_kernel(x_ref, t_ref, p_ref, loss_ref, lse_ref, gx_ref, gt_ref, *, n_c
     """One row, q = (1-ε) t + ε/C; terms with q = 0 skipped. p_ref = [1/T, ε, scale]."""
     row = pl.program_id(0).astype(jnp.int32)  # int32 indices throughout, also under x64
     inv_t, eps = p_ref[0], p_ref[1]
-    zero = jnp.zeros((), acc)
     n_blocks = pl.cdiv(n_cols, block)
 
     def stats(i, carry):
