@@ -56,8 +56,8 @@ def mean_count(labels, ignore_index, n_cls, weight=None, *, xp, axis=None):
     or with class weights the sum of the weights of their labels (labels outside [0, C) count 0:
     they are errors, reported elsewhere). ``axis``: sum over the last axis only (per vmap index)."""
     kept = kept_rows(labels, ignore_index)
-    if weight is None:
-        return xp.sum(kept, axis=axis) if axis is not None else xp.sum(kept)
+    if weight is None:  # count_nonzero: NumPy's sum of booleans costs ~10 us more per call
+        return xp.sum(kept, axis=axis) if axis is not None else xp.count_nonzero(kept)
     counted = kept & (labels >= 0) & (labels < n_cls)
     per = xp.where(counted, weight[xp.clip(labels, 0, n_cls - 1)], xp.zeros_like(weight[:1]))
     return xp.sum(per, axis=axis) if axis is not None else xp.sum(per)

@@ -400,14 +400,28 @@ def value_and_grad(loss_fn):
     if spec is None:
         names = ", ".join(f.__name__ for f in _SPECS)
         raise TypeError(f"`loss_fn` must be one of the fastloss losses ({names}); received {loss_fn!r}.")
-    signature = inspect.signature(loss_fn)
+    # The signature read once: a call fills the defaults and its arguments in a dict (inspect's
+    # bind() per call cost as much as the rest of a small call's Python work).
+    params = [p for p in inspect.signature(loss_fn).parameters.values() if p.name != "backend"]
+    positional = [p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD]
+    defaults = {p.name: p.default for p in params if p.default is not p.empty}
+    required = [name for name in positional if name not in defaults]
     n_arrays = len(spec.args)
 
     def wrapped(*args, backend=None, **kwargs):
-        bound = signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        given = bound.arguments
-        arrays = tuple(given[name] for name in list(signature.parameters)[:n_arrays])
+        if len(args) > len(positional):
+            raise TypeError(f"{wrapped.__name__}() takes at most {len(positional)} positional arguments; "
+                            f"received {len(args)}.")
+        given = dict(defaults)
+        given.update(zip(positional, args))
+        unknown = [k for k in kwargs if k not in defaults and k not in positional]
+        if unknown:
+            raise TypeError(f"{wrapped.__name__}() got an unexpected keyword argument {unknown[0]!r}.")
+        given.update(kwargs)
+        missing = [name for name in required if name not in given]
+        if missing:
+            raise TypeError(f"{wrapped.__name__}() missing required argument {missing[0]!r}.")
+        arrays = tuple(given[name] for name in positional[:n_arrays])
         return _run(spec, arrays, given, backend, want_grad=True)
 
     wrapped.__name__ = f"value_and_grad_{spec.name}"

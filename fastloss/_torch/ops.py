@@ -39,7 +39,11 @@ _SCHEMA = ("(Tensor x, Tensor other, float[] params, int ignore_index, str reduc
 
 def _param_names(spec):
     """The op's float params: the spec's options in kernel order, then the softcap (0.0: none)."""
-    return spec.option_names + tuple(s for s in spec.statics if s == "softcap")
+    return _PARAM_NAMES[spec.name]
+
+
+# Built once: a call asks for them three times (the call, the op, the autograd context).
+_PARAM_NAMES = {s.name: s.option_names + tuple(n for n in s.statics if n == "softcap") for s in PAIR_SPECS}
 
 
 def _opts(spec, params, ignore_index, reduction, weight=None):
