@@ -53,9 +53,8 @@ def _probe():
         return "it needs the package 'numba', which is not installed (pip install numba)"
     if np.dtype(np.intp).itemsize != 8 or sys.byteorder != "little":
         return "the XLA FFI handlers assume a 64-bit little-endian machine"
-    from numba.np.ufunc import parallel
-    parallel._launch_threads()
-    layer = numba.threading_layer()
+    from .._numpy import threads
+    layer = threads.layer()
     if layer not in ("omp", "tbb"):
         return (f"Numba's threading layer is {layer!r}, which cannot run kernels called from several "
                 f"XLA threads at once; install tbb (pip install tbb) or provide libgomp")

@@ -15,9 +15,12 @@ from .. import _chunks
 from .. import _reduction as R
 from .._frameworks import is_torch as _is_torch
 from .._validation import dtype_name, is_integer_dtype
-from ..kernels import numba_cpu as K
-from ..kernels.numba_cpu import plan
-from . import buffers
+from . import buffers, threads
+
+threads.prefer_tbb()  # before Numba's first parallel launch: a fork-safe layer (threads.py)
+
+from ..kernels import numba_cpu as K  # noqa: E402 - after the threading layer is settled
+from ..kernels.numba_cpu import plan  # noqa: E402
 
 
 def unavailable_reason():
@@ -206,7 +209,7 @@ def _class_weights(weight, y, ignore_index, n_cls, acc, count):
     labels' weights (as torch; a sum of 0 divides by 1, as an empty batch does, where torch gives
     NaN)."""
     if weight is None:
-        return _NO_WEIGHTS[np.dtype(acc).name], count
+        return _NO_WEIGHTS[acc], count
     w = _class_array(weight, acc)
     return w, float(R.mean_count(y, ignore_index, n_cls, w.astype(np.float64), xp=np))
 
@@ -219,8 +222,8 @@ def _class_array(values, acc):
     return w
 
 
-_NO_WEIGHTS = {name: np.zeros(0, name) for name in ("float32", "float64")}
-_NO_TARGETS = {name: np.zeros(1, name) for name in ("float32", "float64")}  # focal with labels: never read
+_NO_WEIGHTS = {acc: np.zeros(0, acc) for acc in (np.float32, np.float64)}  # by the accumulation type
+_NO_TARGETS = {acc: np.zeros(1, acc) for acc in (np.float32, np.float64)}  # focal with labels: never read
 for _w in (*_NO_WEIGHTS.values(), *_NO_TARGETS.values()):
     _w.flags.writeable = False
 
@@ -264,7 +267,7 @@ def softmax_focal(x, other, opts, want_x, want_other, *, grad_dtype=None):
         tv, t_stride, _ = row_view(other, n_cls)
         y, ign, count = _NO_LABELS, R.NO_IGNORE, n
     else:
-        tv, t_stride = _NO_TARGETS[np.dtype(acc).name], 0
+        tv, t_stride = _NO_TARGETS[acc], 0
         y = _kernel_view(other).reshape(-1)
         if y.dtype != np.int64:
             y = y.astype(np.int64)
@@ -277,7 +280,7 @@ def softmax_focal(x, other, opts, want_x, want_other, *, grad_dtype=None):
     gname, gtname = _grad_names(grad_dtype, name, dtype_name(other))
     gx_obj, gx = out.empty(tuple(x.shape), gname) if want_x else (None, _dummy_rows(xv, n_cls))
     gt_obj, gt = out.empty(tuple(other.shape), gtname) if want_t else (None, _dummy_rows(tv, n_cls))
-    alpha = _NO_WEIGHTS[np.dtype(acc).name] if opts.get("weight") is None else _class_array(opts["weight"], acc)
+    alpha = _NO_WEIGHTS[acc] if opts.get("weight") is None else _class_array(opts["weight"], acc)
     kopts = (acc(opts["gamma"]), acc(opts["label_smoothing"]), acc(opts["alpha"]),
              _scale(opts["reduction"], count, acc), acc(1.0))
     bad = K.softmax_focal(xv, x_stride, tv, t_stride, y, n_cls, loss, gx.reshape(-1, n_cls), gt.reshape(-1, n_cls),
