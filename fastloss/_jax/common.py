@@ -11,6 +11,7 @@ import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
 from .._frameworks import is_torch
+from .._reduction import check_label_range
 
 
 class Call(NamedTuple):
@@ -80,6 +81,5 @@ def varying_like(out, args):
 def check_labels_eagerly(labels, n_cls, ignore_index):
     """ValueError for an out-of-range label on eager calls; under jit (a tracer) the kernel's NaN
     row is the answer, because a traced value cannot raise."""
-    from .._reduction import check_label_range
     if not isinstance(labels, jax.core.Tracer):
         check_label_range(np.asarray(labels), n_cls, ignore_index)

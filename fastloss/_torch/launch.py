@@ -80,13 +80,12 @@ def sparse_cross_entropy(x, labels, opts, want_x, want_other, *, grad_dtype=None
     """Sparse softmax CE, one launch. ``grad_scale``: d total / d row set by the caller (a chunk of a
     larger "mean"); ``in_place``: the gradient overwrites ``x``; ``labels_checked``: the caller
     checked the label range once already (no host sync here)."""
-    inplace = in_place
     n_cls = x.shape[-1]
     lead = tuple(x.shape[:-1])
     x2 = x.detach().reshape(-1, n_cls)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    if inplace and x2.data_ptr() != x.data_ptr() or inplace and not x.is_contiguous():
+    if in_place and (x2.data_ptr() != x.data_ptr() or not x.is_contiguous()):
         raise ValueError("`logits` must be contiguous for the in-place variant (its memory receives the "
                          f"gradient); received strides {tuple(x.stride())}.")
     y = labels.reshape(-1)
@@ -99,7 +98,7 @@ def sparse_cross_entropy(x, labels, opts, want_x, want_other, *, grad_dtype=None
     lse = torch.empty(n, device=x.device, dtype=acc)
     # In place: pass 2 of each row reads a block of logits, then overwrites it with its gradient
     # (the label's logit is read in pass 1), so the (N, C) gradient costs no new memory.
-    g = x2 if (inplace and want_x) else torch.empty_like(x2, dtype=_grad_dtype(grad_dtype, x2)) if want_x else x2[:1]
+    g = x2 if (in_place and want_x) else torch.empty_like(x2, dtype=_grad_dtype(grad_dtype, x2)) if want_x else x2[:1]
     cap = opts.get("softcap") or 0.0
     weight = opts.get("weight")
     if weight is None:
