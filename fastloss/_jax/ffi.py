@@ -3,9 +3,8 @@
 Each call below emits one XLA custom call whose handler (``fastloss.kernels.numba_cpu.xla_ffi``)
 runs the Numba kernel on XLA's own buffers: no copy in, no copy out, no Python at run time, so it
 works inside ``jit``, ``grad``, ``vmap`` (one call per batch element), ``shard_map`` and the
-persistent compilation cache. Handlers are built and registered at the first trace that needs
-them (~1.5 s per signature and process, the kernels themselves coming from Numba's disk cache);
-importing fastloss builds nothing.
+persistent compilation cache. Handlers are built (or loaded from Numba's disk cache) and
+registered at the first trace that needs them; importing fastloss builds nothing.
 
 The functions have the signature of their ``fastloss.kernels.jax_xla`` counterparts and return
 the same values (within fp32 rounding): ``(values, grad_x | None, grad_other | None)`` with the
@@ -155,26 +154,27 @@ def sparse_cross_entropy(x, labels, params, ignore_index, softcap=None, weighted
     path, chunks = plan.sparse_path(n, c, c, threads, plain=not weighted and not softcap)
     acc = _acc(x)
     xs, ys = _storage(x.dtype), _storage(labels.dtype)
-    key = ("sparse", path, np.dtype(xs).name, np.dtype(ys).name, np.dtype(acc).name, int(want_x), int(weighted))
-    name = _target(key, lambda: xla_ffi.sparse_handler(path, xs, ys, acc, want_x, weighted))
+    key = ("sparse", path, np.dtype(xs).name, np.dtype(ys).name, np.dtype(acc).name, int(weighted))
+    name = _target(key, lambda: xla_ffi.sparse_handler(path, xs, ys, acc, weighted))
     outs = [jax.ShapeDtypeStruct((n,), acc)] + ([jax.ShapeDtypeStruct(x.shape, x.dtype)] if want_x else [])
     # The kernel's params carry the softcap (a static option here) after the first three.
     p = params.astype(acc)
     p = jnp.concatenate([p[:3], jnp.full((1,), softcap or 0.0, acc), p[3:]])
     # In place only on the paths that never read a logit after writing its row's gradient.
     res = _call(name, outs, (x, labels, p), want_x and path in ("short", "blocks"),
-                ignore_index=R.kernel_ignore_index(ignore_index), n_chunks=chunks, threads=threads)
+                ignore_index=R.kernel_ignore_index(ignore_index), n_chunks=chunks, threads=threads, want_x=want_x)
     return res[0], (res[1] if want_x else None), None
 
 
 def _with_other(kind, build, x, other, params, want_x, want_other, outs0, in_place, **attrs):
     acc = _acc(x)
     xs, ts = _storage(x.dtype), _storage(other.dtype)
-    key = (kind, np.dtype(xs).name, np.dtype(ts).name, np.dtype(acc).name, int(want_x), int(want_other))
+    key = (kind, np.dtype(xs).name, np.dtype(ts).name, np.dtype(acc).name)
     name = _target(key, lambda: build(xs, ts, acc))
     outs = ([outs0] + ([jax.ShapeDtypeStruct(x.shape, x.dtype)] if want_x else [])
             + ([jax.ShapeDtypeStruct(other.shape, other.dtype)] if want_other else []))
-    res = _call(name, outs, (x, other, params.astype(acc)), want_x and in_place, **attrs)
+    res = _call(name, outs, (x, other, params.astype(acc)), want_x and in_place, want_x=want_x, want_other=want_other,
+                **attrs)
     gx = res[1] if want_x else None
     go = res[1 + want_x] if want_other else None
     return res[0], gx, go
@@ -184,8 +184,7 @@ def softmax_cross_entropy(x, targets, params, *, want_x=True, want_other=False):
     from ..kernels.numba_cpu import xla_ffi
     n, c = x.shape
     path = plan.dense_path(c, c, c)
-    return _with_other(f"dense_{path}", lambda xs, ts, acc: xla_ffi.dense_handler(path, xs, ts, acc, want_x,
-                                                                                  want_other),
+    return _with_other(f"dense_{path}", lambda xs, ts, acc: xla_ffi.dense_handler(path, xs, ts, acc),
                        x, targets, params, want_x, want_other, jax.ShapeDtypeStruct((n,), _acc(x)),
                        path == "blocks" and not want_other, threads=_threads())
 
@@ -195,11 +194,9 @@ def _elementwise(loss):
         from ..kernels.numba_cpu import xla_ffi
         n = x.shape[0]
         first = jax.ShapeDtypeStruct((n if want_values else -(-n // BLOCK),), _acc(x))
-        return _with_other(f"{loss}_{int(want_values)}",
-                           lambda xs, ts, acc: xla_ffi.elementwise_handler(loss, xs, ts, acc, want_values, want_x,
-                                                                           want_other),
+        return _with_other(loss, lambda xs, ts, acc: xla_ffi.elementwise_handler(loss, xs, ts, acc),
                            x, targets, params, want_x, want_other, first,
-                           loss in ("squared_error", "huber") or not want_other)
+                           loss in ("squared_error", "huber") or not want_other, want_values=want_values)
     run.__name__ = loss
     return run
 
@@ -217,14 +214,14 @@ def distillation(s, t, labels, params, divergence, ignore_index, has_labels, *, 
     acc = _acc(s)
     labels = _labels(labels) if has_labels else jnp.zeros((1,), jnp.int32)
     ss, ts, ys = _storage(s.dtype), _storage(t.dtype), _storage(labels.dtype)
-    key = ("distill", np.dtype(ss).name, np.dtype(ts).name, np.dtype(ys).name, np.dtype(acc).name,
-           int(has_labels), int(want_s), int(want_t))
-    name = _target(key, lambda: xla_ffi.distill_handler(ss, ts, ys, acc, has_labels, want_s, want_t))
+    key = ("distill", np.dtype(ss).name, np.dtype(ts).name, np.dtype(ys).name, np.dtype(acc).name)
+    name = _target(key, lambda: xla_ffi.distill_handler(ss, ts, ys, acc))
     outs = ([jax.ShapeDtypeStruct((n,), acc)] + ([jax.ShapeDtypeStruct(s.shape, s.dtype)] if want_s else [])
             + ([jax.ShapeDtypeStruct(t.shape, t.dtype)] if want_t else []))
     # Every read of a student row comes before that row's gradient is written: in place is safe.
     res = _call(name, outs, (s, t, labels, params.astype(acc)), want_s, div=DIVERGENCES[divergence],
-                ignore_index=R.kernel_ignore_index(ignore_index), threads=_threads())
+                has_labels=has_labels, ignore_index=R.kernel_ignore_index(ignore_index), threads=_threads(),
+                want_other=want_t, want_x=want_s)
     return res[0], (res[1] if want_s else None), (res[1 + want_s] if want_t else None)
 
 
@@ -238,12 +235,11 @@ def softmax_focal(x, other, params, ignore_index=None, weighted=False, *, want_x
     want_t = want_other and dense
     acc = _acc(x)
     xs, os_ = _storage(x.dtype), _storage(other.dtype)
-    key = ("focal", np.dtype(xs).name, np.dtype(os_).name, np.dtype(acc).name, int(dense), int(weighted), int(want_x),
-           int(want_t))
-    name = _target(key, lambda: xla_ffi.focal_handler(xs, os_, acc, dense, weighted, want_x, want_t))
+    key = ("focal", np.dtype(xs).name, np.dtype(os_).name, np.dtype(acc).name, int(dense), int(weighted))
+    name = _target(key, lambda: xla_ffi.focal_handler(xs, os_, acc, dense, weighted))
     outs = ([jax.ShapeDtypeStruct((n,), acc)] + ([jax.ShapeDtypeStruct(x.shape, x.dtype)] if want_x else [])
             + ([jax.ShapeDtypeStruct(other.shape, other.dtype)] if want_t else []))
     # Each row's logits are read (statistics, terms) before its gradient is written: in place is safe.
-    res = _call(name, outs, (x, other, params.astype(acc)), want_x,
-                ignore_index=R.kernel_ignore_index(ignore_index), threads=_threads())
+    res = _call(name, outs, (x, other, params.astype(acc)), want_x, dense=dense,
+                ignore_index=R.kernel_ignore_index(ignore_index), threads=_threads(), want_other=want_t, want_x=want_x)
     return res[0], (res[1] if want_x else None), (res[1 + want_x] if want_t else None)

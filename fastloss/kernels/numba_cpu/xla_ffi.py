@@ -21,11 +21,13 @@ its API version; a handler that does not answer makes XLA:CPU fail to initialise
 query is answered before anything else. Errors are never returned: invalid labels give NaN rows,
 as everywhere under ``jit``.
 
-Handlers are not cached to disk (a cached cfunc that calls a ``parallel=True`` kernel crashes when
-loaded, numba issue 8578); building one links the cached kernels and takes ~1.5 s, once per process
-and signature.
+Handlers are cached on disk like the kernels (see ``_cfunc`` for what that takes): building one
+links the cached kernels and costs seconds, once per machine and signature.
 """
 from __future__ import annotations
+
+import hashlib
+import os
 
 import numpy as np
 from numba import carray, cfunc, njit, types
@@ -45,6 +47,7 @@ _EXT, _STAGE, _ARGS, _RETS, _ATTRS = 1, 4, 9, 14, 20
 _METADATA_EXTENSION = 1
 _API_VERSION_STRUCT_SIZE = 24  # XLA_FFI_Api_Version: struct_size, extension_start, major, minor
 _API_MINOR = 3
+_DIGEST = []
 
 
 @intrinsic
@@ -132,20 +135,31 @@ def _rows_out(frame, k, dtype, c):
     return carray(_ptr(addr, dtype), (rows * last // c, c))
 
 
-# ------------------------------------------------------------------------------- sparse CE
-def sparse_handler(path, x_dtype, y_dtype, acc, want_grad, weighted):
-    """Handler for sparse CE: args (x (..., C), labels (...), params [T, ε, z_loss, cap, (C class
-    weights when ``weighted``), scale]), attributes (ignore_index, n_chunks, threads), results
-    (loss (...), [grad (..., C)]). ``path`` comes from ``plan.sparse_path`` at trace time (the shape
-    is static there)."""
-    kernel = sparse_short if path == "short" else sparse_blocks  # for "short" / "blocks"; see run
+# The handlers. Each builder returns a C function specialised on what changes the types it reads
+# (dtypes, the kernel path, whether class weights or labels come in); what only changes which
+# buffers are written (want_x, want_other, want_values, has_labels, dense) arrives as an int64
+# attribute at run time. Two reasons: one handler serves every gradient request (a jitted program's
+# forward and backward share it), and a flag reaches the kernel as a plain bool, so the kernel is
+# the specialisation the NumPy path compiled and cached. A closure constant would reach it as a
+# literal (Literal[bool](True)) and compile, in every process, a parallel kernel per combination:
+# 15-20 s each on 2 cores.
+#
+# Attributes arrive sorted by name; each builder names its attributes' positions.
 
-    def run(frame):
+
+def sparse_handler(path, x_dtype, y_dtype, acc, weighted):
+    """Handler for sparse CE: args (x (..., C), labels (...), params [T, ε, z_loss, cap, (C class
+    weights when ``weighted``), scale]), attributes (ignore_index, n_chunks, threads, want_x),
+    results (loss (...), [grad (..., C)]). ``path`` comes from ``plan.sparse_path`` at trace time (the
+    shape is static there)."""
+    def handler(frame):
+        if _answer_metadata(frame):
+            return 0
         _, n, c = _buffer(frame, _ARGS, 0)
         x = _flat_in(frame, 0, x_dtype)
         y = _readonly(_flat_in(frame, 1, y_dtype).astype(np.int64))
         p = _flat_in(frame, 2, acc)
-        ign, n_chunks, threads = _attr(frame, 0), _attr(frame, 1), _attr(frame, 2)
+        ign, n_chunks, threads, want_grad = _attr(frame, 0), _attr(frame, 1), _attr(frame, 2), _attr(frame, 3) != 0
         loss = _flat_out(frame, 0, acc)
         lse = np.empty(n, acc)
         g = _rows_out(frame, 1, x_dtype, c) if want_grad else np.empty((1, c), x_dtype)
@@ -165,105 +179,113 @@ def sparse_handler(path, x_dtype, y_dtype, acc, want_grad, weighted):
             sparse_tiny(x, c, y, loss, lse, g, opts, ign, want_grad, threads)
         else:
             w = _readonly(np.ascontiguousarray(p[4:4 + c])) if weighted else _readonly(np.empty(0, acc))
-            kernel(x, c, c, y, loss, lse, g, opts, w, ign, want_grad, threads)
-    return _handler(run)
+            if path == "short":
+                sparse_short(x, c, c, y, loss, lse, g, opts, w, ign, want_grad, threads)
+            else:
+                sparse_blocks(x, c, c, y, loss, lse, g, opts, w, ign, want_grad, threads)
+        return 0
+    return _cfunc(handler, "sparse", path, x_dtype, y_dtype, acc, weighted)
 
 
-# -------------------------------------------------------------------------------- dense CE
-def dense_handler(path, x_dtype, t_dtype, acc, want_x, want_t):
-    """Handler for dense-target CE: args (x, targets (..., C), params [T, ε, scale]), attribute
-    (threads), results (loss (...), [grad x], [grad targets])."""
-    def run(frame):
+def dense_handler(path, x_dtype, t_dtype, acc):
+    """Handler for dense-target CE: args (x, targets (..., C), params [T, ε, scale]), attributes
+    (threads, want_other, want_x), results (loss (...), [grad x], [grad targets])."""
+    def handler(frame):
+        if _answer_metadata(frame):
+            return 0
         _, n, c = _buffer(frame, _ARGS, 0)
         x = _flat_in(frame, 0, x_dtype)
         t = _flat_in(frame, 1, t_dtype)
         p = _flat_in(frame, 2, acc)
-        threads = _attr(frame, 0)
+        threads, want_t, want_x = _attr(frame, 0), _attr(frame, 1) != 0, _attr(frame, 2) != 0
         loss = _flat_out(frame, 0, acc)
         lse = np.empty(n, acc)
         gx = _rows_out(frame, 1, x_dtype, c) if want_x else np.empty((1, c), x_dtype)
-        gt = _rows_out(frame, 1 + want_x, t_dtype, c) if want_t else np.empty((1, c), t_dtype)
+        gt = _rows_out(frame, 1 + np.int64(want_x), t_dtype, c) if want_t else np.empty((1, c), t_dtype)
         opts = (acc(1) / p[0], p[1], p[2])
         if path == "tiny":
             dense_tiny(x, t, c, loss, lse, gx, gt, opts, want_x, want_t, threads)
         else:
             dense_blocks(x, c, t, c, c, loss, lse, gx, gt, opts, want_x, want_t, threads)
-    return _handler(run)
+        return 0
+    return _cfunc(handler, "dense", path, x_dtype, t_dtype, acc)
 
 
-# ---------------------------------------------------------------------------- distillation
-def distill_handler(s_dtype, t_dtype, y_dtype, acc, has_labels, want_s, want_t):
+def distill_handler(s_dtype, t_dtype, y_dtype, acc):
     """Handler for distillation: args (student, teacher (..., C), labels (...) (a 1-element dummy
-    without labels), params [T, α, β, scale]), attributes (div, ignore_index, threads), results
-    (loss (...), [grad student], [grad teacher])."""
-    def run(frame):
+    without labels), params [T, α, β, scale]), attributes (div, has_labels, ignore_index, threads,
+    want_other, want_x), results (loss (...), [grad student], [grad teacher])."""
+    def handler(frame):
+        if _answer_metadata(frame):
+            return 0
         _, n, c = _buffer(frame, _ARGS, 0)
         s = _flat_in(frame, 0, s_dtype)
         t = _flat_in(frame, 1, t_dtype)
         y = _readonly(_flat_in(frame, 2, y_dtype).astype(np.int64))
         p = _flat_in(frame, 3, acc)
-        div, ign, threads = _attr(frame, 0), _attr(frame, 1), _attr(frame, 2)
+        div, has_labels, ign, threads = _attr(frame, 0), _attr(frame, 1) != 0, _attr(frame, 2), _attr(frame, 3)
+        want_t, want_s = _attr(frame, 4) != 0, _attr(frame, 5) != 0
         loss = _flat_out(frame, 0, acc)
         gs = _rows_out(frame, 1, s_dtype, c) if want_s else np.empty((1, c), s_dtype)
-        gt = _rows_out(frame, 1 + want_s, t_dtype, c) if want_t else np.empty((1, c), t_dtype)
+        gt = _rows_out(frame, 1 + np.int64(want_s), t_dtype, c) if want_t else np.empty((1, c), t_dtype)
         distill_rows(s, c, t, c, c, y, loss, gs, gt, (p[0], p[1], p[2], p[3]), div, ign, has_labels, want_s,
                      want_t, threads)
-    return _handler(run)
+        return 0
+    return _cfunc(handler, "distill", s_dtype, t_dtype, y_dtype, acc)
 
 
-# --------------------------------------------------------------------------- softmax focal
-@njit(inline="always")
-def _focal_run(frame, x_dtype, acc, t, y, gt, dense, weighted, want_x, want_t):
-    _, n, c = _buffer(frame, _ARGS, 0)
-    x = _flat_in(frame, 0, x_dtype)
-    p = _flat_in(frame, 2, acc)
-    ign, threads = _attr(frame, 0), _attr(frame, 1)
-    loss = _flat_out(frame, 0, acc)
-    gx = _rows_out(frame, 1, x_dtype, c) if want_x else np.empty((1, c), x_dtype)
-    k = p.shape[0]
-    al = _readonly(np.ascontiguousarray(p[3:3 + c])) if weighted else _readonly(np.empty(0, acc))
-    softmax_focal(x, c, t, c, y, c, loss, gx, gt, (p[0], p[1], p[2], p[k - 1], acc(1)), al, ign, dense, want_x,
-                  want_t, threads)
-
-
-def focal_handler(x_dtype, o_dtype, acc, dense, weighted, want_x, want_t):
+def focal_handler(x_dtype, o_dtype, acc, dense, weighted):
     """Handler for the softmax focal loss: args (x (..., C), labels (...) or targets (..., C),
-    params [γ, ε, α, (C per-class α when ``weighted``,) scale]), attributes (ignore_index, threads),
-    results (loss (...), [grad x], [grad targets])."""
-    if dense:
-        def run(frame):
-            _, _, c = _buffer(frame, _ARGS, 0)
-            gt = _rows_out(frame, 1 + want_x, o_dtype, c) if want_t else np.empty((1, c), o_dtype)
-            _focal_run(frame, x_dtype, acc, _flat_in(frame, 1, o_dtype), _readonly(np.zeros(1, np.int64)), gt, True,
-                       weighted, want_x, want_t)
-    else:
-        def run(frame):
-            _, _, c = _buffer(frame, _ARGS, 0)
+    params [γ, ε, α, (C per-class α when ``weighted``,) scale]), attributes (dense, ignore_index,
+    threads, want_other, want_x), results (loss (...), [grad x], [grad targets])."""
+    def handler(frame):
+        if _answer_metadata(frame):
+            return 0
+        _, n, c = _buffer(frame, _ARGS, 0)
+        x = _flat_in(frame, 0, x_dtype)
+        p = _flat_in(frame, 2, acc)
+        # ``dense`` decides the types read (above, a constant); the kernel takes it as a plain bool.
+        is_dense, ign, threads = _attr(frame, 0) != 0, _attr(frame, 1), _attr(frame, 2)
+        want_t, want_x = _attr(frame, 3) != 0, _attr(frame, 4) != 0
+        loss = _flat_out(frame, 0, acc)
+        gx = _rows_out(frame, 1, x_dtype, c) if want_x else np.empty((1, c), x_dtype)
+        k = p.shape[0]
+        al = _readonly(np.ascontiguousarray(p[3:3 + c])) if weighted else _readonly(np.empty(0, acc))
+        opts = (p[0], p[1], p[2], p[k - 1], acc(1))
+        if dense:
+            t = _flat_in(frame, 1, o_dtype)
+            gt = _rows_out(frame, 1 + np.int64(want_x), o_dtype, c) if want_t else np.empty((1, c), o_dtype)
+            softmax_focal(x, c, t, c, _readonly(np.zeros(1, np.int64)), c, loss, gx, gt, opts, al, ign, is_dense,
+                          want_x, want_t, threads)
+        else:
             y = _readonly(_flat_in(frame, 1, o_dtype).astype(np.int64))
-            _focal_run(frame, x_dtype, acc, _readonly(np.zeros(1, acc)), y, np.empty((1, c), acc), False, weighted,
-                       want_x, False)
-    return _handler(run)
+            softmax_focal(x, c, _readonly(np.zeros(1, acc)), c, y, c, loss, gx, np.empty((1, c), acc), opts, al, ign,
+                          is_dense, want_x, want_t, threads)
+        return 0
+    return _cfunc(handler, "focal", x_dtype, o_dtype, acc, dense, weighted)
 
 
-# ----------------------------------------------------------------------------- elementwise
-def elementwise_handler(loss, x_dtype, t_dtype, acc, want_values, want_x, want_t):
+def elementwise_handler(loss, x_dtype, t_dtype, acc):
     """Handler for sigmoid CE (params [ε, scale]), squared error (params [scale]), Huber (params
     [δ, scale]) and sigmoid focal (params [γ, α, balance, ε, scale]): args (x, targets, params),
-    results (per-element values if ``want_values`` else per-block partial sums (ceil(n / BLOCK),),
-    [grad x], [grad targets])."""
+    attributes (want_other, want_values, want_x), results (per-element values if ``want_values``
+    else per-block partial sums (ceil(n / BLOCK),), [grad x], [grad targets])."""
     kind = ("sigmoid_cross_entropy", "squared_error", "huber", "sigmoid_focal").index(loss)  # a literal in the body
 
-    def run(frame):
+    def handler(frame):
+        if _answer_metadata(frame):
+            return 0
         _, rows, last = _buffer(frame, _ARGS, 0)
         n = rows * last
         x = _flat_in(frame, 0, x_dtype)
         t = _flat_in(frame, 1, t_dtype)
         p = _flat_in(frame, 2, acc)
+        want_t, want_values, want_x = _attr(frame, 0) != 0, _attr(frame, 1) != 0, _attr(frame, 2) != 0
         first = _flat_out(frame, 0, acc)
         vals = first if want_values else np.empty(1, acc)
         partial = np.empty((n + BLOCK - 1) // BLOCK, acc) if want_values else first
         gx = _flat_out(frame, 1, x_dtype) if want_x else np.empty(1, x_dtype)
-        gt = _flat_out(frame, 1 + want_x, t_dtype) if want_t else np.empty(1, t_dtype)
+        gt = _flat_out(frame, 1 + np.int64(want_x), t_dtype) if want_t else np.empty(1, t_dtype)
         if kind == 0:
             sigmoid_cross_entropy(x, t, vals, partial, gx, gt, p[0], SIGMOID_COEF, p[1], want_values, want_x,
                                   want_t)
@@ -274,16 +296,37 @@ def elementwise_handler(loss, x_dtype, t_dtype, acc, want_values, want_x, want_t
         else:
             sigmoid_focal(x, t, vals, partial, gx, gt, p[0], p[1], p[2], p[3], SIGMOID_COEF, p[4], want_values,
                           want_x, want_t)
-    return _handler(run)
+        return 0
+    return _cfunc(handler, loss, x_dtype, t_dtype, acc)
 
 
-def _handler(run):
-    body = njit(run)
+def _sources_digest():
+    """A digest of this package's sources. A cached handler holds the machine code of every kernel
+    it calls, while Numba's cache checks only the time stamp of the file that defines the handler
+    (this one): the digest in each handler's cache name keeps an edited kernel from being served
+    by a stale handler."""
+    if not _DIGEST:
+        h = hashlib.sha256()
+        here = os.path.dirname(os.path.abspath(__file__))
+        for name in sorted(os.listdir(here)):
+            if name.endswith(".py"):
+                with open(os.path.join(here, name), "rb") as f:
+                    h.update(name.encode() + b"\0" + f.read())
+        _DIGEST.append(h.hexdigest()[:16])
+    return _DIGEST[0]
 
-    def handler(frame):
-        if _answer_metadata(frame):
-            return 0
-        body(frame)
-        return 0  # NULL: success
-    # The pointer-sized argument and result of XLA_FFI_Handler, as integers (same ABI).
-    return cfunc(types.int64(types.int64), nopython=True, error_model="numpy")(handler)
+
+def _cfunc(handler, *variant):
+    """The handler as a C function ``int64 (int64)`` (XLA_FFI_Handler's pointer-sized argument and
+    result, as integers: the same ABI), returning 0 (NULL: success), cached on disk.
+
+    Each variant gets its own cache entry name (Numba names an entry by the function's qualified
+    name): a handler's type is always int64(int64), so two variants that shared a name could only
+    be told apart by the closure values hashed in the index key, and two processes writing that
+    shared index at once can pair a key with the other's data file. Loading a cached handler is
+    safe once Numba's threading layer has launched (``fastloss._numpy.threads.layer()``, which
+    the caller runs first): before that, the parallel kernels' runtime symbols are unresolved and a
+    cached handler that calls them crashes when loaded (numba issue 8578)."""
+    parts = [v.__name__ if isinstance(v, type) else str(v) for v in variant]
+    handler.__qualname__ = handler.__name__ = "handler_" + "_".join(parts + [_sources_digest()])
+    return cfunc(types.int64(types.int64), nopython=True, error_model="numpy", cache=True)(handler)
