@@ -160,9 +160,13 @@ def _grad_names(grad_dtype, *names):
 
 
 # ---------------------------------------------------------------------------- loss runners
-def sparse_cross_entropy(x, labels, opts, want_x, want_other, *, grad_dtype=None, grad_scale=None, in_place=False):
+def sparse_cross_entropy(x, labels, opts, want_x, want_other, *, grad_dtype=None, grad_scale=None, in_place=False,
+                         labels_checked=False):
     """Sparse softmax CE. ``grad_scale``: d total / d row set by the caller (a chunk of a larger
-    "mean"); ``in_place``: the gradient may overwrite ``x`` (a temporary the caller owns)."""
+    "mean"); ``in_place``: the gradient may overwrite ``x`` (a temporary the caller owns);
+    ``labels_checked``: the caller checked the label range already. Accepted as the Triton
+    launcher's is; it costs nothing to honour here: the kernel flags a bad label as it reads it,
+    and only then is the range checked, for the error message."""
     name = dtype_name(x)
     acc = _acc(name)
     n_cls = x.shape[-1]
@@ -197,7 +201,7 @@ def sparse_cross_entropy(x, labels, opts, want_x, want_other, *, grad_dtype=None
         bad = K.sparse_split(xv, stride, n_cls, y, loss, lse, g2, kopts, ign, want_x, chunks, threads)
     else:
         bad = K.SPARSE[path](xv, stride, n_cls, y, loss, lse, g2, kopts, w, ign, want_x, threads)
-    if bad:
+    if bad and not labels_checked:
         R.check_label_range(y, n_cls, opts["ignore_index"])
     value = _reduce(loss, opts["reduction"], count, acc, out, tuple(x.shape[:-1]))
     return value, (out.finish(g_obj, gname) if want_x else None), None
@@ -381,6 +385,7 @@ def linear_cross_entropy(h, w, y, b, opts):
         z = h2[lo:lo + rows] @ w2.T
         if b2 is not None:
             z += b2
-        values[lo:lo + rows] = sparse_cross_entropy(z, y2[lo:lo + rows], chunk_opts, False, False)[0]
+        values[lo:lo + rows] = sparse_cross_entropy(z, y2[lo:lo + rows], chunk_opts, False, False,
+                                                    labels_checked=True)[0]
     count = int(R.mean_count(y2, opts["ignore_index"], w2.shape[0], xp=np))
     return _reduce(values, opts["reduction"], count, acc, _Out(values), lead)

@@ -50,12 +50,10 @@ def _opts(params, ignore_index):
 def _ce_chunk(z, y, opts, scale, backend):
     """(rows' losses (acc dtype), G over z's memory | None) from the fused sparse CE kernel."""
     launch = launchers(backend, z)
-    # in_place: the gradient overwrites the chunk's logits (a temporary). The Triton launcher checks
-    # labels eagerly (a host sync); the whole label array was checked once already, so not per chunk.
-    # (The Numba kernel reports a bad label itself: no separate check to skip.)
-    extra = dict(labels_checked=True) if launch.__name__ == f"{__package__}.launch" else {}
+    # in_place: the gradient overwrites the chunk's logits (a temporary). labels_checked: the whole
+    # label array was checked once already, so no check (on a GPU a host sync) per chunk.
     values, g, _ = launch.sparse_cross_entropy(z, y, opts, scale is not None, False, grad_scale=scale,
-                                               in_place=scale is not None, **extra)
+                                               in_place=scale is not None, labels_checked=True)
     return values, g
 
 
