@@ -75,12 +75,16 @@ def _readonly(typingctx, arr):
     return sig, codegen
 
 
-@njit(inline="always")
+# The frame readers below are ordinary cached functions, not inline="always": Numba's IR inlining
+# deep-copies each body into every handler, which made a handler's first build 2-3 times slower
+# (bfloat16 sigmoid focal 7.3 s -> 3.1 s, float32 sparse 4.6 s -> 2.1 s, kernels cached); LLVM
+# still inlines them when the handler is linked.
+@njit(cache=True)
 def _words(addr, n):
     return carray(_ptr(addr, np.int64), (n,))
 
 
-@njit(inline="always")
+@njit(cache=True)
 def _answer_metadata(frame):
     """True (and the metadata filled in) when this call is XLA's API-version query."""
     ext = _words(frame, 22)[_EXT]
@@ -97,7 +101,7 @@ def _answer_metadata(frame):
     return True
 
 
-@njit(inline="always")
+@njit(cache=True)
 def _buffer(frame, which, k):
     """(data address, rows, last dimension) of argument (which=_ARGS) or result (_RETS) k."""
     b = _words(_words(_words(frame, 22)[which], k + 1)[k], 6)
@@ -110,26 +114,26 @@ def _buffer(frame, which, k):
     return b[3], rows, last
 
 
-@njit(inline="always")
+@njit(cache=True)
 def _attr(frame, k):
     """Scalar int64 attribute k (attributes sorted by name)."""
     a = _words(_words(frame, 22)[_ATTRS], k + 1)[k]
     return _words(_words(a, 2)[1], 1)[0]
 
 
-@njit(inline="always")
+@njit(cache=True)
 def _flat_in(frame, k, dtype):
     addr, rows, last = _buffer(frame, _ARGS, k)
     return _readonly(carray(_ptr(addr, dtype), (rows * last,)))
 
 
-@njit(inline="always")
+@njit(cache=True)
 def _flat_out(frame, k, dtype):
     addr, rows, last = _buffer(frame, _RETS, k)
     return carray(_ptr(addr, dtype), (rows * last,))
 
 
-@njit(inline="always")
+@njit(cache=True)
 def _rows_out(frame, k, dtype, c):
     addr, rows, last = _buffer(frame, _RETS, k)
     return carray(_ptr(addr, dtype), (rows * last // c, c))
