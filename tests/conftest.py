@@ -47,6 +47,13 @@ def _pallas_covers(item):
         (loss is None or loss in H.PALLAS_LOSSES)
 
 
+def _needed(item, harness):
+    if harness == "pallas-jax" and not _pallas_covers(item):
+        return False
+    # Forward-only programs exist under jit; the eager harnesses run the loss alone in every test.
+    return item.originalname != "test_forward_only_programs" or harness in ("numba-jax", "pallas-jax")
+
+
 def pytest_collection_modifyitems(config, items):
     kept, dropped = [], []
     for item in items:
@@ -54,7 +61,7 @@ def pytest_collection_modifyitems(config, items):
         harness = callspec.params.get("harness") if callspec is not None else None
         if harness in ("triton", "pallas-jax"):
             item.add_marker(pytest.mark.triton)
-        (dropped if harness == "pallas-jax" and not _pallas_covers(item) else kept).append(item)
+        (kept if harness is None or _needed(item, harness) else dropped).append(item)
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = kept

@@ -138,6 +138,20 @@ def test_shapes_and_dtypes(harness, loss, shape, dtype):
     check(harness, loss, x, other, dtype, opts)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("loss", [SPARSE, DENSE, SIGMOID, MSE, HUBER, FOCAL])
+def test_forward_only_programs(harness, loss, dtype):
+    # The loss alone, no gradient asked for: under jit a program of its own (the kernels skip the
+    # gradient store), which the other tests, computing value and gradient in one program, do not run.
+    # The eager harnesses run the loss alone in every test already (tests/conftest.py keeps this
+    # test for the jitted ones only).
+    opts = {SPARSE: dict(temperature=0.7, label_smoothing=0.1, z_loss=1e-4), DENSE: dict(temperature=1.3),
+            FOCAL: dict(gamma=1.5, apply_class_balancing=True)}.get(loss, {})
+    x, other = make_inputs(loss, (5, 37), ignore_frac=0.2 if loss == SPARSE else 0.0)
+    for reduction in ("mean", "none"):
+        check(harness, loss, x, other, dtype, dict(opts, reduction=reduction), grads=False)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_float64_is_exact(harness, reduction):
     x, y = make_inputs(SPARSE, (9, 31), seed=3, ignore_frac=0.2)
