@@ -102,3 +102,27 @@ def test_torch_tensor_on_jax_backend_is_a_type_error():
     torch = pytest.importorskip("torch")
     with pytest.raises(TypeError, match="torch"):
         fastloss.mean_squared_error(torch.ones(3), torch.ones(3), backend="jax")
+
+
+def test_ffi_handler_serves_forward_and_backward_and_is_cached_on_disk():
+    # One handler per type signature: the jitted loss and its gradient share it, and a new process
+    # loads it from Numba's disk cache instead of building it (docs/jax.md, "The FFI handlers").
+    import os
+    import subprocess
+    import sys
+    from fastloss import _dispatch
+    if _dispatch.unavailable_reason("numba") is not None:
+        pytest.skip("numba is not available")
+    code = ("import jax, jax.numpy as jnp, numpy as np, fastloss\n"
+            "from fastloss._jax import ffi\n"
+            "x = jnp.asarray(np.random.rand(6, 300), jnp.float32); y = jnp.arange(6) % 300\n"
+            "f = lambda a, b: fastloss.sparse_softmax_cross_entropy(a, b, backend='numba')\n"
+            "jax.jit(f)(x, y).block_until_ready(); jax.jit(jax.grad(f))(x, y).block_until_ready()\n"
+            "print(len(ffi._HANDLERS), sum(h.cache_hits for h in ffi._HANDLERS.values()))\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=root)
+            for _ in range(2)]
+    assert all(r.returncode == 0 for r in runs), runs[0].stderr[-2000:] + runs[1].stderr[-2000:]
+    handlers, hits = (int(v) for v in runs[1].stdout.split()[-2:])
+    assert runs[0].stdout.split()[-2] == "1" and handlers == 1  # forward and gradient: one handler
+    assert hits == 1  # the second process loaded it
