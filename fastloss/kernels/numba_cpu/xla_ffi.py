@@ -139,6 +139,14 @@ def _rows_out(frame, k, dtype, c):
     return carray(_ptr(addr, dtype), (rows * last // c, c))
 
 
+@njit(cache=True)
+def _grads_out(frame, c, x_dtype, o_dtype, want_x, want_o):
+    """The (rows, C) gradients of the first and the second input: results 1 and 1 + want_x, each
+    only when wanted (a one-row dummy otherwise, which the kernels never write)."""
+    gx = _rows_out(frame, 1, x_dtype, c) if want_x else np.empty((1, c), x_dtype)
+    go = _rows_out(frame, 1 + np.int64(want_x), o_dtype, c) if want_o else np.empty((1, c), o_dtype)
+    return gx, go
+
 # The handlers. Each builder returns a C function specialised on what changes the types it reads
 # (dtypes, the kernel path, whether class weights or labels come in); what only changes which
 # buffers are written (want_x, want_other, want_values, has_labels, dense) arrives as an int64
@@ -204,8 +212,7 @@ def dense_handler(path, x_dtype, t_dtype, acc):
         threads, want_t, want_x = _attr(frame, 0), _attr(frame, 1) != 0, _attr(frame, 2) != 0
         loss = _flat_out(frame, 0, acc)
         lse = np.empty(n, acc)
-        gx = _rows_out(frame, 1, x_dtype, c) if want_x else np.empty((1, c), x_dtype)
-        gt = _rows_out(frame, 1 + np.int64(want_x), t_dtype, c) if want_t else np.empty((1, c), t_dtype)
+        gx, gt = _grads_out(frame, c, x_dtype, t_dtype, want_x, want_t)
         opts = (acc(1) / p[0], p[1], p[2])
         if path == "tiny":
             dense_tiny(x, t, c, loss, lse, gx, gt, opts, want_x, want_t, threads)
@@ -230,8 +237,7 @@ def distill_handler(s_dtype, t_dtype, y_dtype, acc):
         div, has_labels, ign, threads = _attr(frame, 0), _attr(frame, 1) != 0, _attr(frame, 2), _attr(frame, 3)
         want_t, want_s = _attr(frame, 4) != 0, _attr(frame, 5) != 0
         loss = _flat_out(frame, 0, acc)
-        gs = _rows_out(frame, 1, s_dtype, c) if want_s else np.empty((1, c), s_dtype)
-        gt = _rows_out(frame, 1 + np.int64(want_s), t_dtype, c) if want_t else np.empty((1, c), t_dtype)
+        gs, gt = _grads_out(frame, c, s_dtype, t_dtype, want_s, want_t)
         distill_rows(s, c, t, c, c, y, loss, gs, gt, (p[0], p[1], p[2], p[3]), div, ign, has_labels, want_s,
                      want_t, threads)
         return 0
@@ -252,18 +258,18 @@ def focal_handler(x_dtype, o_dtype, acc, dense, weighted):
         is_dense, ign, threads = _attr(frame, 0) != 0, _attr(frame, 1), _attr(frame, 2)
         want_t, want_x = _attr(frame, 3) != 0, _attr(frame, 4) != 0
         loss = _flat_out(frame, 0, acc)
-        gx = _rows_out(frame, 1, x_dtype, c) if want_x else np.empty((1, c), x_dtype)
         k = p.shape[0]
         al = _readonly(np.ascontiguousarray(p[3:3 + c])) if weighted else _readonly(np.empty(0, acc))
         opts = (p[0], p[1], p[2], p[k - 1], acc(1))
         if dense:
             t = _flat_in(frame, 1, o_dtype)
-            gt = _rows_out(frame, 1 + np.int64(want_x), o_dtype, c) if want_t else np.empty((1, c), o_dtype)
+            gx, gt = _grads_out(frame, c, x_dtype, o_dtype, want_x, want_t)
             softmax_focal(x, c, t, c, _readonly(np.zeros(1, np.int64)), c, loss, gx, gt, opts, al, ign, is_dense,
                           want_x, want_t, threads)
         else:
             y = _readonly(_flat_in(frame, 1, o_dtype).astype(np.int64))
-            softmax_focal(x, c, _readonly(np.zeros(1, acc)), c, y, c, loss, gx, np.empty((1, c), acc), opts, al, ign,
+            gx, gt = _grads_out(frame, c, x_dtype, acc, want_x, want_t)  # no target gradient with labels
+            softmax_focal(x, c, _readonly(np.zeros(1, acc)), c, y, c, loss, gx, gt, opts, al, ign,
                           is_dense, want_x, want_t, threads)
         return 0
     return _cfunc(handler, "focal", x_dtype, o_dtype, acc, dense, weighted)
