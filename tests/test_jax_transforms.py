@@ -344,7 +344,7 @@ _EXIT_IN_FLIGHT = textwrap.dedent("""
 
 
 def test_process_exits_with_a_kernel_still_in_flight():
-    # Regression: the process hung at exit in XLA's CPU client destructor (fastloss/_jax_ffi._at_exit).
+    # Regression: the process hung at exit in XLA's CPU client destructor (fastloss/_jax/ffi._at_exit).
     for _ in range(2):
         proc = subprocess.run([sys.executable, "-c", _EXIT_IN_FLIGHT], capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr[-3000:]

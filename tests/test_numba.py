@@ -16,13 +16,14 @@ from .support import reference as R
 numba = pytest.importorskip("numba")
 from fastloss.kernels import numba_cpu as K  # noqa: E402
 from fastloss.kernels.numba_cpu import approx, base, halfio, intrinsics, plan, rowstats  # noqa: E402
+from fastloss.kernels.numba_cpu.options import DenseOptions, SparseOptions  # noqa: E402
 
 
 def _sparse_ce(x, stride, c, y, loss, lse, g, inv_t, eps, ignore_index, z_loss, scale, want_grad, n_chunks,
                n_workers, short_rows):
     """One call naming the path: split rows (n_chunks > 1), short rows (tiny groups when C <= TINY_ROW
     and rows are back to back) or the block-online path; returns the count of bad labels."""
-    opts = (inv_t, eps, z_loss, inv_t * 0, scale)  # no softcap
+    opts = SparseOptions(inv_t, eps, z_loss, inv_t * 0, scale)  # no softcap
     if n_chunks > 1:
         return K.sparse_split(x, stride, c, y, loss, lse, g, opts, ignore_index, want_grad, n_chunks, n_workers)
     if short_rows and c <= plan.TINY_ROW and stride == c:
@@ -32,7 +33,7 @@ def _sparse_ce(x, stride, c, y, loss, lse, g, inv_t, eps, ignore_index, z_loss, 
 
 
 def _dense_ce(x, x_stride, t, t_stride, c, loss, lse, gx, gt, inv_t, eps, scale, want_gx, want_gt, n_workers):
-    opts = (inv_t, eps, scale)
+    opts = DenseOptions(inv_t, eps, scale)
     if plan.dense_path(c, x_stride, t_stride) == "tiny":
         return K.dense_tiny(x, t, c, loss, lse, gx, gt, opts, want_gx, want_gt, n_workers)
     return K.dense_blocks(x, x_stride, t, t_stride, c, loss, lse, gx, gt, opts, want_gx, want_gt, n_workers)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -16,20 +17,27 @@ from ..kernels import jax_xla as K
 from .common import check_labels_eagerly, check_not_torch, is_zero, numpy_out, option_value, x64_context
 from .losses import reduce_rows
 
-# spec = (divergence, ignore_index, has_labels, reduction, provider); params = [T, α, β, scale].
+
+class DistillCall(NamedTuple):
+    """The static part of a call (a jit static argument; hashable). The traced options travel in
+    ``params`` (``jax_xla.pack_params``: T, α, β and the scale)."""
+    divergence: str
+    ignore_index: object
+    has_labels: bool
+    reduction: str
+    provider: str
 
 
 def _distill_xla(spec, s, t, labels, params, want_s, want_t):
-    divergence, ignore_index, has_labels, _, _ = spec
-    return K.distillation(s, t, labels, params, divergence, ignore_index, has_labels, want_s=want_s, want_t=want_t)
+    return K.distillation(s, t, labels, params, spec.divergence, spec.ignore_index, spec.has_labels, want_s=want_s,
+                          want_t=want_t)
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(0, 5, 6))
 def _distill_numba(spec, s, t, labels, params, want_s, want_t):
     from . import ffi
-    divergence, ignore_index, has_labels, _, _ = spec
-    return ffi.distillation(s, t, labels, params, divergence, ignore_index, has_labels, want_s=want_s,
-                            want_t=want_t)
+    return ffi.distillation(s, t, labels, params, spec.divergence, spec.ignore_index, spec.has_labels,
+                            want_s=want_s, want_t=want_t)
 
 
 @_distill_numba.defjvp
@@ -39,7 +47,7 @@ def _distill_numba_jvp(spec, want_s, want_t, primals, tangents):
 
 
 def _distill_kernel(spec, s, t, labels, params, want_s, want_t):
-    provider = spec[4]
+    provider = spec.provider
     if provider in ("xla", "auto-gpu"):  # no Pallas distillation kernel (yet): XLA off the CPU
         return _distill_xla(spec, s, t, labels, params, want_s, want_t)
     if provider == "numba":
@@ -53,7 +61,11 @@ def _distill_kernel(spec, s, t, labels, params, want_s, want_t):
 @partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _distill_loss(spec, s, t, labels, params):
     values, _, _ = _distill_kernel(spec, s, t, labels, params, False, False)
-    return reduce_rows(values, params, spec[3])
+    return reduce_rows(values, _scale(params), spec.reduction)
+
+
+def _scale(params):
+    return K.unpack_params(params, len(DISTILLATION.options)).scale
 
 
 @partial(_distill_loss.defjvp, symbolic_zeros=True)
@@ -62,8 +74,8 @@ def _distill_loss_jvp(spec, primals, tangents):
     ds, dt, _, d_params = tangents
     want_s, want_t = not is_zero(ds), not is_zero(dt)
     values, gs, gt = _distill_kernel(spec, s, t, labels, params, want_s, want_t)
-    reduction = spec[3]
-    out = reduce_rows(values, params, reduction)
+    reduction = spec.reduction
+    out = reduce_rows(values, _scale(params), reduction)
     tangent = jnp.zeros_like(out)
     for g, dv in ((gs, ds), (gt, dt)):
         if g is not None:
@@ -73,14 +85,14 @@ def _distill_loss_jvp(spec, primals, tangents):
         # d loss / d (T, α, β): forward mode through the XLA formulation's rows (one more pass, only
         # when an option is being differentiated). The rows do not depend on the scale entry.
         rows = jax.jvp(lambda p: _distill_xla(spec, s, t, labels, p, False, False)[0], (params,), (d_params,))[1]
-        tangent = tangent + (rows if reduction == "none" else jnp.sum(rows) * (params[-1] if reduction == "mean"
+        tangent = tangent + (rows if reduction == "none" else jnp.sum(rows) * (_scale(params) if reduction == "mean"
                                                                                else 1.0))
     return out, tangent
 
 
 @partial(jax.jit, static_argnames=("spec",))
 def _distill_core(s, t, labels, options, *, spec):
-    _, ignore_index, has_labels, reduction, _ = spec
+    ignore_index, has_labels, reduction = spec.ignore_index, spec.has_labels, spec.reduction
     lead = s.shape[:-1]
     c = s.shape[-1]
     s2, t2 = s.reshape(-1, c), t.reshape(-1, c)
@@ -88,8 +100,7 @@ def _distill_core(s, t, labels, options, *, spec):
     acc = K.acc_dtype(s)
     count = R.mean_count(y, ignore_index, c, xp=jnp) if has_labels else math.prod(lead)
     scale = 1.0 / R.nonzero_or_one(jnp.asarray(count, acc), jnp) if reduction == "mean" else jnp.ones((), acc)
-    params = jnp.stack([option_value(v, o, acc) for o, v in zip(DISTILLATION.options, options)]
-                       + [scale]).astype(acc)
+    params = K.pack_params([option_value(v, o, acc) for o, v in zip(DISTILLATION.options, options)], scale)
     out = _distill_loss(spec, s2, t2, y, params)
     return out.reshape(lead) if reduction == "none" else out
 
@@ -103,7 +114,7 @@ def run(s, t, labels, opts, provider, want_s):
     if has_labels:
         check_not_torch(labels, "labels")
         check_labels_eagerly(labels, s.shape[-1], opts["ignore_index"])
-    spec = (opts["divergence"], opts["ignore_index"], has_labels, opts["reduction"], provider)
+    spec = DistillCall(opts["divergence"], opts["ignore_index"], has_labels, opts["reduction"], provider)
     options = tuple(opts[k] for k in DISTILLATION.option_names)
     ctx, numpy_in = x64_context(s, t)
     with ctx:

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import _reduction as R
+from ..kernels import jax_xla as K
 from ..kernels.numba_cpu import BLOCK, plan
 from .common import varying_like
 
@@ -130,6 +131,17 @@ def _acc(x):
     return np.float64 if x.dtype == jnp.float64 else np.float32
 
 
+def _outs(first, x, other, want_x, want_other):
+    """The results a handler writes: ``first`` (values), then the gradients asked for."""
+    return ([first] + ([jax.ShapeDtypeStruct(x.shape, x.dtype)] if want_x else [])
+            + ([jax.ShapeDtypeStruct(other.shape, other.dtype)] if want_other else []))
+
+
+def _results(res, want_x, want_other):
+    """(values, grad_x | None, grad_other | None) from the results of ``_outs``."""
+    return res[0], (res[1] if want_x else None), (res[1 + want_x] if want_other else None)
+
+
 def _call(name, outs, args, alias_grad, **attrs):
     # alias_grad only for kernels that read each logit before writing its gradient and never after
     # (the callers say which): the gradient takes the logits' buffer (input 0 -> output 1) when XLA can give it: in a
@@ -146,7 +158,7 @@ def _call(name, outs, args, alias_grad, **attrs):
 
 def sparse_cross_entropy(x, labels, params, ignore_index, softcap=None, weighted=False, *, want_x=True,
                          want_other=False):
-    """params: [T, ε, z_loss, (C class weights,) scale], as jax_xla.sparse_cross_entropy."""
+    """params: the option pack of jax_xla.sparse_cross_entropy (T, ε, z_loss, scale, weights)."""
     from ..kernels.numba_cpu import xla_ffi
     labels = _labels(labels)
     n, c = x.shape
@@ -156,14 +168,15 @@ def sparse_cross_entropy(x, labels, params, ignore_index, softcap=None, weighted
     xs, ys = _storage(x.dtype), _storage(labels.dtype)
     key = ("sparse", path, np.dtype(xs).name, np.dtype(ys).name, np.dtype(acc).name, int(weighted))
     name = _target(key, lambda: xla_ffi.sparse_handler(path, xs, ys, acc, weighted))
-    outs = [jax.ShapeDtypeStruct((n,), acc)] + ([jax.ShapeDtypeStruct(x.shape, x.dtype)] if want_x else [])
-    # The kernel's params carry the softcap (a static option here) after the first three.
-    p = params.astype(acc)
-    p = jnp.concatenate([p[:3], jnp.full((1,), softcap or 0.0, acc), p[3:]])
+    outs = _outs(jax.ShapeDtypeStruct((n,), acc), x, None, want_x, False)
+    # The handler reads the softcap (a static option here) as a fourth option: [T, ε, z_loss, cap,
+    # scale, (C class weights)].
+    pp = K.unpack_params(params.astype(acc), 3, weighted)
+    p = K.pack_params(pp.options + (jnp.asarray(softcap or 0.0, acc),), pp.scale, pp.weights)
     # In place only on the paths that never read a logit after writing its row's gradient.
     res = _call(name, outs, (x, labels, p), want_x and path in ("short", "blocks"),
                 ignore_index=R.kernel_ignore_index(ignore_index), n_chunks=chunks, threads=threads, want_x=want_x)
-    return res[0], (res[1] if want_x else None), None
+    return _results(res, want_x, False)
 
 
 def _with_other(kind, build, x, other, params, want_x, want_other, outs0, in_place, **attrs):
@@ -171,13 +184,10 @@ def _with_other(kind, build, x, other, params, want_x, want_other, outs0, in_pla
     xs, ts = _storage(x.dtype), _storage(other.dtype)
     key = (kind, np.dtype(xs).name, np.dtype(ts).name, np.dtype(acc).name)
     name = _target(key, lambda: build(xs, ts, acc))
-    outs = ([outs0] + ([jax.ShapeDtypeStruct(x.shape, x.dtype)] if want_x else [])
-            + ([jax.ShapeDtypeStruct(other.shape, other.dtype)] if want_other else []))
+    outs = _outs(outs0, x, other, want_x, want_other)
     res = _call(name, outs, (x, other, params.astype(acc)), want_x and in_place, want_x=want_x, want_other=want_other,
                 **attrs)
-    gx = res[1] if want_x else None
-    go = res[1 + want_x] if want_other else None
-    return res[0], gx, go
+    return _results(res, want_x, want_other)
 
 
 def softmax_cross_entropy(x, targets, params, *, want_x=True, want_other=False):
@@ -216,13 +226,12 @@ def distillation(s, t, labels, params, divergence, ignore_index, has_labels, *, 
     ss, ts, ys = _storage(s.dtype), _storage(t.dtype), _storage(labels.dtype)
     key = ("distill", np.dtype(ss).name, np.dtype(ts).name, np.dtype(ys).name, np.dtype(acc).name)
     name = _target(key, lambda: xla_ffi.distill_handler(ss, ts, ys, acc))
-    outs = ([jax.ShapeDtypeStruct((n,), acc)] + ([jax.ShapeDtypeStruct(s.shape, s.dtype)] if want_s else [])
-            + ([jax.ShapeDtypeStruct(t.shape, t.dtype)] if want_t else []))
+    outs = _outs(jax.ShapeDtypeStruct((n,), acc), s, t, want_s, want_t)
     # Every read of a student row comes before that row's gradient is written: in place is safe.
     res = _call(name, outs, (s, t, labels, params.astype(acc)), want_s, div=DIVERGENCES[divergence],
                 has_labels=has_labels, ignore_index=R.kernel_ignore_index(ignore_index), threads=_threads(),
                 want_other=want_t, want_x=want_s)
-    return res[0], (res[1] if want_s else None), (res[1 + want_s] if want_t else None)
+    return _results(res, want_s, want_t)
 
 
 def softmax_focal(x, other, params, ignore_index=None, weighted=False, *, want_x=True, want_other=False):
@@ -237,9 +246,8 @@ def softmax_focal(x, other, params, ignore_index=None, weighted=False, *, want_x
     xs, os_ = _storage(x.dtype), _storage(other.dtype)
     key = ("focal", np.dtype(xs).name, np.dtype(os_).name, np.dtype(acc).name, int(dense), int(weighted))
     name = _target(key, lambda: xla_ffi.focal_handler(xs, os_, acc, dense, weighted))
-    outs = ([jax.ShapeDtypeStruct((n,), acc)] + ([jax.ShapeDtypeStruct(x.shape, x.dtype)] if want_x else [])
-            + ([jax.ShapeDtypeStruct(other.shape, other.dtype)] if want_t else []))
+    outs = _outs(jax.ShapeDtypeStruct((n,), acc), x, other, want_x, want_t)
     # Each row's logits are read (statistics, terms) before its gradient is written: in place is safe.
     res = _call(name, outs, (x, other, params.astype(acc)), want_x, dense=dense,
                 ignore_index=R.kernel_ignore_index(ignore_index), threads=_threads(), want_other=want_t, want_x=want_x)
-    return res[0], (res[1] if want_x else None), (res[1 + want_x] if want_t else None)
+    return _results(res, want_x, want_t)

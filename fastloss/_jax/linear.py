@@ -52,7 +52,7 @@ class Config(NamedTuple):
 
 
 def _ce_call(cfg):
-    """The chunk's sparse cross-entropy: the gradients of ``params[-1] * Σ rows``."""
+    """The chunk's sparse cross-entropy: the gradients of ``scale * Σ rows`` (the pack's scale)."""
     return Call(SPARSE_CE, (("ignore_index", cfg.ignore_index), ("softcap", None), ("weighted", False)), "sum",
                 cfg.provider)
 
@@ -69,7 +69,7 @@ _ALL = (True, True, True)
 
 def _chunk(cfg, w, b, params, h, y, row_w, want):
     """One chunk: (rows' losses, d h_c, d W contribution, d b contribution); the gradients are
-    those of ``params[-1] * Σ rows`` (times ``row_w`` per row when given), each None unless
+    those of ``scale * Σ rows`` (the pack's scale; times ``row_w`` per row when given), each None unless
     ``want`` = (want_h, want_w, want_b) asks for it."""
     acc = params.dtype
     z = _logits(h, w, b, acc)
@@ -136,7 +136,11 @@ def _sweep(cfg, h, w, b, y, params, row_w, want):
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _linear_ce(cfg, h, w, b, y, params):
     values, _, _, _ = _sweep(cfg, h, w, b, y, params, None, _NONE)
-    return reduce_rows(values, params, cfg.reduction)
+    return reduce_rows(values, _scale(params), cfg.reduction)
+
+
+def _scale(params):
+    return K.unpack_params(params, len(LINEAR_CE.options)).scale
 
 
 def _linear_ce_fwd(cfg, h, w, b, y, params):
@@ -152,7 +156,7 @@ def _linear_ce_fwd(cfg, h, w, b, y, params):
     # The weight and bias gradients stay fp32 until the cotangent has scaled them (one rounding).
     # w[:0], b[:0]: empty slices that carry the inputs' types (their shard_map varying axes) to
     # the backward, which needs them to sum per-device gradients of a replicated head.
-    return reduce_rows(values, params, cfg.reduction), (gh, gw, gb, w[:0], None if b is None else b[:0])
+    return reduce_rows(values, _scale(params), cfg.reduction), (gh, gw, gb, w[:0], None if b is None else b[:0])
 
 
 def _sum_to_type_of(g, like):
@@ -192,7 +196,7 @@ def _core(h, w, b, y, options, *, cfg):
     count = R.mean_count(y2, cfg.ignore_index, w.shape[0], xp=jnp).astype(acc)
     scale = 1.0 / R.nonzero_or_one(count, jnp) if reduction == "mean" else jnp.ones((), acc)
     opts = [jax.lax.stop_gradient(option_value(v, o, acc)) for o, v in zip(LINEAR_CE.options, options)]
-    params = jnp.stack(opts + [scale]).astype(acc)
+    params = K.pack_params(opts, scale.astype(acc))
     out = _linear_ce(cfg, h2, w, b, y2, params)
     return out.reshape(lead) if reduction == "none" else out
 

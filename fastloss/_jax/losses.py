@@ -34,13 +34,18 @@ def unavailable_reason():
     return None  # importing this module (jax) is the only requirement
 
 
-def reduce_rows(values, params, reduction):
+def reduce_rows(values, scale, reduction):
     """The loss from a kernel's values: per row for "none", else the accurate total, times the
-    mean's 1/count (``params[-1]``, 1 for "sum"). Every loss here (and linear + CE) reduces so."""
+    mean's 1/count (the option pack's ``scale``, 1 for "sum"). Every loss here (and linear + CE)
+    reduces so."""
     if reduction == "none":
         return values
     total = K.accurate_sum(values)
-    return total * params[-1] if reduction == "mean" else total
+    return total * scale if reduction == "mean" else total
+
+
+def _scale(call, params):
+    return K.unpack_params(params, len(call.spec.options)).scale
 
 
 def _contract(g, dv, call):
@@ -67,7 +72,7 @@ def _wide_for_none(call, x, other):
 @partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _loss(call, x, other, params):
     values, _, _ = kernel(call, x, other, params, False, False)
-    return reduce_rows(values, params, call.reduction)
+    return reduce_rows(values, _scale(call, params), call.reduction)
 
 
 @partial(_loss.defjvp, symbolic_zeros=True)
@@ -77,7 +82,7 @@ def _loss_jvp(call, primals, tangents):
     want_x = not is_zero(dx)
     want_other = not is_zero(d_other) and not call.spec.has_labels
     values, gx, go = kernel(call, *_wide_for_none(call, x, other), params, want_x, want_other)
-    out = reduce_rows(values, params, call.reduction)
+    out = reduce_rows(values, _scale(call, params), call.reduction)
     tangent = jnp.zeros_like(out)
     if want_x:
         tangent = tangent + _contract(gx, dx, call)
@@ -87,7 +92,7 @@ def _loss_jvp(call, primals, tangents):
         # d loss / d option: per-row derivatives (XLA, one more pass, only when an option is
         # being differentiated) weighted like the rows.
         rows = _option_rows(call, x, other, params, d_params.astype(out.dtype))
-        tangent = tangent + (rows if call.reduction == "none" else jnp.sum(rows) * params[-1])
+        tangent = tangent + (rows if call.reduction == "none" else jnp.sum(rows) * _scale(call, params))
     return out, tangent
 
 
@@ -121,17 +126,16 @@ def _core(x, other, options, weight=None, *, call):
         x2, o2 = x.reshape(-1), other.reshape(-1)
     acc = K.acc_dtype(x)
     # Per-class weights (class weights, the focal loss's per-class α) are not differentiated (as in
-    # torch): they enter with stop_gradient, appended to the options.
-    weights = jnp.zeros((0,), acc) if weight is None else jax.lax.stop_gradient(jnp.asarray(weight, acc).reshape(-1))
+    # torch): they enter with stop_gradient.
+    weights = None if weight is None else jax.lax.stop_gradient(jnp.asarray(weight, acc).reshape(-1))
     if labelled:
         counted_by = weights if spec.weighted_mean and weight is not None else None
         count = R.mean_count(o2, call.kwargs["ignore_index"], x.shape[-1], counted_by, xp=jnp).astype(acc)
     else:
         count = jnp.asarray(math.prod(lead), acc)
     scale = 1.0 / R.nonzero_or_one(count, jnp) if call.reduction == "mean" else jnp.ones((), acc)
-    opts = (jnp.stack([option_value(v, o, acc) for o, v in zip(spec.options, options)]) if options
-            else jnp.zeros(0, acc))
-    params = jnp.concatenate([opts.astype(acc), weights, scale.reshape(1).astype(acc)])
+    params = K.pack_params([option_value(v, o, acc) for o, v in zip(spec.options, options)], scale.astype(acc),
+                           weights)
     out = _loss(call, x2, o2, params)
     return out.reshape(lead) if call.reduction == "none" else out
 

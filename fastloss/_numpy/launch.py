@@ -20,6 +20,8 @@ from . import buffers, threads
 threads.prefer_tbb()  # before Numba's first parallel launch: a fork-safe layer (threads.py)
 
 from ..kernels import numba_cpu as K  # noqa: E402 - after the threading layer is settled
+from ..kernels.numba_cpu.options import (dense_options, distill_options, focal_options,  # noqa: E402
+                                         sparse_options)
 from ..kernels.numba_cpu import plan  # noqa: E402
 
 
@@ -192,8 +194,8 @@ def sparse_cross_entropy(x, labels, opts, want_x, want_other, *, grad_dtype=None
         g.flags.writeable = True
     else:
         g_obj, g = out.empty(tuple(x.shape), gname) if want_x else (None, _dummy_rows(xv, n_cls))
-    kopts = (acc(1.0 / opts["temperature"]), acc(opts["label_smoothing"]), acc(opts["z_loss"]), acc(cap),
-             acc(grad_scale) if grad_scale is not None else _scale(opts["reduction"], count, acc))
+    scale = acc(grad_scale) if grad_scale is not None else _scale(opts["reduction"], count, acc)
+    kopts = sparse_options(acc(opts["temperature"]), acc(opts["label_smoothing"]), acc(opts["z_loss"]), acc(cap), scale)
     g2 = g.reshape(-1, n_cls)
     if path == "tiny":
         bad = K.sparse_tiny(xv, n_cls, y, loss, lse, g2, kopts, ign, want_x, threads)
@@ -249,7 +251,8 @@ def softmax_cross_entropy(x, t, opts, want_x, want_other, *, grad_dtype=None):
     gname, gtname = _grad_names(grad_dtype, name, tname)
     gx_obj, gx = out.empty(tuple(x.shape), gname) if want_x else (None, _dummy_rows(xv, n_cls))
     gt_obj, gt = out.empty(tuple(t.shape), gtname) if want_other else (None, _dummy_rows(tv, n_cls))
-    kopts = (acc(1.0 / opts["temperature"]), acc(opts["label_smoothing"]), _scale(opts["reduction"], n, acc))
+    kopts = dense_options(acc(opts["temperature"]), acc(opts["label_smoothing"]),
+                          _scale(opts["reduction"], n, acc))
     gx2, gt2 = gx.reshape(-1, n_cls), gt.reshape(-1, n_cls)
     if plan.dense_path(n_cls, x_stride, t_stride) == "tiny":
         K.dense_tiny(xv, tv, n_cls, loss, lse, gx2, gt2, kopts, want_x, want_other, _workers())
@@ -285,8 +288,8 @@ def softmax_focal(x, other, opts, want_x, want_other, *, grad_dtype=None):
     gx_obj, gx = out.empty(tuple(x.shape), gname) if want_x else (None, _dummy_rows(xv, n_cls))
     gt_obj, gt = out.empty(tuple(other.shape), gtname) if want_t else (None, _dummy_rows(tv, n_cls))
     alpha = _NO_WEIGHTS[acc] if opts.get("weight") is None else _class_array(opts["weight"], acc)
-    kopts = (acc(opts["gamma"]), acc(opts["label_smoothing"]), acc(opts["alpha"]),
-             _scale(opts["reduction"], count, acc), acc(1.0))
+    kopts = focal_options(acc(opts["gamma"]), acc(opts["label_smoothing"]), acc(opts["alpha"]),
+                          _scale(opts["reduction"], count, acc))
     bad = K.softmax_focal(xv, x_stride, tv, t_stride, y, n_cls, loss, gx.reshape(-1, n_cls), gt.reshape(-1, n_cls),
                           kopts, alpha, ign, dense, want_x, want_t, _workers())
     if bad:
@@ -351,7 +354,8 @@ def distillation(s, t, labels, opts, want_s, want_t, *, grad_dtype=None):
     gname, gtname = _grad_names(grad_dtype, name, dtype_name(t))
     gs_obj, gs = out.empty(tuple(s.shape), gname) if want_s else (None, _dummy_rows(sv, n_cls))
     gt_obj, gt = out.empty(tuple(t.shape), gtname) if want_t else (None, _dummy_rows(tv, n_cls))
-    kopts = (acc(opts["temperature"]), acc(opts["alpha"]), acc(opts["beta"]), _scale(opts["reduction"], count, acc))
+    kopts = distill_options(acc(opts["temperature"]), acc(opts["alpha"]), acc(opts["beta"]),
+                            _scale(opts["reduction"], count, acc))
     bad = K.distill_rows(sv, s_stride, tv, t_stride, n_cls, y, loss, gs.reshape(-1, n_cls), gt.reshape(-1, n_cls),
                          kopts, K.DIVERGENCES[opts["divergence"]], ign, has_labels, want_s, want_t, _workers())
     if bad:

@@ -16,6 +16,7 @@ try:  # import errors surface through unavailable_reason()
     import triton
 
     from ..kernels import triton_gpu as K
+    from ..kernels.triton_gpu import params as P
 except ImportError as _exc:  # pragma: no cover - exercised where triton is absent
     triton = None
     _IMPORT_ERROR = _exc
@@ -47,15 +48,24 @@ def _acc_dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _params(values, reduction, count, device, dtype):
-    """[*values, scale] in the accumulation dtype on the device; scale = d total / d row, from a
-    count that may itself be a device tensor (no host sync)."""
+def _scale(reduction, count, dtype):
+    """d total / d row: a number, or a 0-d device tensor for a device-side count (no host sync)."""
     if not isinstance(count, torch.Tensor):
-        return torch.tensor(list(values) + [R.mean_scale(reduction, count)], device=device, dtype=dtype)
-    head = torch.tensor(list(values) + [1.0], device=device, dtype=dtype)
-    if reduction == "mean":
-        head[-1:] = 1.0 / _at_least_one(count).to(dtype)
-    return head
+        return R.mean_scale(reduction, count)
+    return 1.0 / _at_least_one(count).to(dtype) if reduction == "mean" else 1.0
+
+
+def _params(pack, device, dtype):
+    """A kernel's option pack (``triton_gpu.params``) as its PARAMS vector: the fields in order,
+    in the accumulation dtype on the device. Numbers go in one host-to-device copy; 0-d device
+    tensors (a scale from a device-side count, Σ w) are copied in on the device."""
+    values = list(pack)
+    numbers = [0.0 if isinstance(v, torch.Tensor) else float(v) for v in values]
+    out = torch.tensor(numbers, device=device, dtype=dtype)
+    for i, v in enumerate(values):
+        if isinstance(v, torch.Tensor):
+            out[i] = v
+    return out
 
 
 def _grad_dtype(grad_dtype, like):
@@ -108,11 +118,10 @@ def sparse_cross_entropy(x, labels, opts, want_x, want_other, *, grad_dtype=None
         w = weight.detach().to(device=x.device, dtype=acc).reshape(-1).contiguous()
         count = _at_least_one(R.mean_count(y, opts["ignore_index"], n_cls, w, xp=torch))
         w_sum = w.sum()
-    params = _params((1.0 / opts["temperature"], opts["label_smoothing"], opts["z_loss"], cap, 0.0),
-                     opts["reduction"], count, x.device, acc)
-    params[4] = w_sum
-    if grad_scale is not None:  # a chunk of a larger "mean" (the linear head)
-        params[-1] = grad_scale
+    # grad_scale: a chunk of a larger "mean" (the linear head) sets d total / d row itself.
+    scale = grad_scale if grad_scale is not None else _scale(opts["reduction"], count, acc)
+    params = _params(P.SparseParams(inv_t=1.0 / opts["temperature"], label_smoothing=opts["label_smoothing"],
+                                    z_loss=opts["z_loss"], softcap=cap, weight_sum=w_sum, scale=scale), x.device, acc)
     if n:
         block = K.row_block(n_cls, x.device.type == "cpu", x.dtype)
         K.sparse_ce_kernel[(n,)](
@@ -134,7 +143,8 @@ def softmax_cross_entropy(x, t, opts, want_x, want_other, *, grad_dtype=None):
     lse = torch.empty(n, device=x.device, dtype=acc)
     gx = torch.empty_like(x2, dtype=_grad_dtype(grad_dtype, x2)) if want_x else x2[:1]
     gt = torch.empty_like(t2, dtype=_grad_dtype(grad_dtype, t2)) if want_other else t2[:1]
-    params = _params((1.0 / opts["temperature"], opts["label_smoothing"]), opts["reduction"], n, x.device, acc)
+    params = _params(P.DenseParams(inv_t=1.0 / opts["temperature"], label_smoothing=opts["label_smoothing"],
+                                   scale=_scale(opts["reduction"], n, acc)), x.device, acc)
     if n:
         block = K.row_block(n_cls, x.device.type == "cpu", x.dtype)
         K.dense_ce_kernel[(n,)](
@@ -145,7 +155,7 @@ def softmax_cross_entropy(x, t, opts, want_x, want_other, *, grad_dtype=None):
     return value, (gx.reshape(x.shape) if want_x else None), (gt.reshape(t.shape) if want_other else None)
 
 
-def _elementwise(kernel, extra):
+def _elementwise(kernel, pack):
     def run(x, t, opts, want_x, want_other, *, grad_dtype=None):
         xf = x.detach().reshape(-1).contiguous()
         tf = t.detach().reshape(-1).contiguous()
@@ -157,7 +167,7 @@ def _elementwise(kernel, extra):
         partial = torch.zeros(max(n_prog, 1), device=x.device, dtype=acc)
         gx = torch.empty_like(xf, dtype=_grad_dtype(grad_dtype, xf)) if want_x else xf[:1]
         gt = torch.empty_like(tf, dtype=_grad_dtype(grad_dtype, tf)) if want_other else tf[:1]
-        params = _params(extra(opts), opts["reduction"], n, x.device, acc)
+        params = _params(pack(opts, _scale(opts["reduction"], n, acc)), x.device, acc)
         if n:
             kernel[(n_prog,)](xf, tf, out, partial, gx, gt, params, n, BLOCK=K.elem_block(),
                               WANT_OUT=want_out, ACC_F64=acc == torch.float64, num_warps=8,
@@ -191,7 +201,8 @@ def softmax_focal(x, other, opts, want_x, want_other, *, grad_dtype=None):
     gt = torch.empty_like(t2, dtype=_grad_dtype(grad_dtype, t2)) if want_t else t2[:1]
     weight = opts.get("weight")
     a = loss[:1] if weight is None else weight.detach().to(device=x.device, dtype=acc).reshape(-1).contiguous()
-    params = _params((opts["gamma"], opts["label_smoothing"], opts["alpha"]), opts["reduction"], count, x.device, acc)
+    params = _params(P.FocalParams(gamma=opts["gamma"], label_smoothing=opts["label_smoothing"], alpha=opts["alpha"],
+                                   scale=_scale(opts["reduction"], count, acc)), x.device, acc)
     if n:
         block = K.row_block(n_cls, x.device.type == "cpu", x.dtype)
         K.softmax_focal_kernel[(n,)](
@@ -218,8 +229,9 @@ def distillation(s, t, labels, opts, want_s, want_t, *, grad_dtype=None):
     gs = torch.empty_like(s2, dtype=_grad_dtype(grad_dtype, s2)) if want_s else s2[:1]
     gt = torch.empty_like(t2, dtype=_grad_dtype(grad_dtype, t2)) if want_t else t2[:1]
     count = R.mean_count(y, opts["ignore_index"], n_cls, xp=torch) if has_labels else n
-    params = _params((1.0 / opts["temperature"], opts["temperature"], opts["alpha"], opts["beta"]),
-                     opts["reduction"], count, s.device, acc)
+    params = _params(P.DistillParams(inv_t=1.0 / opts["temperature"], temperature=opts["temperature"],
+                                     alpha=opts["alpha"], beta=opts["beta"], scale=_scale(opts["reduction"], count, acc)),
+                     s.device, acc)
     if n:
         block = K.distill_block(n_cls, s.device.type == "cpu", s.dtype)
         K.distill_kernel[(n,)](
@@ -231,8 +243,10 @@ def distillation(s, t, labels, opts, want_s, want_t, *, grad_dtype=None):
 
 
 if _IMPORT_ERROR is None:
-    sigmoid_cross_entropy = _elementwise(K.sigmoid_ce_kernel, lambda o: (o["label_smoothing"],))
-    squared_error = _elementwise(K.squared_error_kernel, lambda o: ())
-    huber = _elementwise(K.huber_kernel, lambda o: (o["delta"],))
-    sigmoid_focal = _elementwise(K.sigmoid_focal_kernel, lambda o: (
-        o["gamma"], o["alpha"], float(o["apply_class_balancing"]), o["label_smoothing"]))
+    sigmoid_cross_entropy = _elementwise(K.sigmoid_ce_kernel, lambda o, scale: P.SigmoidCEParams(
+        label_smoothing=o["label_smoothing"], scale=scale))
+    squared_error = _elementwise(K.squared_error_kernel, lambda o, scale: P.SquaredErrorParams(scale=scale))
+    huber = _elementwise(K.huber_kernel, lambda o, scale: P.HuberParams(delta=o["delta"], scale=scale))
+    sigmoid_focal = _elementwise(K.sigmoid_focal_kernel, lambda o, scale: P.SigmoidFocalParams(
+        gamma=o["gamma"], alpha=o["alpha"], balance=float(o["apply_class_balancing"]),
+        label_smoothing=o["label_smoothing"], scale=scale))

@@ -4,11 +4,12 @@ Every loss has one function ``<loss>(x, other, params, *static, want_x, want_oth
 ``(values, grad_x | None, grad_other | None)``:
 
 - ``values``: fp32 per-row (cross-entropies) or per-element losses (fp64 for fp64 input);
-- the gradients are those of ``scale * Σ values`` (``scale`` is the last entry of ``params``: 1/count
-  for "mean", else 1), in the input's dtype, computed in the same XLA program as the values, so XLA
-  fuses them into the passes that compute the row statistics (one exp per element on CPU);
-- ``params`` is a 1-D array in the accumulation dtype holding the loss's options (temperature,
-  label smoothing, z-loss, scale; see each function). Options are values, not compile-time
+- the gradients are those of ``scale * Σ values`` (``scale``: 1/count for "mean", else 1), in the
+  input's dtype, computed in the same XLA program as the values, so XLA fuses them into the passes
+  that compute the row statistics (one exp per element on CPU);
+- ``params`` is the call's option pack: one 1-D array in the accumulation dtype, built only by
+  ``pack_params`` and read only through ``unpack_params`` (a ``Params``: the loss's options in the
+  order of its spec row, the scale, its per-class array). Options are values, not compile-time
   constants: a new temperature does not recompile, and a traced one (a schedule, a learnable
   temperature) works under ``jit``.
 
@@ -28,6 +29,31 @@ from jax import lax
 def acc_dtype(x):
     # fp32 accumulation for 16/32-bit inputs, fp64 for fp64 input.
     return jnp.float64 if x.dtype == jnp.float64 else jnp.float32
+
+
+class Params(NamedTuple):
+    """A call's options as the kernels read them: ``options``, the loss's numeric options (0-d
+    arrays) in the order of its spec row; ``scale``, d total / d row; ``weights``, the (C,)
+    per-class array (class weights, the focal loss's per-class α) or None."""
+    options: tuple
+    scale: Any
+    weights: Any
+
+
+def pack_params(options, scale, weights=None):
+    """The one array a call's options travel in (through custom_jvp, custom_partitioning, vmap and
+    the FFI): [options..., scale, weights...], in the dtype of ``scale``. The scalars sit at fixed
+    positions and the per-class array at the tail; whether it is there is a static flag of the call
+    (``weighted``), never read off the length."""
+    acc = jnp.asarray(scale).dtype
+    head = jnp.stack([jnp.asarray(v, acc) for v in options] + [jnp.asarray(scale, acc)])
+    return head if weights is None else jnp.concatenate([head, jnp.asarray(weights, acc).reshape(-1)])
+
+
+def unpack_params(params, n_options, weighted=False):
+    """The ``Params`` of a packed array whose loss has ``n_options`` numeric options."""
+    return Params(tuple(params[i] for i in range(n_options)), params[n_options],
+                  params[n_options + 1:] if weighted else None)
 
 
 def _zs(x, m, temperature):
@@ -101,14 +127,9 @@ def softcap_logits(x, cap):
     return jnp.where(xf == -jnp.inf, xf, cap * th), 1.0 - th * th
 
 
-def _class_weights(params, weighted):
-    """The (C,) class weights carried in params [T, ε, z_loss, w..., scale] when ``weighted`` (a
-    static flag of the call), else None."""
-    return params[3:-1] if weighted else None
-
-
 def _sparse_parts(x, labels, params, ignore_index, weighted, split=None):
-    t = params[0]
+    pp = unpack_params(params, 3, weighted)
+    t = pp.options[0]
     n_cls = _n_classes(x, split)
     m, log_s = _shift(x, t, split)
     lse = m / t + log_s
@@ -119,7 +140,7 @@ def _sparse_parts(x, labels, params, ignore_index, weighted, split=None):
     idx = jnp.clip(local, 0, x.shape[-1] - 1)[:, None].astype(jnp.int32)
     zs_y = _zs(jnp.take_along_axis(x, idx, axis=-1), m, t)[:, 0]
     zs_y = _csum(jnp.where(owns, zs_y, jnp.zeros_like(zs_y)), split)
-    w = _class_weights(params, weighted)
+    w = pp.weights
     w_local = w
     if w is None:
         wy, wsum = jnp.ones_like(lse), float(n_cls)
@@ -146,8 +167,8 @@ def sparse_cross_entropy(x, labels, params, ignore_index, softcap=None, weighted
     """Per-row sparse softmax cross-entropy and its gradient.
 
     Args:
-        x: (N, C) float logits. labels: (N,) integers. params: [T, ε, z_loss, scale], or
-            [T, ε, z_loss, w_0 .. w_{C-1}, scale] with class weights.
+        x: (N, C) float logits. labels: (N,) integers. params: options (T, ε, z_loss), the scale
+            and, when ``weighted``, the (C,) class weights (``pack_params``).
         ignore_index: a static int or None. softcap: a static float > 0 or None. weighted: static,
             whether params carries class weights.
         split: None, or a ``ClassSplit`` when ``x`` holds one shard of the classes (inside a
@@ -168,7 +189,7 @@ def sparse_cross_entropy(x, labels, params, ignore_index, softcap=None, weighted
     if softcap:
         x_in = x
         x, dcap = softcap_logits(x, softcap)
-    t, eps, z_loss, scale = params[0], params[1], params[2], params[-1]
+    (t, eps, z_loss), scale, _ = unpack_params(params, 3, weighted)
     n_cls = _n_classes(x, split)
     m, log_s, lse, zs_y, w_zs, wy, wsum, valid, ignored, (w, idx, owns) = _sparse_parts(
         x, labels, params, ignore_index, weighted, split)
@@ -215,7 +236,7 @@ def sparse_cross_entropy_option_grads(x, labels, params, ignore_index, softcap=N
     With a softcap these are the same expressions of the capped logits (T acts after the cap)."""
     if softcap:
         x, _ = softcap_logits(x, softcap)
-    t, eps, z_loss = params[0], params[1], params[2]
+    t, eps, z_loss = unpack_params(params, 3, weighted).options
     n_cls = x.shape[-1]
     m, log_s, lse, zs_y, w_zs, wy, wsum, valid, ignored, _ = _sparse_parts(x, labels, params, ignore_index,
                                                                            weighted)
@@ -238,7 +259,7 @@ def sparse_cross_entropy_option_grads(x, labels, params, ignore_index, softcap=N
 
 # ------------------------------------------------------------------------------------ dense CE
 def _dense_parts(x, targets, params, split=None):
-    t, eps = params[0], params[1]
+    t, eps = unpack_params(params, 2).options
     m, log_s = _shift(x, t, split)
     zs = _zs(x, m, t)
     q = (1.0 - eps) * targets.astype(zs.dtype) + eps / _n_classes(x, split)
@@ -249,14 +270,15 @@ def softmax_cross_entropy(x, targets, params, *, want_x=True, want_other=False, 
     """Per-row softmax cross-entropy with dense targets and its gradients.
 
     Args:
-        x, targets: (N, C) floats. params: [T, ε, scale]. split: as in ``sparse_cross_entropy``.
+        x, targets: (N, C) floats. params: options (T, ε) and the scale. split: as in
+            ``sparse_cross_entropy``.
 
     Returns:
         (loss (N,), grad x | None, grad targets | None). With q = (1-ε) t + ε/C:
         row = Σ_c q_c (lse - z_c) (terms with q_c == 0 contribute 0, so a masked -inf class with
         zero target keeps the row finite); d/dx = (p Σq - q) / T; d/dt = (1-ε)(lse - z).
     """
-    t, eps, scale = params[0], params[1], params[2]
+    (t, eps), scale, _ = unpack_params(params, 2)
     m, log_s, zs, q = _dense_parts(x, targets, params, split)
     nll = log_s[:, None] - zs
     terms = jnp.where(q == 0, jnp.zeros_like(zs), q * nll)
@@ -273,7 +295,7 @@ def softmax_cross_entropy(x, targets, params, *, want_x=True, want_other=False, 
 
 def softmax_cross_entropy_option_grads(x, targets, params):
     """d row / d (T, ε), shape (N, 2): -(1/T)(Σq Σ p zs - Σ q zs) and Σ (1/C - t)(lse - z)."""
-    t = params[0]
+    t = unpack_params(params, 2).options[0]
     m, log_s, zs, q = _dense_parts(x, targets, params)
     p = jnp.exp(zs - log_s[:, None])
     p_zs = jnp.sum(jnp.where(p == 0, jnp.zeros_like(zs), p * zs), axis=-1)
@@ -290,8 +312,8 @@ def _smoothed_target(targets, eps, dtype):
 
 def sigmoid_cross_entropy(x, targets, params, *, want_x=True, want_other=False):
     """Elementwise binary cross-entropy from logits, max(x,0) - x t' + log1p(exp(-|x|)) with
-    t' = t(1-ε) + ε/2; params [ε, scale]; gradients sigmoid(x) - t' and -(1-ε) x."""
-    eps, scale = params[0], params[1]
+    t' = t(1-ε) + ε/2; params: option ε and the scale; gradients sigmoid(x) - t' and -(1-ε) x."""
+    (eps,), scale, _ = unpack_params(params, 1)
     xa = x.astype(acc_dtype(x))
     ts = _smoothed_target(targets, eps, xa.dtype)
     loss = jnp.maximum(xa, 0.0) - xa * ts + jnp.log1p(jnp.exp(-jnp.abs(xa)))
@@ -308,17 +330,17 @@ def sigmoid_cross_entropy_option_grads(x, targets, params):
 
 # ------------------------------------------------------------------------------------------ MSE
 def squared_error(p, targets, params, *, want_x=True, want_other=False):
-    """Elementwise (p - t)^2; params [scale]; gradients 2(p - t) and -2(p - t)."""
+    """Elementwise (p - t)^2; params: the scale alone; gradients 2(p - t) and -2(p - t)."""
     acc = acc_dtype(p)
     d = p.astype(acc) - targets.astype(acc)
-    two_d = 2.0 * params[0] * d
+    two_d = 2.0 * unpack_params(params, 0).scale * d
     return (d * d, two_d.astype(p.dtype) if want_x else None,
             (-two_d).astype(targets.dtype) if want_other else None)
 
 
 # ------------------------------------------------------------------------------ sigmoid focal
 def _focal_parts(x, targets, params):
-    """The shared terms of the binary focal loss (see sigmoid_focal), params [γ, α, balance, ε, scale].
+    """The shared terms of the binary focal loss (see sigmoid_focal).
 
     u = 1 - p_t is carried as log u = logaddexp(log t' + log q, log(1-t') + log p), with
     log p = log_sigmoid(x), log q = log_sigmoid(-x): it never underflows (u = e^-30000 at x = 3e4 is
@@ -326,7 +348,7 @@ def _focal_parts(x, targets, params):
     finite, and so do their derivatives: the second derivative (hessian, and the Numba kernels' own
     second order) differentiates these lines, and the direct forms' derivatives divide by u²,
     which underflows to 0 for |x| > ~44 (optax's extreme-logit hessian test: NaN)."""
-    gamma, alpha, balance, eps = params[0], params[1], params[2], params[3]
+    gamma, alpha, balance, eps = unpack_params(params, 4).options
     xa = x.astype(acc_dtype(x))
     ts = _smoothed_target(targets, eps, xa.dtype)
     log_p, log_q = jax.nn.log_sigmoid(xa), jax.nn.log_sigmoid(-xa)
@@ -346,7 +368,7 @@ def _focal_parts(x, targets, params):
 
 def _focal_dt(params, xa, ts, p, q, bce, log_u, f, w):
     """d loss / d t' (the smoothed target); bce / u from logs (0 where bce is 0)."""
-    gamma, alpha, balance = params[0], params[1], params[2]
+    gamma, alpha, balance, _ = unpack_params(params, 4).options
     none = bce == 0  # (a NaN bce stays NaN)
     sb = jnp.where(none, 0.0, jnp.exp(jnp.log(jnp.where(none, 1.0, bce)) - log_u))
     bal = jnp.where(balance != 0, balance * (2.0 * alpha - 1.0) * f * bce, 0.0)  # no 0 * inf at x = -inf
@@ -360,8 +382,8 @@ def sigmoid_focal(x, targets, params, *, want_x=True, want_other=False):
     With t' = t(1-ε) + ε/2, p = sigmoid(x), q = sigmoid(-x), bce the stable BCE from logits,
     u = 1 - p_t = t' q + (1-t') p, f = u^γ, w = t' α + (1-t')(1-α) if balance else 1:
     loss = w f bce; d/dx = w f [(p - t') + γ (1 - 2t') bce p q / u]; d/dt = (1-ε) d/dt'.
-    params [γ, α, balance (0 or 1), ε, scale]."""
-    scale = params[4]
+    params: options (γ, α, balance (0 or 1), ε) and the scale."""
+    (gamma, _, _, eps), scale, _ = unpack_params(params, 4)
     xa, ts, p, q, log_p, log_q, bce, log_u, f, w = _focal_parts(x, targets, params)
     loss = w * f * bce
     gx = gt = None
@@ -370,20 +392,20 @@ def sigmoid_focal(x, targets, params, *, want_x=True, want_other=False):
         # with a hard target) has r = 0, its limit
         r = jnp.where(log_u == -jnp.inf, 0.0, jnp.exp(log_p + log_q - jnp.where(log_u == -jnp.inf, 0.0, log_u)))
         rb = jnp.where(r == 0, 0.0, r * bce)  # 0 at x = ±inf (the limit), not 0 * inf
-        gx = (w * f * ((p - ts) + params[0] * (1.0 - 2.0 * ts) * rb) * scale).astype(x.dtype)
+        gx = (w * f * ((p - ts) + gamma * (1.0 - 2.0 * ts) * rb) * scale).astype(x.dtype)
     if want_other:
         dt = _focal_dt(params, xa, ts, p, q, bce, log_u, f, w)
-        gt = ((1.0 - params[3]) * dt * scale).astype(targets.dtype)
+        gt = ((1.0 - eps) * dt * scale).astype(targets.dtype)
     return loss, gx, gt
 
 
 def sigmoid_focal_option_grads(x, targets, params):
     """d loss / d (γ, α, balance, ε) per element, (n, 4): w f log(u) bce, balance (2t' - 1) f bce,
     (t' α + (1-t')(1-α) - 1) f bce and (1/2 - t) d loss / d t'."""
-    alpha = params[1]
+    _, alpha, balance, _ = unpack_params(params, 4).options
     xa, ts, p, q, log_p, log_q, bce, log_u, f, w = _focal_parts(x, targets, params)
     d_gamma = jnp.where(f > 0, w * f * log_u * bce, 0.0)  # f = 0: u^γ log u -> 0 (and no 0 * -inf)
-    d_alpha = params[2] * (2.0 * ts - 1.0) * f * bce
+    d_alpha = balance * (2.0 * ts - 1.0) * f * bce
     d_balance = (ts * alpha + (1.0 - ts) * (1.0 - alpha) - 1.0) * f * bce
     d_eps = (0.5 - targets.astype(xa.dtype)) * _focal_dt(params, xa, ts, p, q, bce, log_u, f, w)
     return jnp.stack([d_gamma, d_alpha, d_balance, d_eps], axis=-1)
@@ -398,9 +420,9 @@ def _huber_clip(p, targets, delta):
 
 
 def huber(p, targets, params, *, want_x=True, want_other=False):
-    """Elementwise Huber loss; params [δ, scale]. With d = p - t and c = clip(d, -δ, δ):
+    """Elementwise Huber loss; params: option δ and the scale. With d = p - t and c = clip(d, -δ, δ):
     loss = c (d - c/2) (d²/2 inside [-δ, δ], δ(|d| - δ/2) outside); gradients c and -c."""
-    delta, scale = params[0], params[1]
+    (delta,), scale, _ = unpack_params(params, 1)
     d, c = _huber_clip(p, targets, delta)
     gc = c * scale
     return (c * (d - 0.5 * c), gc.astype(p.dtype) if want_x else None,
@@ -409,7 +431,7 @@ def huber(p, targets, params, *, want_x=True, want_other=False):
 
 def huber_option_grads(p, targets, params):
     """d loss / dδ per element, (n, 1): |d| - δ outside [-δ, δ] (= |d| - |c|), 0 inside."""
-    d, c = _huber_clip(p, targets, params[0])
+    d, c = _huber_clip(p, targets, unpack_params(params, 1).options[0])
     return (jnp.abs(d) - jnp.abs(c))[:, None]
 
 
@@ -430,8 +452,8 @@ def softmax_focal(x, other, params, ignore_index=None, weighted=False, *, want_x
 
     Args:
         x: (N, C) float logits. other: (N,) integer labels, or (N, C) float targets.
-        params: [γ, ε, α, scale], or [γ, ε, α, a_0 .. a_{C-1}, scale] with per-class factors (then
-            c_j = α a_j t'_j; ``weighted``, static, says which). ignore_index: static, for labels.
+        params: options (γ, ε, α), the scale and, when ``weighted`` (static), the (C,) per-class
+            factors a (then c_j = α a_j t'_j). ignore_index: static, for labels.
 
     Returns:
         (loss (N,), grad x | None, grad targets | None). With p = softmax(x), ℓ = -log p, q = 1 - p,
@@ -440,7 +462,7 @@ def softmax_focal(x, other, params, ignore_index=None, weighted=False, *, want_x
         (the only class that can have p > 1/2) is the sum of the other exps over s, and log s =
         log1p of it, so a confident row keeps its tiny q^γ (kernels.numba_cpu.focal).
     """
-    gamma, eps, alpha, scale = params[0], params[1], params[2], params[-1]
+    (gamma, eps, alpha), scale, per_class = unpack_params(params, 3, weighted)
     n_cls = x.shape[-1]
     acc = acc_dtype(x)
     xa = x.astype(acc)
@@ -466,7 +488,7 @@ def softmax_focal(x, other, params, ignore_index=None, weighted=False, *, want_x
         valid = (other >= 0) & (other < n_cls)
         ignored = is_ignored(other, ignore_index)
         t = (jnp.arange(n_cls)[None, :] == other[:, None]).astype(acc)  # fused into the terms by XLA
-    a = alpha * (params[3:3 + n_cls] if weighted else jnp.ones((), acc))
+    a = alpha * (per_class if weighted else jnp.ones((), acc))
     c = a * ((1.0 - eps) * t + eps / n_cls)
     f, h = _focal_factors(q, p, nll, gamma)
     loss = jnp.sum(jnp.where(c == 0, 0.0, c * f * nll), axis=-1)
@@ -507,7 +529,7 @@ def distillation(s, t, labels, params, divergence, ignore_index, has_labels, *, 
 
     Args:
         s, t: (N, C) student and teacher logits. labels: (N,) integers (unused without labels).
-        params: [T, α, β, scale]. divergence: "forward_kl" | "reverse_kl" | "jsd" (static).
+        params: options (T, α, β) and the scale. divergence: "forward_kl" | "reverse_kl" | "jsd" (static).
         ignore_index: static int or None. has_labels: static bool.
 
     Returns:
@@ -515,8 +537,7 @@ def distillation(s, t, labels, params, divergence, ignore_index, has_labels, *, 
         α T² D + (1-α) CE(s, y) with labels (ignored rows 0, out-of-range labels NaN). The
         math and its gradients: fastloss.kernels.numba_cpu.distill.
     """
-    temp, alpha, beta = params[0], params[1], params[2]
-    scale = params[3]
+    (temp, alpha, beta), scale, _ = unpack_params(params, 3)
     ls, lt = _log_softmax(s, temp), _log_softmax(t, temp)
     ps, pt = jnp.exp(ls), jnp.exp(lt)
     if divergence == "forward_kl":

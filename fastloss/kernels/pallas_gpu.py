@@ -29,12 +29,15 @@ in the inputs' dtype.
 from __future__ import annotations
 
 import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+
+from .jax_xla import unpack_params
 
 MAX_ELEMENTS = 2 ** 31  # int32 addressing: every in-bounds offset is below 2^31 (see the module docstring)
 # Classes per block on a GPU: 1024 at 8 warps, 4 values per thread in flight (the fastest of the
@@ -122,12 +125,42 @@ def _load(ref, row, off, block, n_cols, other):
     return plgpu.load(ref.at[row, pl.ds(off, block)], mask=mask, other=other), cols, mask
 
 
+# ------------------------------------------------------------------------------- option packs
+# What each kernel reads from its parameter vector, in this order: built as the class, stacked into
+# one device array (traced values: a new temperature does not recompile), read back by field name.
+class _SparseRow(NamedTuple):
+    inv_t: Any
+    label_smoothing: Any
+    z_loss: Any
+    weight_sum: Any
+    scale: Any
+
+
+class _DenseRow(NamedTuple):
+    inv_t: Any
+    label_smoothing: Any
+    scale: Any
+
+
+class _Fields:
+    """A pack's fields, each loaded from the kernel's parameter ref where the kernel uses it. Loading
+    them all at the top keeps every one live across the row's loops: an fp64 row with a softcap then
+    spilled 8 bytes per thread on sm_90."""
+
+    def __init__(self, pack, ref):
+        self._pack, self._ref = pack, ref
+
+    def __getattr__(self, name):
+        return self._ref[self._pack._fields.index(name)]
+
+
 # ------------------------------------------------------------------------------------ sparse CE
 def _sparse_kernel(x_ref, y_ref, p_ref, w_ref, loss_ref, lse_ref, g_ref, *, n_cols, block, cap, ignore_index,
                    has_smooth, has_weight, want_grad, acc):
-    """One row. p_ref = [1/T, ε, z_loss, Σw, scale]; w_ref the (C,) class weights (has_weight)."""
+    """One row. p_ref holds a ``_SparseRow``; w_ref the (C,) class weights (has_weight)."""
     row = pl.program_id(0).astype(jnp.int32)  # int32 indices throughout, also under x64
-    inv_t, eps, z_loss = p_ref[0], p_ref[1], p_ref[2]
+    p = _Fields(_SparseRow, p_ref)
+    inv_t, eps, z_loss = p.inv_t, p.label_smoothing, p.z_loss
     y = y_ref[row].astype(jnp.int32)
     ignored = (y == ignore_index) if ignore_index is not None else False
     valid = (y >= 0) & (y < n_cols)
@@ -183,7 +216,7 @@ def _sparse_kernel(x_ref, y_ref, p_ref, w_ref, loss_ref, lse_ref, g_ref, *, n_co
     zs_y = (x_y - m) * inv_t
     loss = (1.0 - eps) * (log_s - zs_y) + _weighted(z_loss, lse * lse)
     if has_weight:
-        w_sum = p_ref[3]
+        w_sum = p.weight_sum
         w_y = w_ref[y_safe].astype(acc)
         loss = _weighted(w_y, loss) + _weighted(eps, (w_sum * log_s - sz) / n_cols)
     else:
@@ -196,7 +229,7 @@ def _sparse_kernel(x_ref, y_ref, p_ref, w_ref, loss_ref, lse_ref, g_ref, *, n_co
     # p - q is written -s_rest/s + ε(1 - 1/C): p_y - 1 cancels in fp32 for a confident label. With
     # class weights: p A - ε w / C, A = w_y (1-ε + 2 z_loss lse) + ε Σw / C, and at the label
     # w_y (1-ε)(p_y - 1) + ε (Σw p_y - w_y) / C + 2 z_loss w_y lse p_y. (Derived in jax_xla.)
-    scale = p_ref[4] * inv_t
+    scale = p.scale * inv_t
     scale = jnp.where(valid, scale, jnp.nan)
     zc = _weighted(z_loss, 2.0 * lse)
     at_label_plain = eps - eps / n_cols - s_rest / s
@@ -230,7 +263,8 @@ def sparse_cross_entropy(x, labels, params, ignore_index, softcap=None, weighted
 
     Args:
         x: (N, C) float logits, N * C < 2^31. labels: (N,) integers.
-        params: [T, ε, z_loss, scale] or, when ``weighted`` (static), [T, ε, z_loss, w_0 .. w_{C-1}, scale].
+        params: the option pack (``jax_xla.pack_params``): T, ε, z_loss, the scale and, when
+            ``weighted`` (static), the (C,) class weights.
         ignore_index: static int or None. softcap: static float > 0 or None.
 
     Returns:
@@ -238,10 +272,10 @@ def sparse_cross_entropy(x, labels, params, ignore_index, softcap=None, weighted
     """
     n, c = x.shape
     acc = _acc(x)
-    params = params.astype(acc)
+    (t, eps, z_loss), scale, weights = unpack_params(params.astype(acc), 3, weighted)
     has_weight = weighted
-    w = params[3:-1] if has_weight else jnp.zeros((1,), acc)
-    kp = jnp.stack([1.0 / params[0], params[1], params[2], jnp.sum(w), params[-1]])
+    w = weights if has_weight else jnp.zeros((1,), acc)
+    kp = jnp.stack(_SparseRow(1.0 / t, eps, z_loss, jnp.sum(w), scale))
     info = jnp.iinfo(labels.dtype)
     if ignore_index is not None and not info.min <= ignore_index <= info.max:
         ignore_index = None  # an index the labels cannot hold matches nothing
@@ -263,9 +297,10 @@ def sparse_cross_entropy(x, labels, params, ignore_index, softcap=None, weighted
 
 # ------------------------------------------------------------------------------------- dense CE
 def _dense_kernel(x_ref, t_ref, p_ref, loss_ref, lse_ref, gx_ref, gt_ref, *, n_cols, block, want_gx, want_gt, acc):
-    """One row, q = (1-ε) t + ε/C; terms with q = 0 skipped. p_ref = [1/T, ε, scale]."""
+    """One row, q = (1-ε) t + ε/C; terms with q = 0 skipped. p_ref holds a ``_DenseRow``."""
     row = pl.program_id(0).astype(jnp.int32)  # int32 indices throughout, also under x64
-    inv_t, eps = p_ref[0], p_ref[1]
+    p = _Fields(_DenseRow, p_ref)
+    inv_t, eps = p.inv_t, p.label_smoothing
     n_blocks = pl.cdiv(n_cols, block)
 
     def stats(i, carry):
@@ -300,7 +335,7 @@ def _dense_kernel(x_ref, t_ref, p_ref, loss_ref, lse_ref, gx_ref, gt_ref, *, n_c
     lse_ref[row] = m * inv_t + log_s
     if not (want_gx or want_gt):
         return
-    scale = p_ref[2]
+    scale = p.scale
 
     def grad(i, carry):
         off = i * block
@@ -321,11 +356,12 @@ def _dense_kernel(x_ref, t_ref, p_ref, loss_ref, lse_ref, gx_ref, gt_ref, *, n_c
 
 def softmax_cross_entropy(x, targets, params, *, want_x=True, want_other=False, interpret=False):
     """Per-row softmax cross-entropy with dense targets (``jax_xla.softmax_cross_entropy``'s
-    signature and math). params: [T, ε, scale]. Returns (loss (N,), grad x | None, grad t | None)."""
+    signature and math). params: the option pack (T, ε, the scale). Returns (loss (N,), grad x | None,
+    grad t | None)."""
     n, c = x.shape
     acc = _acc(x)
-    params = params.astype(acc)
-    kp = jnp.stack([1.0 / params[0], params[1], params[-1]])
+    (t, eps), scale, _ = unpack_params(params.astype(acc), 2)
+    kp = jnp.stack(_DenseRow(1.0 / t, eps, scale))
     block = block_of(c, x.dtype)
     kernel = functools.partial(_dense_kernel, n_cols=c, block=block, want_gx=want_x, want_gt=want_other, acc=acc)
     x, targets, kp = _varying_alike(x, targets, kp)

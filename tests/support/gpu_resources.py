@@ -128,7 +128,8 @@ def lower_configuration(loss, dtype, n_cls, opts, rows=64):
             args = (x, jax.ShapeDtypeStruct((rows,), jnp.int32), jax.ShapeDtypeStruct((n_params,), acc))
 
             def fn(a, b, c):
-                return P.sparse_cross_entropy(a, b, c, -100, opts["softcap"], want_x=opts["want_x"])
+                return P.sparse_cross_entropy(a, b, c, -100, opts["softcap"], bool(opts["weight"]),
+                                              want_x=opts["want_x"])
         else:
             args = (x, x, jax.ShapeDtypeStruct((3,), acc))
 

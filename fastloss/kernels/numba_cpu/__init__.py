@@ -8,9 +8,10 @@ d row, so a training step needs no second pass. Modules, bottom up:
 - ``approx``: branch-free exp2, reciprocal and log1p; ``halfio``: bfloat16/float16 loads and stores;
 - ``rowstats``: online row statistics, groups of short rows, gradient stores;
 - ``sparse_ce``, ``sparse_split``, ``dense_ce``, ``distill``, ``elementwise``, ``focal``: the kernels;
+- ``options``: the option packs the row kernels take (one NamedTuple each, built in one place);
 - ``plan``: which entry point a shape and layout take (pure Python);
 - ``xla_ffi``: C handlers through which XLA calls these kernels inside ``jax.jit`` (imported only by
-  ``fastloss._jax_ffi``, at the first trace that needs it).
+  ``fastloss._jax.ffi``, at the first trace that needs it).
 
 docs/numba.md explains the design (what vectorises and why, the memory traffic of each pass).
 """

@@ -23,7 +23,8 @@ LOG2E = 1.4426950408889634
 
 
 def _as(v, like):
-    return v
+    # In Python (the option builders, called by the NumPy launchers): the NumPy scalar type of like.
+    return type(like)(v)
 
 
 @overload(_as)

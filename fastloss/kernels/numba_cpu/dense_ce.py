@@ -5,7 +5,7 @@
 
 Arguments: ``x`` and ``t`` are flat 1-D arrays whose row i starts at ``i * x_stride``
 (``i * t_stride``) and has ``c`` elements; ``gx``/``gt`` are (N, C) C-contiguous and written only
-when ``want_gx``/``want_gt``; ``opts`` = (1/T, ε, scale) in the accumulation dtype.
+when ``want_gx``/``want_gt``; ``opts`` = ``options.DenseOptions`` (1/T, ε, scale) in the accumulation dtype.
 
 Row math, with z = x / T, m the row max, s = Σ exp(z - m), zs = z - m::
 
@@ -31,7 +31,7 @@ from .rowstats import STAT_BLOCK, TINY_GROUP, _axpb, _block_factor, _group_exp, 
 @njit(**JIT)
 def _dense_params(opts, c):
     """(1/T, log2(e)/T, ε, ε/C, scale) in the accumulation dtype."""
-    inv_t, eps, scale = opts
+    inv_t, eps, scale = opts.inv_t, opts.label_smoothing, opts.scale
     return (inv_t, inv_t * _as(LOG2E, inv_t), eps, eps / _as(c, inv_t), scale)
 
 

@@ -4,7 +4,7 @@ optional hard-label cross-entropy, loss and gradients of both logits arrays from
 ``distill_rows(s, s_stride, t, t_stride, c, y, loss, gs, gt, opts, div, ign, has_labels, want_gs, want_gt,
 n_workers)``: ``s`` and ``t`` are flat 1-D arrays whose row i starts at ``i * stride`` and has ``c``
 elements; ``y`` holds int64 labels (a 1-element dummy without labels); ``gs``/``gt`` are (N, C)
-C-contiguous and written only when wanted; ``opts`` = (T, α, β, scale) in the accumulation dtype;
+C-contiguous and written only when wanted; ``opts`` = ``options.DistillOptions`` (T, α, β, scale) in the accumulation dtype;
 ``div`` is ``DIVERGENCES[name]``. Returns True when a label is out of range (its row is NaN).
 
 Row math, with zs = (s - max s) / T, ls = log P_s = zs - log Σ exp(zs) (likewise lt, P_t) and
@@ -321,7 +321,7 @@ def _grad_store_ov(out, x, y, z, c, a, b, cc):
 @njit(**JIT)
 def _params(opts):
     """(T, α, β, scale, 1/T, log2(e)/T) in the accumulation dtype."""
-    temp, alpha, beta, scale = opts
+    temp, alpha, beta, scale = opts.temperature, opts.alpha, opts.beta, opts.scale
     inv_t = _as(1, temp) / temp
     return (temp, alpha, beta, scale, inv_t, inv_t * _as(LOG2E, temp))
 

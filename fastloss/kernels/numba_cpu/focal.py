@@ -197,8 +197,9 @@ def softmax_focal(x, x_stride, t, t_stride, y, c, loss, gx, gt, opts, alpha, ign
         x: flat logits, row i at ``i * x_stride``; t: flat dense targets likewise (``dense``), or a
             1-element dummy; y: (N,) int64 labels (sparse), or a 1-element dummy (dense).
         loss: (N,) out, accumulation dtype; gx, gt: (N, C) out, written when ``want_gx``/``want_gt``.
-        opts: (γ, ε, α, scale, 1) in the accumulation dtype; alpha: (C,) per-class α (then ``opts``'
-            α is unused) or empty. The trailing 1 arrives at run time so that LLVM cannot fold it:
+        opts: ``options.FocalOptions`` (γ, ε, α, scale, 1) in the accumulation dtype; alpha: (C,)
+            per-class α (then ``opts.alpha`` is unused) or empty. The field ``one`` (1) arrives at
+            run time so that LLVM cannot fold it:
             ``log s - (x - m) * 1`` keeps ``x - m`` (exact) from being re-associated by fast-math into
             ``(log s + m) - x``, which loses ulp(m) (0.008 at a 1e5 offset) in every class's -log p.
         ign: the label of ignored rows (loss 0, gradient 0).
@@ -207,8 +208,8 @@ def softmax_focal(x, x_stride, t, t_stride, y, c, loss, gx, gt, opts, alpha, ign
         True if some label was outside [0, C) and not ``ign`` (its row is NaN): the caller raises.
     """
     n = loss.shape[0]
-    k = _gamma_code(opts[0])
-    zero = opts[0] - opts[0]
+    k = _gamma_code(opts.gamma)
+    zero = opts.gamma - opts.gamma
     nan = zero / zero
     sc = np.empty((n_workers, _padded(c)), dtype=loss.dtype)
     wk = np.empty((n_workers, _padded(c)), dtype=loss.dtype)

@@ -13,10 +13,11 @@ Common arguments:
         of a padded vocabulary) streams without a copy.
     y: (N,) int64 labels. loss, lse: (N,) outputs in the accumulation dtype.
     g: (N, C) gradient output in x's element type (written only when ``want_grad``).
-    opts: (1/T, ε, z_loss, cap, scale) in the accumulation dtype; scale = d total / d row (1/count,
-        or 1 / Σ of the counted rows' label weights, for "mean"), so the gradient comes out already
-        reduced; cap > 0 is the softcap (0: none). ``sparse_short`` and ``sparse_blocks`` only: the
-        tiny and split paths take cap = 0 and no weights (plan.sparse_path routes such calls).
+    opts: ``options.SparseOptions`` (1/T, ε, z_loss, softcap, scale) in the accumulation dtype;
+        scale = d total / d row (1/count, or 1 / Σ of the counted rows' label weights, for "mean"),
+        so the gradient comes out already reduced; softcap > 0 caps the logits (0: none), on the
+        short and blocks paths only: the tiny and split paths take softcap = 0 and no weights
+        (plan.sparse_path routes such calls).
     w: (C,) class weights in the accumulation dtype, or an empty array for none (short and blocks).
     n_workers: static partitions of the rows, one scratch row each (``numba.get_thread_id()`` would
         stop Numba caching the kernel).
@@ -60,7 +61,7 @@ _LN2 = math.log(2.0)
 def _row_params(opts, c):
     """(1/T, log2(e)/T, ε, z_loss, scale, C, ε scale / (C T)) from the caller's opts: what every row
     needs, computed once per call in the accumulation dtype."""
-    inv_t, eps, z_loss, _, scale = opts
+    inv_t, eps, z_loss, scale = opts.inv_t, opts.label_smoothing, opts.z_loss, opts.scale
     cf = _as(c, inv_t)
     return (inv_t, inv_t * _as(LOG2E, inv_t), eps, z_loss, scale, cf, scale * eps * inv_t / cf)
 
@@ -69,7 +70,7 @@ def _row_params(opts, c):
 def _option_params(opts, w, c):
     """(cap, 1/cap, W, weighted): the softcap (0 and 0 when off) and the class weights' sum (C when
     unweighted), once per call."""
-    cap = opts[3]
+    cap = opts.softcap
     zero = cap - cap
     weighted = w.shape[0] > 0
     wsum = zero

@@ -4,7 +4,7 @@ A handler is a C function ``XLA_FFI_Error* handler(XLA_FFI_CallFrame*)`` (the ty
 ``xla/ffi/api/c_api.h``, API version 0.3). It is built here as a ``numba.cfunc`` that reads the call
 frame's buffers in place (zero copies: the kernel reads XLA's input memory and writes XLA's output
 memory) and calls the same compiled kernel entry points as the NumPy path, with the same argument
-types, so the disk-cached kernels serve both. Nothing here imports jax: ``fastloss._jax_ffi``
+types, so the disk-cached kernels serve both. Nothing here imports jax: ``fastloss._jax.ffi``
 registers the handlers and emits the calls.
 
 Call-frame layout (x86-64 / aarch64, 8-byte words; checked against the header's structs):
@@ -39,6 +39,7 @@ from .dense_ce import dense_blocks, dense_tiny
 from .distill import distill_rows
 from .elementwise import BLOCK, huber, sigmoid_cross_entropy, sigmoid_focal, squared_error
 from .focal import softmax_focal
+from .options import dense_options, distill_options, focal_options, sparse_options
 from .sparse_ce import _row_params, sparse_blocks, sparse_short, sparse_tiny
 from .sparse_split import _chunk_grads, _chunk_stats, _combine_rows
 
@@ -160,8 +161,8 @@ def _grads_out(frame, c, x_dtype, o_dtype, want_x, want_o):
 
 
 def sparse_handler(path, x_dtype, y_dtype, acc, weighted):
-    """Handler for sparse CE: args (x (..., C), labels (...), params [T, ε, z_loss, cap, (C class
-    weights when ``weighted``), scale]), attributes (ignore_index, n_chunks, threads, want_x),
+    """Handler for sparse CE: args (x (..., C), labels (...), params [T, ε, z_loss, cap, scale, (C
+    class weights when ``weighted``)]), attributes (ignore_index, n_chunks, threads, want_x),
     results (loss (...), [grad (..., C)]). ``path`` comes from ``plan.sparse_path`` at trace time (the
     shape is static there)."""
     def handler(frame):
@@ -175,7 +176,7 @@ def sparse_handler(path, x_dtype, y_dtype, acc, weighted):
         loss = _flat_out(frame, 0, acc)
         lse = np.empty(n, acc)
         g = _rows_out(frame, 1, x_dtype, c) if want_grad else np.empty((1, c), x_dtype)
-        opts = (acc(1) / p[0], p[1], p[2], p[3], p[p.shape[0] - 1])
+        opts = sparse_options(p[0], p[1], p[2], p[3], p[4])
         if path == "split":
             rp = _row_params(opts, c)
             cm = np.empty((n, n_chunks), acc)
@@ -190,7 +191,7 @@ def sparse_handler(path, x_dtype, y_dtype, acc, weighted):
         elif path == "tiny":
             sparse_tiny(x, c, y, loss, lse, g, opts, ign, want_grad, threads)
         else:
-            w = _readonly(np.ascontiguousarray(p[4:4 + c])) if weighted else _readonly(np.empty(0, acc))
+            w = _readonly(np.ascontiguousarray(p[5:5 + c])) if weighted else _readonly(np.empty(0, acc))
             if path == "short":
                 sparse_short(x, c, c, y, loss, lse, g, opts, w, ign, want_grad, threads)
             else:
@@ -213,7 +214,7 @@ def dense_handler(path, x_dtype, t_dtype, acc):
         loss = _flat_out(frame, 0, acc)
         lse = np.empty(n, acc)
         gx, gt = _grads_out(frame, c, x_dtype, t_dtype, want_x, want_t)
-        opts = (acc(1) / p[0], p[1], p[2])
+        opts = dense_options(p[0], p[1], p[2])
         if path == "tiny":
             dense_tiny(x, t, c, loss, lse, gx, gt, opts, want_x, want_t, threads)
         else:
@@ -238,15 +239,15 @@ def distill_handler(s_dtype, t_dtype, y_dtype, acc):
         want_t, want_s = _attr(frame, 4) != 0, _attr(frame, 5) != 0
         loss = _flat_out(frame, 0, acc)
         gs, gt = _grads_out(frame, c, s_dtype, t_dtype, want_s, want_t)
-        distill_rows(s, c, t, c, c, y, loss, gs, gt, (p[0], p[1], p[2], p[3]), div, ign, has_labels, want_s,
-                     want_t, threads)
+        distill_rows(s, c, t, c, c, y, loss, gs, gt, distill_options(p[0], p[1], p[2], p[3]), div, ign,
+                     has_labels, want_s, want_t, threads)
         return 0
     return _cfunc(handler, "distill", s_dtype, t_dtype, y_dtype, acc)
 
 
 def focal_handler(x_dtype, o_dtype, acc, dense, weighted):
     """Handler for the softmax focal loss: args (x (..., C), labels (...) or targets (..., C),
-    params [γ, ε, α, (C per-class α when ``weighted``,) scale]), attributes (dense, ignore_index,
+    params [γ, ε, α, scale, (C per-class α when ``weighted``)]), attributes (dense, ignore_index,
     threads, want_other, want_x), results (loss (...), [grad x], [grad targets])."""
     def handler(frame):
         if _answer_metadata(frame):
@@ -258,9 +259,8 @@ def focal_handler(x_dtype, o_dtype, acc, dense, weighted):
         is_dense, ign, threads = _attr(frame, 0) != 0, _attr(frame, 1), _attr(frame, 2)
         want_t, want_x = _attr(frame, 3) != 0, _attr(frame, 4) != 0
         loss = _flat_out(frame, 0, acc)
-        k = p.shape[0]
-        al = _readonly(np.ascontiguousarray(p[3:3 + c])) if weighted else _readonly(np.empty(0, acc))
-        opts = (p[0], p[1], p[2], p[k - 1], acc(1))
+        al = _readonly(np.ascontiguousarray(p[4:4 + c])) if weighted else _readonly(np.empty(0, acc))
+        opts = focal_options(p[0], p[1], p[2], p[3])
         if dense:
             t = _flat_in(frame, 1, o_dtype)
             gx, gt = _grads_out(frame, c, x_dtype, o_dtype, want_x, want_t)

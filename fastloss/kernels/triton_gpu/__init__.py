@@ -5,6 +5,7 @@
 - ``elementwise``: sigmoid CE, squared error, Huber, sigmoid focal, one program per block;
 - ``distill``: distillation over student and teacher rows;
 - ``focal``: the softmax focal loss;
+- ``params``: the option pack each kernel reads from its PARAMS vector;
 - ``configs``: class blocks, warps, and every specialisation the launchers can ask for.
 
 Importing this package imports triton (the launchers in ``fastloss._torch.launch`` do so at their

@@ -29,8 +29,9 @@ def sparse_ce_kernel(X, stride_x, Y, LOSS, LSE, G, stride_g, PARAMS, W, n_cols, 
                      WANT_GRAD: tl.constexpr, ACC_F64: tl.constexpr):
     """One row: loss (and lse) always, gradient (scaled by scale / T) when WANT_GRAD.
 
-    PARAMS = [1/T, ε, z_loss, cap, Σ w, scale] in the accumulation dtype, on the device: a Python
-    float argument would reach the kernel as fp32 (float64 inputs must keep float64 options), and
+    PARAMS = ``params.SparseParams`` [1/T, ε, z_loss, cap, Σ w, scale] in the accumulation dtype,
+    on the device: a Python float argument would reach the kernel as fp32 (float64 inputs must
+    keep float64 options), and
     scale = 1/count for "mean" is computed on the device without a host sync. W: the (C,) class
     weights (read when HAS_WEIGHT). With HAS_CAP the logits are cap tanh(x / cap) (-inf kept) and
     the gradient is multiplied by 1 - tanh².
@@ -146,7 +147,7 @@ def sparse_ce_kernel(X, stride_x, Y, LOSS, LSE, G, stride_g, PARAMS, W, n_cols, 
 def dense_ce_kernel(X, stride_x, T, stride_t, LOSS, LSE, GX, stride_gx, GT, stride_gt, PARAMS, n_cols,
                     BLOCK: tl.constexpr, WANT_GX: tl.constexpr, WANT_GT: tl.constexpr, ACC_F64: tl.constexpr):
     """One row of softmax cross-entropy with dense targets, q = (1-ε) t + ε/C; terms with q = 0 skipped.
-    PARAMS = [1/T, ε, scale] (see sparse_ce_kernel)."""
+    PARAMS = ``params.DenseParams`` [1/T, ε, scale] (see sparse_ce_kernel)."""
     row = tl.program_id(0).to(tl.int64)
     inv_t = tl.load(PARAMS)
     eps = tl.load(PARAMS + 1)

@@ -31,8 +31,8 @@ def log_mix(lt, ls, log_b, log_1mb):
 def distill_kernel(S, stride_s, T, stride_t, Y, LOSS, GS, stride_gs, GT, stride_gt, PARAMS, n_cols, ignore_index,
                    BLOCK: tl.constexpr, DIV: tl.constexpr, HAS_LABELS: tl.constexpr, WANT_GS: tl.constexpr,
                    WANT_GT: tl.constexpr, ACC_F64: tl.constexpr):
-    """One row of distillation_loss (math: fastloss.kernels.numba_cpu.distill). PARAMS = [1/T, T, α, β,
-    scale]; DIV 0 forward_kl, 1 reverse_kl, 2 jsd.
+    """One row of distillation_loss (math: fastloss.kernels.numba_cpu.distill). PARAMS =
+    ``params.DistillParams`` [1/T, T, α, β, scale]; DIV 0 forward_kl, 1 reverse_kl, 2 jsd.
 
     Pass 1 streams both rows once for the online max and sum of the student at T (and at 1 with
     labels) and of the teacher; pass 2 re-reads them for the divergence, summed per element in log

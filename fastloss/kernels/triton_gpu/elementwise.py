@@ -11,7 +11,8 @@ from .common import widen
 @triton.jit
 def sigmoid_ce_kernel(X, T, OUT, PARTIAL, GX, GT, PARAMS, n, BLOCK: tl.constexpr, WANT_OUT: tl.constexpr,
                       WANT_GX: tl.constexpr, WANT_GT: tl.constexpr, ACC_F64: tl.constexpr):
-    """Elementwise BCE from logits; per-program partial sum; PARAMS = [ε, scale]."""
+    """Elementwise BCE from logits; per-program partial sum; PARAMS =
+    ``params.SigmoidCEParams`` [ε, scale]."""
     pid = tl.program_id(0).to(tl.int64)
     eps = tl.load(PARAMS)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
@@ -38,7 +39,8 @@ def sigmoid_ce_kernel(X, T, OUT, PARTIAL, GX, GT, PARAMS, n, BLOCK: tl.constexpr
 @triton.jit
 def squared_error_kernel(P, T, OUT, PARTIAL, GP, GT, PARAMS, n, BLOCK: tl.constexpr, WANT_OUT: tl.constexpr,
                          WANT_GP: tl.constexpr, WANT_GT: tl.constexpr, ACC_F64: tl.constexpr):
-    """Elementwise (p - t)^2; per-program partial sum; gradients ±2 (p - t) scale, PARAMS = [scale]."""
+    """Elementwise (p - t)^2; per-program partial sum; gradients ±2 (p - t) scale, PARAMS =
+    ``params.SquaredErrorParams`` [scale]."""
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -57,8 +59,9 @@ def squared_error_kernel(P, T, OUT, PARTIAL, GP, GT, PARAMS, n, BLOCK: tl.conste
 @triton.jit
 def sigmoid_focal_kernel(X, T, OUT, PARTIAL, GX, GT, PARAMS, n, BLOCK: tl.constexpr, WANT_OUT: tl.constexpr,
                          WANT_GX: tl.constexpr, WANT_GT: tl.constexpr, ACC_F64: tl.constexpr):
-    """Elementwise binary focal loss from logits; per-program partial sum; PARAMS = [γ, α, balance,
-    ε, scale]. The math and its bounded gradient factors: kernels.numba_cpu.elementwise.sigmoid_focal.
+    """Elementwise binary focal loss from logits; per-program partial sum; PARAMS =
+    ``params.SigmoidFocalParams`` [γ, α, balance, ε, scale]. The math and its bounded gradient
+    factors: kernels.numba_cpu.elementwise.sigmoid_focal.
     u^γ is exp2(γ log2 u) (u = 0 gives 0, or 1 for γ = 0)."""
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
@@ -101,7 +104,8 @@ def sigmoid_focal_kernel(X, T, OUT, PARTIAL, GX, GT, PARAMS, n, BLOCK: tl.conste
 def huber_kernel(P, T, OUT, PARTIAL, GP, GT, PARAMS, n, BLOCK: tl.constexpr, WANT_OUT: tl.constexpr,
                  WANT_GP: tl.constexpr, WANT_GT: tl.constexpr, ACC_F64: tl.constexpr):
     """Elementwise Huber loss, c (d - c/2) with d = p - t, c = clip(d, -δ, δ); per-program partial
-    sum; gradients ±c scale; PARAMS = [δ, scale]. The clip is two selects, so a NaN d stays NaN."""
+    sum; gradients ±c scale; PARAMS =
+    ``params.HuberParams`` [δ, scale]. The clip is two selects, so a NaN d stays NaN."""
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n

@@ -71,7 +71,8 @@ def softmax_focal_kernel(X, stride_x, T, stride_t, Y, LOSS, GX, stride_gx, GT, s
                          ignore_index, BLOCK: tl.constexpr, DENSE: tl.constexpr, HAS_ALPHA: tl.constexpr,
                          GAMMA_INT: tl.constexpr, LABEL_ONLY: tl.constexpr, WANT_GX: tl.constexpr,
                          WANT_GT: tl.constexpr, ACC_F64: tl.constexpr):
-    """One row of the softmax focal loss. PARAMS = [γ, ε, α, scale]; A: (C,) per-class α (HAS_ALPHA);
+    """One row of the softmax focal loss. PARAMS = ``params.FocalParams``
+    [γ, ε, α, scale]; A: (C,) per-class α (HAS_ALPHA);
     labels Y with ignore_index (ignored row: 0, label outside [0, C): NaN), or dense targets T.
     LABEL_ONLY (labels, ε = 0): the label's is the only term, formed from scalars (no pass 3), and
     the gradient is S (p - onehot)."""
