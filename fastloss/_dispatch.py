@@ -77,6 +77,9 @@ def route(spec, x, opts, backend):
         name = asked or ("numba" if on_cpu else "triton")
         if _torch_compiling():  # the custom op checks that it can run when it runs
             return "torch", name
+        if x.device.type not in ("cpu", "cuda"):  # meta, mps, xpu...: no kernel of ours runs there
+            raise TypeError(f"fastloss runs torch tensors on CPU (backend 'numba') or CUDA (backend 'triton'); "
+                            f"`{arg}` is on device {x.device}.")
         if name == "numba" and not on_cpu:
             raise TypeError(f"the 'numba' backend runs on CPU tensors; received a tensor on {x.device}. "
                             f"Use backend='triton' for CUDA tensors.")
@@ -112,6 +115,22 @@ def route(spec, x, opts, backend):
             return ("numpy", "numba") if cand == "numba" else ("jax", "xla")
         reasons.append(f"{cand}: {reason}")
     raise RuntimeError(f"no fastloss backend can handle {kind} input here ({'; '.join(reasons)})")
+
+
+def route_in_place(spec, x, opts, backend):
+    """The in-place variant's route: the Triton kernel on a torch tensor, or an error that says what
+    the variant takes and what to call instead."""
+    if backend not in ("triton", None):
+        raise ValueError(f"`backend` must be 'triton' for the in-place variant (torch tensors); received {backend!r}.")
+    if input_kind(x) not in ("torch-cpu", "torch-cuda"):
+        raise TypeError(f"the in-place variant takes torch tensors (it runs the Triton kernel); received "
+                        f"`{spec.args[0]}` of type {type(x).__module__}.{type(x).__name__}. Use "
+                        f"fastloss.{spec.name}.")
+    if input_kind(x) == "torch-cpu" and unavailable_reason("triton") is not None:
+        raise RuntimeError(f"the in-place variant runs the Triton kernel: CUDA tensors, or CPU tensors only "
+                           f"under TRITON_INTERPRET=1 (Triton's interpreter); for CPU tensors use "
+                           f"fastloss.{spec.name} (the 'numba' backend).")
+    route(spec, x, opts, "triton")
 
 
 def _pallas_losses():

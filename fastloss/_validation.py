@@ -99,13 +99,16 @@ def _finite_float(value, arg: str):
             raise ValueError(f"`{arg}` must be a real scalar; received a traced array of shape "
                              f"{tuple(value.shape)} and dtype {dtype_name(value)}.")
         return value
-    if hasattr(value, "shape") and hasattr(value, "dtype") and tuple(value.shape) == () \
-            and _is_float_or_int(dtype_name(value)):
+    # Python numbers first: under torch.compile a float that changed between calls is traced as a
+    # symbolic float, on which hasattr() is not supported (fullgraph failed); float() of it makes
+    # the compiled graph specialise on the value (a recompile per value, as for any constant).
+    if not isinstance(value, (float, int)) and hasattr(value, "shape") and hasattr(value, "dtype") \
+            and tuple(value.shape) == () and _is_float_or_int(dtype_name(value)):
         value = float(value)  # a concrete 0-d array: jnp.float32(2.0), np.float32(2.0), torch.tensor(2.0)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"`{arg}` must be a real number; received {value!r} of type {type(value).__name__}.")
     value = float(value)
-    if not math.isfinite(value):
+    if not abs(value) < math.inf:  # not math.isfinite: a comparison also guards a symbolic float
         raise ValueError(f"`{arg}` must be finite; received {value!r}.")
     return value
 
@@ -315,7 +318,34 @@ def validate_distillation(spec, s, t, labels, given):
     if labels is not None:
         s, labels = pair(s, labels, spec.args[0], "labels")
         check_labels(labels, shape_of(s))
-    return s, t, labels, check_options(spec, s, given)
+    return _widened(s, t), t, labels, check_options(spec, s, given)
+
+
+def cast_like(a, like):
+    """``a`` (an array of ``like``'s framework) in ``like``'s dtype."""
+    kind = framework_of(a)
+    if kind == "torch":
+        return a.to(like.dtype)
+    if kind == "jax":
+        return a.astype(like.dtype)
+    return np.asarray(a).astype(np.asarray(like).dtype if not hasattr(like, "dtype") else like.dtype)
+
+
+def _widened(s, t):
+    """The student in float64 when the teacher is float64 and the student is not, as the framework
+    promotes the pair (the loss and its gradient are then computed in float64; autograd, or the
+    caller, casts the student's gradient back). A narrower teacher needs nothing: the kernels read it
+    in its own dtype and accumulate in fp32, which gives the promoted result without a copy."""
+    if dtype_name(t) != "float64" or dtype_name(s) == "float64":
+        return s
+    kind = framework_of(s)
+    if kind == "torch":
+        return s.to(t.dtype)
+    if kind == "jax" or framework_of(t) == "jax":
+        import jax.numpy as jnp
+        wide = jnp.result_type(jnp.float64)  # float32 unless x64 is on: then nothing to widen
+        return s if wide != jnp.float64 else jnp.asarray(s, wide)
+    return np.asarray(s, np.float64)
 
 
 def validate_linear(spec, hidden, weight, labels, bias, given):

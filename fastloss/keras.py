@@ -14,7 +14,11 @@ backend a correct but unfused ``keras.ops`` formula, with a one-time warning.
 Temperature: with ``from_logits=True`` it divides the logits. With ``from_logits=False`` it tempers
 the predicted distribution, p^(1/T) renormalised, i.e. softmax(log(p) / T): dividing probabilities
 by T before a normalising cross-entropy would change nothing. At T = 1 the probability path is
-stock's own formula (-Σ t log clip(p / Σp)); there is no softmax there to fuse.
+stock's own formula (-Σ t log clip(p / Σp)); there is no softmax there to fuse. At any T the
+normalised probabilities are first clipped as stock clips them, to [1e-7, 1 - 1e-7], and then
+tempered: softmax(log(clip(p / Σp)) / T). So the loss is continuous in T at T = 1 and finite where
+a target class has p = 0; a probability below 1e-7 counts as 1e-7 (and one above 1 - 1e-7 as
+1 - 1e-7), so a row holding such a value differs slightly from the exact p^(1/T).
 """
 from __future__ import annotations
 
@@ -65,7 +69,8 @@ def categorical_crossentropy(y_true, y_pred, from_logits=False, label_smoothing=
         y_pred: logits (``from_logits=True``) or probabilities.
         label_smoothing: ε: targets become (1-ε) t + ε/C.
         axis: the class axis.
-        temperature: > 0; divides logits, or tempers probabilities (p^(1/T), renormalised).
+        temperature: > 0; divides logits, or tempers probabilities (p^(1/T), renormalised, after
+            stock's clip of p to [1e-7, 1 - 1e-7]: see the module docstring).
 
     Returns:
         Per-sample losses, shape of ``y_pred`` without the class axis.
@@ -212,12 +217,20 @@ def categorical_focal_crossentropy(y_true, y_pred, alpha=0.25, gamma=2.0, from_l
 
 def _regression_pair(y_true, y_pred):
     """Stock's regression-loss preamble: float predictions (integers in floatx), targets in their dtype,
-    ranks matched by squeezing or expanding a trailing axis of size 1."""
+    ranks matched by squeezing or expanding a trailing axis of size 1, then both broadcast to one
+    shape (stock's ``y_pred - y_true`` broadcasts a (N, 1) target against (N, 3) predictions; the
+    kernels take two arrays of one shape)."""
     y_pred = ops.convert_to_tensor(y_pred)
     if not keras.backend.is_float_dtype(y_pred.dtype):
         y_pred = ops.cast(y_pred, keras.backend.floatx())
     y_true = ops.convert_to_tensor(y_true, dtype=y_pred.dtype)
-    return squeeze_or_expand_to_same_rank(y_true, y_pred)
+    y_true, y_pred = squeeze_or_expand_to_same_rank(y_true, y_pred)
+    st, sp = tuple(y_true.shape), tuple(y_pred.shape)
+    if st != sp:
+        shape = np.broadcast_shapes(st, sp)  # a ValueError for shapes that do not broadcast, as stock's
+        y_true = ops.broadcast_to(y_true, shape) if st != shape else y_true
+        y_pred = ops.broadcast_to(y_pred, shape) if sp != shape else y_pred
+    return y_true, y_pred
 
 
 @keras.saving.register_keras_serializable(package="fastloss")

@@ -12,16 +12,16 @@ import inspect
 from . import _dispatch
 from ._spec import (DENSE_CE, DISTILLATION, HUBER, LINEAR_CE, MSE, SIGMOID_CE, SIGMOID_FOCAL, SOFTMAX_FOCAL,
                     SPARSE_CE)
-from ._validation import validate, validate_distillation, validate_linear
+from ._validation import cast_like, validate, validate_distillation, validate_linear
 
 
 def _run(spec, arrays, given, backend, want_grad=False):
     """Validate a call of ``spec``, route it, run it: the loss, or (loss, d loss / d first array) with
     ``want_grad``. ``given`` holds the public function's arguments by name: its ``locals()`` taken
     before it defines any other name, so each signature is written once, in its ``def``."""
+    first = arrays[0]
     if spec.other == "teacher":
-        s, t, y, opts = validate_distillation(spec, *arrays, given)
-        arrays = (s, t, y)
+        *arrays, opts = validate_distillation(spec, *arrays, given)
     elif spec.other == "linear":
         h, w, y, b, opts, chunk = validate_linear(spec, *arrays, given)
         arrays, opts["chunk_size"] = (h, w, y, b), chunk
@@ -29,9 +29,11 @@ def _run(spec, arrays, given, backend, want_grad=False):
         x, other, opts = validate(spec, *arrays, given)
         arrays = (x, other)
     if want_grad and opts["reduction"] == "none":
-        raise ValueError("`reduction` must be 'mean' or 'sum' under value_and_grad (the loss must "
-                         "be a scalar); received 'none'.")
-    return _dispatch.call(spec, arrays, opts, backend, want_grad)
+        raise ValueError("`reduction` must be 'mean' or 'sum' under value_and_grad (a scalar loss); received 'none'.")
+    result = _dispatch.call(spec, arrays, opts, backend, want_grad)
+    if want_grad and spec.other == "teacher" and arrays[0] is not first:  # widened for a float64 teacher:
+        return result[0], cast_like(result[1], first)  # the gradient in the student's dtype, as autograd gives it
+    return result
 
 
 def sparse_softmax_cross_entropy(logits, labels, *, temperature=1.0, label_smoothing=0.0,
@@ -368,8 +370,7 @@ def sparse_softmax_cross_entropy_(logits, labels, *, temperature=1.0, label_smoo
     """
     given = dict(locals(), weight=None, softcap=None)
     x, other, opts = validate(SPARSE_CE, logits, labels, given)
-    if _dispatch.route(SPARSE_CE, x, opts, backend) != ("torch", "triton"):
-        raise ValueError(f"`backend` must be 'triton' for the in-place variant (torch tensors); received {backend!r}.")
+    _dispatch.route_in_place(SPARSE_CE, x, opts, backend)
     from ._torch import launch
     return launch.sparse_cross_entropy(x, other, opts, True, False, in_place=True)[0]
 

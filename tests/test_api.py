@@ -217,3 +217,25 @@ def test_label_error_without_ignore_index_names_no_sentinel():
     y = np.array([1, 2])
     np.testing.assert_allclose(fastloss.sparse_softmax_cross_entropy(x, y, ignore_index=None),
                                fastloss.sparse_softmax_cross_entropy(x, y), rtol=1e-7)
+
+
+def test_inplace_variant_errors_say_what_it_takes(monkeypatch):
+    # Were Triton's "no CUDA device" message for NumPy input and for CPU tensors without the
+    # interpreter; now: what the variant takes, and the function to use instead.
+    torch = pytest.importorskip("torch")
+    x, y = np.zeros((4, 6), np.float32), np.zeros(4, np.int64)
+    with pytest.raises(TypeError, match="takes torch tensors.*sparse_softmax_cross_entropy"):
+        fastloss.sparse_softmax_cross_entropy_(x, y)
+    monkeypatch.setattr(fastloss._dispatch, "unavailable_reason", lambda name: "no CUDA device")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1.*'numba' backend"):
+        fastloss.sparse_softmax_cross_entropy_(torch.tensor(x), torch.tensor(y))
+
+
+@pytest.mark.parametrize("loss", ["sparse_softmax_cross_entropy", "mean_squared_error"])
+def test_tensor_on_another_device_names_it(loss):
+    # A meta tensor's error said "torch-cuda input".
+    torch = pytest.importorskip("torch")
+    x = torch.zeros((4, 6), device="meta")
+    other = torch.zeros(4, dtype=torch.int64, device="meta") if loss.startswith("sparse") else x
+    with pytest.raises(TypeError, match="CPU.*CUDA.*device meta"):
+        getattr(fastloss, loss)(x, other)

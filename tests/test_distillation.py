@@ -318,3 +318,34 @@ def test_numba_distillation_on_a_second_cpu_target(tmp_path):
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout and " failed" not in proc.stdout
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch", "jax"])
+def test_float64_teacher_with_a_float32_student_promotes(kind):
+    # Was a Numba TypingError from deep inside the kernel (NumPy, torch CPU, and jax with x64).
+    # The pair computes in float64, as the framework promotes it; the student's gradient comes back
+    # in its own dtype.
+    rng = np.random.default_rng(5)
+    s = (rng.standard_normal((6, 9)) * 3).astype(np.float32)
+    t = rng.standard_normal((6, 9)) * 3
+    y = np.array([0, 3, 8, -100, 2, 5])
+    ref, ref_gs, _ = R.distillation_loss(s.astype(np.float64), t, y, temperature=2.0)
+    vg = fastloss.value_and_grad(fastloss.distillation_loss)
+    if kind == "jax":
+        jax = pytest.importorskip("jax")
+        with jax.enable_x64(True):
+            value, gs = vg(jax.numpy.asarray(s), jax.numpy.asarray(t), y, temperature=2.0)
+            assert value.dtype == np.float64 and gs.dtype == np.float32
+            value, gs = float(value), np.asarray(gs)
+    elif kind == "torch":
+        torch = pytest.importorskip("torch")
+        st = torch.tensor(s, requires_grad=True)
+        loss = fastloss.distillation_loss(st, torch.tensor(t), torch.tensor(y), temperature=2.0)
+        loss.backward()
+        assert loss.dtype == torch.float64 and st.grad.dtype == torch.float32
+        value, gs = float(loss), st.grad.numpy()
+    else:
+        value, gs = vg(s, t, y, temperature=2.0)
+        assert gs.dtype == np.float32
+    np.testing.assert_allclose(value, ref, rtol=1e-12)
+    np.testing.assert_allclose(gs, ref_gs.astype(np.float32), rtol=1e-6, atol=1e-9)

@@ -89,12 +89,44 @@ def test_jax_scalar_options_are_accepted_eagerly(backend):
         fastloss.sparse_softmax_cross_entropy(jnp.asarray(x), jnp.asarray(y), temperature=jnp.float32(-1.0))
 
 
+# A "binary" option (apply_class_balancing) is a Python bool: a traced one is a ValueError.
+_INVALID = {"positive": (0.0, -1.0, np.nan, np.inf), "non_negative": (-1.0, np.nan, np.inf),
+            "unit": (-0.5, 1.5, np.nan)}
+_TRACED_CASES = [(spec.name, option.name, _INVALID[option.rule]) for spec in fastloss._spec.SPECS
+                 for option in spec.options if option.rule in _INVALID]
+
+
+def _arrays(loss, n=5, c=7):
+    """Every array argument of ``loss`` (the first is differentiated), as jax arrays."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((n, c)) * 3, jnp.float32)
+    labels = jnp.asarray(rng.integers(0, c, n))
+    kind = fastloss._spec.BY_NAME[loss].other
+    if kind in ("labels", "either"):
+        return x, labels
+    if kind == "teacher":
+        return x, jnp.asarray(rng.standard_normal((n, c)), jnp.float32), labels
+    if kind == "linear":  # hidden (n, c), a head of 11 classes, labels
+        return x, jnp.asarray(rng.standard_normal((11, c)), jnp.float32), labels
+    return x, jnp.asarray(rng.random((n, c)), jnp.float32)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_traced_option_out_of_range_is_nan(backend):
-    x, y = _inputs("sparse_softmax_cross_entropy")
-    f = jax.jit(lambda t: fastloss.sparse_softmax_cross_entropy(jnp.asarray(x), jnp.asarray(y), temperature=t,
-                                                                backend=backend))
-    assert np.isnan(float(f(-1.0))) and np.isnan(float(f(0.0)))
+@pytest.mark.parametrize("loss,option,invalid", _TRACED_CASES, ids=lambda v: v if isinstance(v, str) else "")
+def test_traced_option_out_of_range_is_nan(backend, loss, option, invalid):
+    # An eager value out of range raises; a traced one cannot, so the loss and the gradient are NaN
+    # (as a traced out-of-range label makes its row NaN). Huber's δ used to give 0.5 x MSE: the
+    # clip's selects passed d through a NaN δ.
+    x, *rest = _arrays(loss)
+    fn = getattr(fastloss, loss)
+    f = jax.jit(jax.value_and_grad(lambda a, v: fn(a, *rest, backend=backend, **{option: v})))
+    for bad in invalid:  # one program: the option is a value
+        value, grad = f(x, jnp.float32(bad))
+        assert np.isnan(float(value)), (bad, float(value))
+        assert np.isnan(np.asarray(grad)).all(), bad
+    default = next(o.default for o in fastloss._spec.BY_NAME[loss].options if o.name == option)
+    value, grad = f(x, jnp.float32(default))
+    assert np.isfinite(float(value)) and np.isfinite(np.asarray(grad)).all()
 
 
 def _option_fd(loss, x, other, opts, name, h=1e-5):

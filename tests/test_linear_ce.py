@@ -146,6 +146,18 @@ def test_all_ignored_chunks(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_no_rows(backend, reduction):
+    # jax used to raise "Need at least one array to concatenate" (no chunk ran); every backend gives
+    # 0 and zero gradients, as an empty batch does for the other losses.
+    h, w, b, y = _data(3, 6, 11, seed=6)
+    loss, gh, gw, gb = run(backend, h[:0], w, y[:0], b, "float32", {"reduction": reduction})
+    assert float(loss) == 0.0
+    if gh is not None:
+        assert gh.shape == (0, 6) and not np.any(gw) and not np.any(gb)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", ["float64", "bfloat16", "float16"])
 def test_dtypes(backend, dtype):
     h, w, b, y = _data(19, 16, 33, seed=6, ignored=(4,))

@@ -65,6 +65,21 @@ def option_value(value, option, acc):
     return jnp.where(_VALID[option.rule](v), v, jnp.nan)
 
 
+def guard_options(values, scale):
+    """(scale, poison) for a call whose options are ``values`` (from ``option_value``: NaN when out
+    of range). When one is NaN the whole call is invalid, and both are NaN: the scale multiplies
+    every kernel's gradient and the mean, and the caller adds ``poison`` (else 0) to the loss for
+    "sum" and "none". Per-option NaN propagation is not enough: an option a call does not use (the
+    focal loss's α without class balancing, the distillation β of a KL) never reaches the
+    arithmetic, and Huber's clip selects pass d through a NaN δ (0.5 x MSE). ``poison`` is added, not
+    selected, so that the gradient stays the (NaN) kernel gradient rather than a select's zero."""
+    if not values:
+        return scale, jnp.zeros((), scale.dtype)
+    bad = jnp.any(jnp.isnan(jnp.stack(values)))
+    nan = jnp.full((), jnp.nan, scale.dtype)
+    return jnp.where(bad, nan, scale), jnp.where(bad, nan, jnp.zeros((), scale.dtype))
+
+
 def is_zero(t):
     return type(t) is SymbolicZero
 

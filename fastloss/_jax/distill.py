@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from .. import _reduction as R
 from .._spec import DISTILLATION
 from ..kernels import jax_xla as K
-from .common import check_labels_eagerly, check_not_torch, is_zero, numpy_out, option_value, x64_context
+from .common import check_labels_eagerly, check_not_torch, guard_options, is_zero, numpy_out, option_value, x64_context
 from .losses import reduce_rows
 
 
@@ -100,8 +100,9 @@ def _distill_core(s, t, labels, options, *, spec):
     acc = K.acc_dtype(s)
     count = R.mean_count(y, ignore_index, c, xp=jnp) if has_labels else math.prod(lead)
     scale = 1.0 / R.nonzero_or_one(jnp.asarray(count, acc), jnp) if reduction == "mean" else jnp.ones((), acc)
-    params = K.pack_params([option_value(v, o, acc) for o, v in zip(DISTILLATION.options, options)], scale)
-    out = _distill_loss(spec, s2, t2, y, params)
+    values = [option_value(v, o, acc) for o, v in zip(DISTILLATION.options, options)]
+    scale, poison = guard_options(values, scale)
+    out = _distill_loss(spec, s2, t2, y, K.pack_params(values, scale)) + poison
     return out.reshape(lead) if reduction == "none" else out
 
 

@@ -36,7 +36,8 @@ from .. import _chunks
 from .. import _reduction as R
 from .._spec import LINEAR_CE, SPARSE_CE
 from ..kernels import jax_xla as K
-from .common import Call, check_labels_eagerly, check_not_torch, numpy_out, option_value, varying_like, x64_context
+from .common import (Call, check_labels_eagerly, check_not_torch, guard_options, numpy_out, option_value,
+                     varying_like, x64_context)
 from .losses import reduce_rows
 from .providers import kernel
 
@@ -128,6 +129,8 @@ def _sweep(cfg, h, w, b, y, params, row_w, want):
         if want_h:
             parts_h.append(gh)
         gw, gb = add(gw, dw), add(gb, db)
+    if not parts_v:  # no rows: no chunk ran (the loss is 0, as an empty batch's is everywhere)
+        return jnp.zeros((0,), acc), (jnp.zeros((0, hdim), h.dtype) if want_h else None), gw, gb
     values = parts_v[0] if len(parts_v) == 1 else jnp.concatenate(parts_v)
     gh = (parts_h[0] if len(parts_h) == 1 else jnp.concatenate(parts_h)) if want_h else None
     return values, gh, gw, gb
@@ -196,8 +199,8 @@ def _core(h, w, b, y, options, *, cfg):
     count = R.mean_count(y2, cfg.ignore_index, w.shape[0], xp=jnp).astype(acc)
     scale = 1.0 / R.nonzero_or_one(count, jnp) if reduction == "mean" else jnp.ones((), acc)
     opts = [jax.lax.stop_gradient(option_value(v, o, acc)) for o, v in zip(LINEAR_CE.options, options)]
-    params = K.pack_params(opts, scale.astype(acc))
-    out = _linear_ce(cfg, h2, w, b, y2, params)
+    scale, poison = guard_options(opts, scale.astype(acc))
+    out = _linear_ce(cfg, h2, w, b, y2, K.pack_params(opts, scale)) + poison
     return out.reshape(lead) if reduction == "none" else out
 
 

@@ -26,7 +26,8 @@ import jax.numpy as jnp
 
 from .. import _reduction as R
 from ..kernels import jax_xla as K
-from .common import Call, check_labels_eagerly, check_not_torch, is_zero, numpy_out, option_value, x64_context
+from .common import (Call, check_labels_eagerly, check_not_torch, guard_options, is_zero, numpy_out, option_value,
+                     x64_context)
 from .providers import kernel
 
 
@@ -134,9 +135,9 @@ def _core(x, other, options, weight=None, *, call):
     else:
         count = jnp.asarray(math.prod(lead), acc)
     scale = 1.0 / R.nonzero_or_one(count, jnp) if call.reduction == "mean" else jnp.ones((), acc)
-    params = K.pack_params([option_value(v, o, acc) for o, v in zip(spec.options, options)], scale.astype(acc),
-                           weights)
-    out = _loss(call, x2, o2, params)
+    values = [option_value(v, o, acc) for o, v in zip(spec.options, options)]
+    scale, poison = guard_options(values, scale.astype(acc))
+    out = _loss(call, x2, o2, K.pack_params(values, scale, weights)) + poison
     return out.reshape(lead) if call.reduction == "none" else out
 
 

@@ -267,3 +267,15 @@ def test_integer_inputs_and_target_shape_check_as_stock():
                                [1.0, 64.0, 121.0])
     with pytest.raises(ValueError, match="must have the same shape"):
         fk.categorical_crossentropy(np.array([[0.0], [1.0], [0.0]]), PROBS[:3, :3])
+
+
+@pytest.mark.parametrize("cls", ["MeanSquaredError", "Huber"])
+@pytest.mark.parametrize("shapes", [((N, 1), (N, 3)), ((N, 3), (N, 1)), ((N, 3), (1, 3))])
+def test_regression_targets_broadcast_as_stock(cls, shapes):
+    # A (N, 1) target against (N, 3) predictions raised; stock broadcasts y_pred - y_true.
+    t = RNG.standard_normal(shapes[0]).astype("float32")
+    p = RNG.standard_normal(shapes[1]).astype("float32") * 2
+    ours, stock = getattr(fk, cls)(reduction="none"), getattr(keras.losses, cls)(reduction="none")
+    np.testing.assert_allclose(_np(ours(t, p)), _np(stock(t, p)), rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError):  # shapes that do not broadcast: an error, as stock's
+        ours(np.zeros((N + 1, 3), "float32"), np.zeros((N, 3), "float32"))
