@@ -237,10 +237,13 @@ def test_torch_upstream_gradient_and_double_backward():
     ref = R.linear_cross_entropy(rounded(h, "float32"), rounded(w, "float32"), y, reduction="sum")
     _close(ht.grad.numpy(), 3.0 * ref[1], 2e-5, "d hidden x 3")
     _close(wt.grad.numpy(), 3.0 * ref[2], 2e-5, "d weight x 3")
+    # A gradient penalty: the gradient came back without a grad_fn, so the penalty silently added
+    # nothing to weight.grad (93% off against the unfused pair). Now a clear error.
     loss = fastloss.linear_cross_entropy(ht, wt, torch.tensor(y))
     (g,) = torch.autograd.grad(loss, ht, create_graph=True)
-    with pytest.raises(RuntimeError):
-        g.sum().backward()  # once-differentiable: a clear error, never a silently wrong hessian
+    assert g.grad_fn is not None
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        (loss + 10 * g.pow(2).sum()).backward()
 
 
 def test_jax_jit_vmap_and_no_full_logits():

@@ -20,12 +20,13 @@ chunk's logits (in place: a chunk costs one ``rows x C`` buffer)::
     d W  += G^T @ h_c            (fp32 inside the matmul; accumulated in W's dtype, see _sweep)
     d b  += Σ_rows G             (fp32)
 
-Second derivatives are not supported (the backward is once-differentiable).
+Second derivatives are not supported: a gradient taken with ``create_graph=True`` carries a
+``grad_fn`` that raises when something differentiates through it (a gradient penalty), instead of
+looking constant and silently dropping that term.
 """
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from .. import _chunks
 from .. import _reduction as R
@@ -159,6 +160,32 @@ _FORWARD_OP = getattr(torch.ops.fastloss, LINEAR_CE.name)
 _BACKWARD_OP = getattr(torch.ops.fastloss, LINEAR_CE.name + "_backward")
 
 
+class _FirstOrderOnly(torch.autograd.Function):
+    """The identity on a gradient of the linear head; differentiating through it raises.
+
+    ``once_differentiable`` alone is not enough: it attaches its error only when an incoming
+    gradient requires grad, and ``torch.autograd.grad(loss, hidden, create_graph=True)`` passes a
+    constant 1, so the gradient came back without a ``grad_fn`` and a penalty on it added nothing
+    to ``weight.grad`` (93% off). The gradient does depend on ``hidden`` and ``weight``."""
+
+    @staticmethod
+    def forward(grad, *anchors):
+        # anchors: the head's inputs that require grad, so that the result has a grad_fn (a
+        # Function's output gets one only when an input requires grad; the gradient does not)
+        return grad.view_as(grad)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("linear_cross_entropy has no second derivative in torch (a gradient taken with "
+                           "create_graph=True was differentiated). For a gradient penalty, use "
+                           "fastloss.sparse_softmax_cross_entropy(torch.nn.functional.linear(hidden, weight, bias), "
+                           "labels), whose second derivative is exact.")
+
+
 class _LinearCE(torch.autograd.Function):
     @staticmethod
     def forward(hidden, weight, labels, bias, params, ignore_index, reduction, backend, rows, want):
@@ -170,6 +197,7 @@ class _LinearCE(torch.autograd.Function):
         hidden, weight, labels, bias, params, ignore_index, reduction, backend, rows, want = inputs
         ctx.cfg = (params, ignore_index, backend, rows)
         ctx.reduction = reduction
+        ctx.anchors = tuple(t for t in (hidden, weight, bias) if t is not None and t.requires_grad)
         if reduction == "none":  # recomputed in the backward
             ctx.save_for_backward(hidden, weight, labels, bias)
         else:
@@ -178,8 +206,12 @@ class _LinearCE(torch.autograd.Function):
         ctx.set_materialize_grads(False)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, g, *_):
+        if torch.is_grad_enabled():  # create_graph=True: first-order gradients that refuse a second
+            with torch.no_grad():
+                grads = _LinearCE.backward(ctx, g)
+            return tuple(_FirstOrderOnly.apply(t, *ctx.anchors) if isinstance(t, torch.Tensor) else t
+                         for t in grads)
         rest = (None,) * 6
         if g is None:
             return (None,) * 4 + rest
