@@ -30,7 +30,7 @@ import torch
 
 from .. import _chunks
 from .. import _reduction as R
-from .._spec import LINEAR_CE
+from .._spec import LINEAR_CE, SPARSE_CE
 from .library import LIB, acc_dtype, launchers
 
 _OPTS = LINEAR_CE.option_names
@@ -180,10 +180,10 @@ class _FirstOrderOnly(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        raise RuntimeError("linear_cross_entropy has no second derivative in torch (a gradient taken with "
-                           "create_graph=True was differentiated). For a gradient penalty, use "
-                           "fastloss.sparse_softmax_cross_entropy(torch.nn.functional.linear(hidden, weight, bias), "
-                           "labels), whose second derivative is exact.")
+        raise RuntimeError(f"{LINEAR_CE.name} has no second derivative in torch (a gradient taken with "
+                           f"create_graph=True was differentiated). For a gradient penalty, use "
+                           f"fastloss.{SPARSE_CE.name}(torch.nn.functional.linear(hidden, weight, bias), labels), "
+                           f"whose second derivative is exact.")
 
 
 class _LinearCE(torch.autograd.Function):
