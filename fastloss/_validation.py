@@ -328,7 +328,7 @@ def cast_like(a, like):
         return a.to(like.dtype)
     if kind == "jax":
         return a.astype(like.dtype)
-    return np.asarray(a).astype(np.asarray(like).dtype if not hasattr(like, "dtype") else like.dtype)
+    return np.asarray(a).astype(np.asarray(like).dtype)
 
 
 def _widened(s, t):

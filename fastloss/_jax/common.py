@@ -12,6 +12,7 @@ from jax.custom_derivatives import SymbolicZero
 
 from .._frameworks import is_torch
 from .._reduction import check_label_range
+from ..kernels import jax_xla as K
 
 
 class Call(NamedTuple):
@@ -65,19 +66,25 @@ def option_value(value, option, acc):
     return jnp.where(_VALID[option.rule](v), v, jnp.nan)
 
 
-def guard_options(values, scale):
-    """(scale, poison) for a call whose options are ``values`` (from ``option_value``: NaN when out
-    of range). When one is NaN the whole call is invalid, and both are NaN: the scale multiplies
-    every kernel's gradient and the mean, and the caller adds ``poison`` (else 0) to the loss for
-    "sum" and "none". Per-option NaN propagation is not enough: an option a call does not use (the
+def guarded_params(values, scale, weights=None):
+    """(params, poison): the option pack (``jax_xla.pack_params``) of a call whose options are
+    ``values`` (from ``option_value``: NaN when out of range), and what the caller adds to its loss.
+    When an option is NaN the whole call is invalid: the pack's scale is NaN (it multiplies every
+    kernel's gradient and the mean) and so is ``poison`` (else 0), for "sum" and "none". Per-option NaN propagation is not enough: an option a call does not use (the
     focal loss's α without class balancing, the distillation β of a KL) never reaches the
     arithmetic, and Huber's clip selects pass d through a NaN δ (0.5 x MSE). ``poison`` is added, not
     selected, so that the gradient stays the (NaN) kernel gradient rather than a select's zero."""
-    if not values:
-        return scale, jnp.zeros((), scale.dtype)
-    bad = jnp.any(jnp.isnan(jnp.stack(values)))
-    nan = jnp.full((), jnp.nan, scale.dtype)
-    return jnp.where(bad, nan, scale), jnp.where(bad, nan, jnp.zeros((), scale.dtype))
+    zero = jnp.zeros((), scale.dtype)
+    if values:
+        bad = jnp.any(jnp.isnan(jnp.stack(values)))
+        nan = jnp.full((), jnp.nan, scale.dtype)
+        scale, zero = jnp.where(bad, nan, scale), jnp.where(bad, nan, zero)
+    return K.pack_params(values, scale, weights), zero
+
+
+def scale_of(params, spec):
+    """The scale (d total / d row) in ``spec``'s option pack."""
+    return K.unpack_params(params, len(spec.options)).scale
 
 
 def is_zero(t):

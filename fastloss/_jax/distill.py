@@ -14,7 +14,8 @@ import jax.numpy as jnp
 from .. import _reduction as R
 from .._spec import DISTILLATION
 from ..kernels import jax_xla as K
-from .common import check_labels_eagerly, check_not_torch, guard_options, is_zero, numpy_out, option_value, x64_context
+from .common import (check_labels_eagerly, check_not_torch, guarded_params, is_zero, numpy_out, option_value, scale_of,
+                     x64_context)
 from .losses import reduce_rows
 
 
@@ -61,11 +62,7 @@ def _distill_kernel(spec, s, t, labels, params, want_s, want_t):
 @partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _distill_loss(spec, s, t, labels, params):
     values, _, _ = _distill_kernel(spec, s, t, labels, params, False, False)
-    return reduce_rows(values, _scale(params), spec.reduction)
-
-
-def _scale(params):
-    return K.unpack_params(params, len(DISTILLATION.options)).scale
+    return reduce_rows(values, scale_of(params, DISTILLATION), spec.reduction)
 
 
 @partial(_distill_loss.defjvp, symbolic_zeros=True)
@@ -75,7 +72,7 @@ def _distill_loss_jvp(spec, primals, tangents):
     want_s, want_t = not is_zero(ds), not is_zero(dt)
     values, gs, gt = _distill_kernel(spec, s, t, labels, params, want_s, want_t)
     reduction = spec.reduction
-    out = reduce_rows(values, _scale(params), reduction)
+    out = reduce_rows(values, scale_of(params, DISTILLATION), reduction)
     tangent = jnp.zeros_like(out)
     for g, dv in ((gs, ds), (gt, dt)):
         if g is not None:
@@ -85,7 +82,7 @@ def _distill_loss_jvp(spec, primals, tangents):
         # d loss / d (T, α, β): forward mode through the XLA formulation's rows (one more pass, only
         # when an option is being differentiated). The rows do not depend on the scale entry.
         rows = jax.jvp(lambda p: _distill_xla(spec, s, t, labels, p, False, False)[0], (params,), (d_params,))[1]
-        tangent = tangent + (rows if reduction == "none" else jnp.sum(rows) * (_scale(params) if reduction == "mean"
+        tangent = tangent + (rows if reduction == "none" else jnp.sum(rows) * (scale_of(params, DISTILLATION) if reduction == "mean"
                                                                                else 1.0))
     return out, tangent
 
@@ -101,8 +98,8 @@ def _distill_core(s, t, labels, options, *, spec):
     count = R.mean_count(y, ignore_index, c, xp=jnp) if has_labels else math.prod(lead)
     scale = 1.0 / R.nonzero_or_one(jnp.asarray(count, acc), jnp) if reduction == "mean" else jnp.ones((), acc)
     values = [option_value(v, o, acc) for o, v in zip(DISTILLATION.options, options)]
-    scale, poison = guard_options(values, scale)
-    out = _distill_loss(spec, s2, t2, y, K.pack_params(values, scale)) + poison
+    params, poison = guarded_params(values, scale)
+    out = _distill_loss(spec, s2, t2, y, params) + poison
     return out.reshape(lead) if reduction == "none" else out
 
 

@@ -36,8 +36,8 @@ from .. import _chunks
 from .. import _reduction as R
 from .._spec import LINEAR_CE, SPARSE_CE
 from ..kernels import jax_xla as K
-from .common import (Call, check_labels_eagerly, check_not_torch, guard_options, numpy_out, option_value,
-                     varying_like, x64_context)
+from .common import (Call, check_labels_eagerly, check_not_torch, guarded_params, numpy_out, option_value,
+                     scale_of, varying_like, x64_context)
 from .losses import reduce_rows
 from .providers import kernel
 
@@ -139,11 +139,7 @@ def _sweep(cfg, h, w, b, y, params, row_w, want):
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _linear_ce(cfg, h, w, b, y, params):
     values, _, _, _ = _sweep(cfg, h, w, b, y, params, None, _NONE)
-    return reduce_rows(values, _scale(params), cfg.reduction)
-
-
-def _scale(params):
-    return K.unpack_params(params, len(LINEAR_CE.options)).scale
+    return reduce_rows(values, scale_of(params, LINEAR_CE), cfg.reduction)
 
 
 def _linear_ce_fwd(cfg, h, w, b, y, params):
@@ -159,7 +155,7 @@ def _linear_ce_fwd(cfg, h, w, b, y, params):
     # The weight and bias gradients stay fp32 until the cotangent has scaled them (one rounding).
     # w[:0], b[:0]: empty slices that carry the inputs' types (their shard_map varying axes) to
     # the backward, which needs them to sum per-device gradients of a replicated head.
-    return reduce_rows(values, _scale(params), cfg.reduction), (gh, gw, gb, w[:0], None if b is None else b[:0])
+    return reduce_rows(values, scale_of(params, LINEAR_CE), cfg.reduction), (gh, gw, gb, w[:0], None if b is None else b[:0])
 
 
 def _sum_to_type_of(g, like):
@@ -199,8 +195,8 @@ def _core(h, w, b, y, options, *, cfg):
     count = R.mean_count(y2, cfg.ignore_index, w.shape[0], xp=jnp).astype(acc)
     scale = 1.0 / R.nonzero_or_one(count, jnp) if reduction == "mean" else jnp.ones((), acc)
     opts = [jax.lax.stop_gradient(option_value(v, o, acc)) for o, v in zip(LINEAR_CE.options, options)]
-    scale, poison = guard_options(opts, scale.astype(acc))
-    out = _linear_ce(cfg, h2, w, b, y2, K.pack_params(opts, scale)) + poison
+    params, poison = guarded_params(opts, scale.astype(acc))
+    out = _linear_ce(cfg, h2, w, b, y2, params) + poison
     return out.reshape(lead) if reduction == "none" else out
 
 

@@ -26,8 +26,8 @@ import jax.numpy as jnp
 
 from .. import _reduction as R
 from ..kernels import jax_xla as K
-from .common import (Call, check_labels_eagerly, check_not_torch, guard_options, is_zero, numpy_out, option_value,
-                     x64_context)
+from .common import (Call, check_labels_eagerly, check_not_torch, guarded_params, is_zero, numpy_out, option_value,
+                     scale_of, x64_context)
 from .providers import kernel
 
 
@@ -43,10 +43,6 @@ def reduce_rows(values, scale, reduction):
         return values
     total = K.accurate_sum(values)
     return total * scale if reduction == "mean" else total
-
-
-def _scale(call, params):
-    return K.unpack_params(params, len(call.spec.options)).scale
 
 
 def _contract(g, dv, call):
@@ -73,7 +69,7 @@ def _wide_for_none(call, x, other):
 @partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _loss(call, x, other, params):
     values, _, _ = kernel(call, x, other, params, False, False)
-    return reduce_rows(values, _scale(call, params), call.reduction)
+    return reduce_rows(values, scale_of(params, call.spec), call.reduction)
 
 
 @partial(_loss.defjvp, symbolic_zeros=True)
@@ -83,7 +79,7 @@ def _loss_jvp(call, primals, tangents):
     want_x = not is_zero(dx)
     want_other = not is_zero(d_other) and not call.spec.has_labels
     values, gx, go = kernel(call, *_wide_for_none(call, x, other), params, want_x, want_other)
-    out = reduce_rows(values, _scale(call, params), call.reduction)
+    out = reduce_rows(values, scale_of(params, call.spec), call.reduction)
     tangent = jnp.zeros_like(out)
     if want_x:
         tangent = tangent + _contract(gx, dx, call)
@@ -93,7 +89,7 @@ def _loss_jvp(call, primals, tangents):
         # d loss / d option: per-row derivatives (XLA, one more pass, only when an option is
         # being differentiated) weighted like the rows.
         rows = _option_rows(call, x, other, params, d_params.astype(out.dtype))
-        tangent = tangent + (rows if call.reduction == "none" else jnp.sum(rows) * _scale(call, params))
+        tangent = tangent + (rows if call.reduction == "none" else jnp.sum(rows) * scale_of(params, call.spec))
     return out, tangent
 
 
@@ -136,8 +132,8 @@ def _core(x, other, options, weight=None, *, call):
         count = jnp.asarray(math.prod(lead), acc)
     scale = 1.0 / R.nonzero_or_one(count, jnp) if call.reduction == "mean" else jnp.ones((), acc)
     values = [option_value(v, o, acc) for o, v in zip(spec.options, options)]
-    scale, poison = guard_options(values, scale.astype(acc))
-    out = _loss(call, x2, o2, K.pack_params(values, scale, weights)) + poison
+    params, poison = guarded_params(values, scale.astype(acc), weights)
+    out = _loss(call, x2, o2, params) + poison
     return out.reshape(lead) if call.reduction == "none" else out
 
 
