@@ -49,7 +49,7 @@ def test_loss_and_grad(benchmark, case, provider):
     args = setup() if setup else ()
     peak = peak_extra_mib(lambda: step(*args), "cuda" if (case.gpu_only and provider in TORCH_GPU_PROVIDERS)
                           or provider in GPU_PROVIDERS else "jax-gpu" if case.gpu_only else "cpu")
-    benchmark.pedantic(step, setup=(lambda: (setup(), {})) if setup else None, rounds=rounds(), iterations=1,
+    benchmark.pedantic(step, setup=(lambda: (setup(), {})) if setup else None, rounds=rounds(case), iterations=1,
                        warmup_rounds=1)
     ref = reference_loss(case)
     rel = abs(value - ref) / max(abs(ref), 1e-30)

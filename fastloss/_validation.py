@@ -216,6 +216,12 @@ def check_reduction(value) -> str:
     return value
 
 
+def check_scalar_loss(opts, want_grad):
+    """value_and_grad differentiates a scalar: "none" is refused there."""
+    if want_grad and opts["reduction"] == "none":
+        raise ValueError("`reduction` must be 'mean' or 'sum' under value_and_grad (a scalar loss); received 'none'.")
+
+
 def check_backend(value, arg: str = "backend"):
     if value is None:
         return None

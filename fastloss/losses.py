@@ -12,7 +12,7 @@ import inspect
 from . import _dispatch
 from ._spec import (DENSE_CE, DISTILLATION, HUBER, LINEAR_CE, MSE, SIGMOID_CE, SIGMOID_FOCAL, SOFTMAX_FOCAL,
                     SPARSE_CE)
-from ._validation import cast_like, validate, validate_distillation, validate_linear
+from ._validation import cast_like, check_scalar_loss, validate, validate_distillation, validate_linear
 
 
 def _run(spec, arrays, given, backend, want_grad=False):
@@ -26,10 +26,8 @@ def _run(spec, arrays, given, backend, want_grad=False):
         h, w, y, b, opts, chunk = validate_linear(spec, *arrays, given)
         arrays, opts["chunk_size"] = (h, w, y, b), chunk
     else:
-        x, other, opts = validate(spec, *arrays, given)
-        arrays = (x, other)
-    if want_grad and opts["reduction"] == "none":
-        raise ValueError("`reduction` must be 'mean' or 'sum' under value_and_grad (a scalar loss); received 'none'.")
+        return _dispatch.checked_call(spec, arrays, given, backend, want_grad)
+    check_scalar_loss(opts, want_grad)
     result = _dispatch.call(spec, arrays, opts, backend, want_grad)
     if want_grad and spec.other == "teacher" and arrays[0] is not first:  # widened for a float64 teacher:
         return result[0], cast_like(result[1], first)  # the gradient in the student's dtype, as autograd gives it

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import fastloss
+from fastloss.kernels.numba_cpu import plan
 
 from .support import reference as R
 
@@ -315,13 +316,16 @@ def test_several_python_threads_call_jitted_losses_at_once():
 def test_explicit_numba_backend_in_jit_outside_cpu_lowering_is_clear():
     # The automatic choice lowers for any platform (XLA decides at compile time); the CUDA lowering
     # of an automatic program holds no CPU custom call (the FFI targets are named fastloss_<loss>),
-    # only the Pallas kernel.
-    x, y = _inputs("sparse_softmax_cross_entropy")
+    # only the Pallas kernel. On CPU it takes the Numba kernel from plan.FFI_MIN_ELEMENTS elements up,
+    # and XLA's own loops below.
+    x, y = _inputs("sparse_softmax_cross_entropy", n=64, c=plan.FFI_MIN_ELEMENTS // 64)
     f = jax.jit(jax.grad(lambda a: fastloss.sparse_softmax_cross_entropy(a, jnp.asarray(y))))
     text = f.trace(jnp.asarray(x)).lower(lowering_platforms=("cuda",)).as_text()
     assert "custom_call @fastloss_" not in text and "__gpu$xla.gpu.triton" in text
     cpu = f.trace(jnp.asarray(x)).lower(lowering_platforms=("cpu",)).as_text()
     assert "fastloss_sparse" in cpu
+    small = f.trace(jnp.asarray(x[:, :-1])).lower(lowering_platforms=("cpu",)).as_text()
+    assert "custom_call @fastloss_" not in small
 
 
 # ------------------------------------------------------------------------------- shard_map

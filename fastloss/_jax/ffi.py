@@ -14,6 +14,7 @@ them derivatives (the gradient they return, and the XLA formulation for second o
 from __future__ import annotations
 
 import atexit
+import math
 import sys
 import threading
 
@@ -63,9 +64,12 @@ def _probe():
 
 def preferred(spec, x):
     """Whether the automatic choice should take the Numba kernel for this input (shapes are static
-    at trace time). Rows of at most plan.TINY_ROW classes stay on XLA: XLA fuses such short rows
-    into its own loops at least as well as the grouped kernel does, and a custom call per program
-    costs more than such rows do (docs/performance.md)."""
+    at trace time): from plan.FFI_MIN_ELEMENTS elements up (below, XLA's fused loops are done before a
+    custom call pays off), and for the cross-entropies only with rows of more than plan.TINY_ROW
+    classes: XLA fuses such short rows into its own loops at least as well as the grouped kernel
+    does (docs/performance.md)."""
+    if math.prod(x.shape) < plan.FFI_MIN_ELEMENTS:
+        return False
     if spec.kernel in ("sparse_cross_entropy", "softmax_cross_entropy"):
         return x.shape[-1] > plan.TINY_ROW
     return True
@@ -144,11 +148,13 @@ def _results(res, want_x, want_other):
 
 def _call(name, outs, args, alias_grad, **attrs):
     # alias_grad only for kernels that read each logit before writing its gradient and never after
-    # (the callers say which): the gradient takes the logits' buffer (input 0 -> output 1) when XLA can give it: in a
-    # training step the logits are a dead intermediate by then, so the (N, C) gradient needs no fresh
-    # memory (XLA:CPU maps fresh pages for every execution: ~128,000 page faults for a 0.5 GB
-    # gradient, as long as the kernel itself). Where the logits stay live, XLA copies them first.
-    aliases = {0: 1} if alias_grad else {}
+    # (the callers say which): the gradient takes the logits' buffer (input 0 -> output 1). In a
+    # training step the logits are a dead intermediate by then, so a large (N, C) gradient needs no
+    # fresh memory (XLA:CPU maps fresh pages for every execution: ~128,000 page faults for a 0.5 GB
+    # gradient, as long as the kernel itself). Where the logits stay live (a jit argument), XLA
+    # copies them first: an extra pass that a smaller gradient avoids (plan.FFI_ALIAS_MIN_BYTES).
+    big = math.prod(args[0].shape) * args[0].dtype.itemsize >= plan.FFI_ALIAS_MIN_BYTES
+    aliases = {0: 1} if alias_grad and big else {}
     res = jax.ffi.ffi_call(name, outs, vmap_method="sequential", input_output_aliases=aliases)(
         *args, **{k: np.int64(v) for k, v in attrs.items()})
     # Inside shard_map the results vary over the mesh axes their inputs vary over. The FFI call does

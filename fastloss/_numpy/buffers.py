@@ -16,6 +16,7 @@ every kernel writes its whole gradient.
 """
 from __future__ import annotations
 
+import math
 import os
 import threading
 import weakref
@@ -49,7 +50,7 @@ class _Cache:
     def empty(self, shape, dtype):
         """An uninitialised C-contiguous array of ``shape``/``dtype``, on a reused block if one is free."""
         dtype = np.dtype(dtype)
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        nbytes = math.prod(shape) * dtype.itemsize  # math.prod: np.prod costs ~5 us per call
         if nbytes < MIN_BYTES or _limit_bytes() == 0:
             return np.empty(shape, dtype)
         size = -(-nbytes // _GRANULE) * _GRANULE

@@ -31,6 +31,21 @@ def launchers(backend, x):
     return launch
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def plain_eager(*tensors):
+    """Whether a call on ``tensors`` (None allowed) is plain eager PyTorch: no torch.compile trace, no
+    torch.func transform, no dispatch or torch-function mode (FakeTensor, FlopCounter, a default
+    device) and no tensor subclass. Then the custom op's dispatcher and Function.apply's argument
+    binding have nothing to do, and a call may skip them (together ~70 us of a ~110 us small step
+    on a 2-vCPU EPYC); anything else goes through them."""
+    if (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+            or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()):
+        return False
+    return all(t is None or type(t) in _PLAIN for t in tensors)
+
+
 def rescale(grad, g, reduction, row_ndim):
     """The fused gradient (for an upstream gradient of 1) times the actual upstream gradient ``g``:
     per row (element) for "none", else a scalar, scaled in place (nothing at all for g = 1)."""
@@ -38,7 +53,10 @@ def rescale(grad, g, reduction, row_ndim):
     if reduction == "none":
         w = g.to(acc).reshape(g.shape + (1,) * row_ndim)
         return (grad.to(acc) * w).to(grad.dtype)
-    torch.ops.fastloss.scale_(grad, g)
+    if plain_eager(grad, g):
+        _scale_in_place(grad, g)
+    else:
+        torch.ops.fastloss.scale_(grad, g)
     return grad
 
 

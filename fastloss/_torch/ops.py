@@ -27,11 +27,12 @@ its float statics (the softcap, 0.0 for none).
 from __future__ import annotations
 
 import torch
+from torch._C._functorch import unwrap_if_dead
 
 from .. import _reduction as R
 from .._spec import BY_NAME, PAIR_SPECS
 from . import second_order
-from .library import LIB, acc_dtype, grad_f32, launchers, rescale
+from .library import LIB, acc_dtype, grad_f32, launchers, plain_eager, rescale
 
 _SCHEMA = ("(Tensor x, Tensor other, float[] params, int ignore_index, str reduction, str backend, bool want_x, "
            "bool want_other, Tensor? weight=None) -> (Tensor, Tensor, Tensor)")
@@ -120,6 +121,8 @@ class _Fused(torch.autograd.Function):
 
     @staticmethod
     def forward(x, other, name, params, ignore_index, reduction, backend, want_x, want_other, weight):
+        if plain_eager(x, other, weight):  # the dispatcher would only route to _IMPLS[name] (~20 us)
+            return _IMPLS[name](x, other, params, ignore_index, reduction, backend, want_x, want_other, weight)
         return getattr(torch.ops.fastloss, name)(x, other, params, ignore_index, reduction, backend, want_x,
                                                  want_other, weight)
 
@@ -182,10 +185,11 @@ def _vmap(spec):
     return rule
 
 
+_IMPLS = {s.name: _real(s) for s in PAIR_SPECS}
 for _spec in PAIR_SPECS:
     LIB.define(_spec.name + _SCHEMA)
     _qual = f"fastloss::{_spec.name}"
-    torch.library.impl(_qual, ("cpu", "cuda"), lib=LIB)(_real(_spec))
+    torch.library.impl(_qual, ("cpu", "cuda"), lib=LIB)(_IMPLS[_spec.name])
     torch.library.register_fake(_qual, _fake(_spec), lib=LIB)
     torch.library.register_vmap(_qual, _vmap(_spec), lib=LIB)
 
@@ -201,9 +205,19 @@ def call(spec, x, other, opts, backend):
     weight = opts.get("weight")
     if weight is not None:
         weight = weight.detach().to(device=x.device, dtype=acc_dtype(x)).contiguous()
-    value, _, _ = _Fused.apply(x, other, spec.name, params, ign, opts["reduction"], backend, want_x, want_other,
-                               weight)
+    if not plain_eager(x, other, weight):
+        value, _, _ = _Fused.apply(x, other, spec.name, params, ign, opts["reduction"], backend, want_x, want_other,
+                                   weight)
+        return value
+    # Function.apply binds its arguments with inspect.signature on every call (~50 us here), which
+    # only matters for keyword arguments and torch.func; plain eager calls go straight to the C entry
+    # (after the one other thing apply does outside transforms: unwrap tensors that escaped one).
+    x, other = unwrap_if_dead(x), unwrap_if_dead(other)
+    value, _, _ = _APPLY(x, other, spec.name, params, ign, opts["reduction"], backend, want_x, want_other, weight)
     return value
+
+
+_APPLY = super(torch.autograd.Function, _Fused).apply  # torch._C._FunctionBase.apply, bound to _Fused
 
 
 def value_and_grad(spec, x, other, opts, backend):

@@ -17,6 +17,16 @@ SHORT_ROW = 2048
 SPLIT_MIN_CLASSES = 16384
 SPLIT_CHUNK = 4096
 
+# Inside jax.jit on CPU (fastloss._jax.ffi): below FFI_MIN_ELEMENTS elements XLA's own fused loops
+# finish before an FFI call and the thread pool's wake-up (~20-30 us) pay for themselves (measured
+# crossover 32K-64K elements for sparse CE, MSE and sigmoid CE on a 2-vCPU EPYC, docs/performance.md).
+FFI_MIN_ELEMENTS = 1 << 16
+# The FFI gradient takes the logits' buffer only from FFI_ALIAS_MIN_BYTES up: aliasing makes XLA copy
+# logits it cannot overwrite (a jit argument), a whole extra pass; a fresh buffer below glibc's
+# largest mmap threshold (32 MiB) comes back from malloc's heap without page faults, above it
+# every execution faults it in page by page (as long as the copy), so there the alias is the cheaper bet.
+FFI_ALIAS_MIN_BYTES = 32 << 20
+
 
 def split_chunks(n_rows: int, n_cls: int, threads: int) -> int:
     """Chunks per row for the split path (1: no split)."""
