@@ -35,8 +35,9 @@ def _run_suite(mode, keras_backend, select, json_path):
     # GPU: XLA takes memory as it needs it rather than 75% of the device up front, so its peak is
     # measurable and torch (the reference) can share the device.
     env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    files = ["test_losses.py"] if mode == "gpu" else ["test_losses.py", "test_distillation.py", "test_keras_fit.py",
-                                                     "test_linear_ce.py", "test_torch_step.py"]
+    files = ["test_losses.py"] if mode == "gpu" else [
+        "test_keras_fit.py", "test_torch_step.py", "test_optax_step.py", "test_losses.py", "test_distillation.py",
+        "test_linear_ce.py"]
     cmd = [sys.executable, "-m", "pytest", *(os.path.join(HERE, f) for f in files),
            "--benchmark-only",
            f"--benchmark-json={json_path}", "-p", "no:cacheprovider", "-o", "addopts=", "-q", "-rs",
@@ -76,7 +77,7 @@ def _rows(benchmarks):
     rows = []
     for b in benchmarks:
         info = b["extra_info"]
-        if info.get("kind") in ("keras-fit", "keras-distill", "torch-step", "linear-ce"):
+        if info.get("kind") in STEP_KINDS or info.get("kind") == "linear-ce":
             continue
         med = b["stats"]["median"]
         floor = info["bytes"] / info["copy_bw"]
@@ -105,37 +106,75 @@ def _rows(benchmarks):
     return sorted(rows, key=lambda r: (r["case"], order.get(r["provider"], 99)))
 
 
-def _fit_lines(benchmarks):
-    """The Keras model.fit step comparison (stock loss vs fastloss.keras), one line per backend."""
-    fits = {}
+# step kind -> [(what is compared, stock provider, fastloss provider)]
+STEP_KINDS = {
+    "keras-fit": [("Keras train_on_batch", "keras-stock", "fastloss-keras")],
+    "keras-distill": [("Keras Distiller, T = 3", "keras-stock", "fastloss-keras")],
+    "torch-step": [("torch eager", "torch-eager", "fastloss-eager"),
+                   ("torch.compile", "torch-compiled", "fastloss-compiled")],
+    "optax-step": [("JAX + optax, jit", "optax-step", "fastloss-optax-step")],
+}
+# step kind -> the loss-only provider whose time at the step's logits shape is the stock loss's share
+_STOCK_LOSS = {"keras-fit": {"jax": "keras-stock-jax", "torch": "keras-stock-torch"}, "torch-step": "torch",
+               "optax-step": "optax"}
+
+
+def _step_rows(benchmarks, loss_rows):
+    """One row per (training step, framework): the step with the stock loss and with fastloss, their
+    ratio, and where the loss-only table has the step's logits shape, the stock loss's share of the
+    stock step (loss + gradient time over step time)."""
+    times = {}
     for b in benchmarks:
         info = b["extra_info"]
-        if info.get("kind") == "keras-fit":
-            fits.setdefault(info["backend"], {})[info["provider"]] = (b["stats"]["median"], info["shape"])
-    steps = {b["extra_info"]["provider"]: (b["stats"]["median"], b["extra_info"]) for b in benchmarks
-             if b["extra_info"].get("kind") == "torch-step"}
-    lines = []
-    if steps:
-        info = next(iter(steps.values()))[1]
-        batch, _, classes = info["shape"]
-        base = steps.get("torch-compiled", (float("nan"),))[0]
-        lines.append(f"PyTorch training step, Linear({info['shape'][1]}->{classes}) head, batch {batch}, "
-                     f"{info['device']}: " + ", ".join(
-                         f"{p} {t * 1e3:.1f} ms ({base / t:.2f}x torch-compiled)" for p, (t, _) in sorted(steps.items())))
-    distills = {b["extra_info"]["provider"]: (b["stats"]["median"], b["extra_info"]["shape"]) for b in benchmarks
-                if b["extra_info"].get("kind") == "keras-distill"}
-    if "keras-stock" in distills and "fastloss-keras" in distills:
-        (ts, shape), (tf, _) = distills["keras-stock"], distills["fastloss-keras"]
-        lines.append(f"Keras Distiller train_on_batch, Dense({shape[1]}->{shape[2]}) student and teacher, batch "
-                     f"{shape[0]}, T = 3: stock LogitsDistillation {ts * 1e3:.1f} ms, fastloss.keras "
-                     f"{tf * 1e3:.1f} ms ({ts / tf:.2f}x)")
-    for backend, d in sorted(fits.items()):
-        if "keras-stock" in d and "fastloss-keras" in d:
-            (ts, shape), (tf, _) = d["keras-stock"], d["fastloss-keras"]
-            lines.append(f"Keras train_on_batch, Dense({shape[1]}->{shape[2]}) softmax head, batch {shape[0]}, "
-                         f"{backend} backend: stock loss {ts * 1e3:.1f} ms, fastloss.keras {tf * 1e3:.1f} ms "
-                         f"({ts / tf:.2f}x)")
-    return lines
+        if info.get("kind") in STEP_KINDS:
+            key = (info["kind"], info.get("step") or "x".join(map(str, info["shape"])),
+                   info.get("backend") or info.get("device") or "")
+            times.setdefault(key, {})[info["provider"]] = (b["stats"]["median"], info)
+    rows = []
+    for (kind, step, where), d in sorted(times.items()):
+        for label, stock, fast in STEP_KINDS[kind]:
+            if stock not in d or fast not in d:
+                continue
+            (ts, info), (tf, _) = d[stock], d[fast]
+            batch, _, classes = info["shape"]
+            base = _STOCK_LOSS.get(kind)
+            base = base.get(where) if isinstance(base, dict) else base
+            hit = [r for r in loss_rows if r["provider"] == base and r["shape"] == f"{batch}x{classes}"
+                   and r["loss"] == "sparse_softmax_cross_entropy" and not r["variant"] and r["dtype"] == "float32"]
+            share = hit[0]["median_ms"] / 1e3 / ts if hit else None
+            rows.append(dict(kind=kind, what=label + (f" ({where})" if where else ""), step=step, stock_ms=ts * 1e3,
+                             fastloss_ms=tf * 1e3, ratio=ts / tf, loss_share=share))
+    return rows
+
+
+def _step_table(rows):
+    head = ("| training step | model | stock loss, ms | fastloss, ms | stock / fastloss | stock loss's share |\n"
+            "|---|---|---:|---:|---:|---:|\n")
+    return head + "\n".join(
+        f"| {r['what']} | {r['step']} | {r['stock_ms']:.2f} | {r['fastloss_ms']:.2f} | {r['ratio']:.2f}x | "
+        + (f"{100 * r['loss_share']:.0f}%" if r["loss_share"] is not None else "") + " |" for r in rows) + "\n"
+
+
+def _step_chart(rows, path, title):
+    """The steps' ratio against the stock loss's share of the stock step: where the loss is a small
+    share the ratio can only be ~1 (never below is the bar), where it is large fastloss must win."""
+    pts = [r for r in rows if r["loss_share"] is not None]
+    if not pts:
+        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in pts:
+        ax.scatter(100 * r["loss_share"], r["ratio"])
+        ax.annotate(f"{r['what']}\n{r['step']}", (100 * r["loss_share"], r["ratio"]), fontsize=6)
+    ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+    ax.set_xlabel("stock loss + gradient, % of the stock step")
+    ax.set_ylabel("step time, stock / fastloss")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _linear_rows(benchmarks):
@@ -229,8 +268,8 @@ def _chart(rows, path, title):
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true",
-                    help="9 loss cases, distillation, the Keras fits and the torch step, 3 rounds: "
-                         "~12 minutes on a 2-core CPU")
+                    help="the training steps, 12 loss cases, distillation, 3 rounds (more for small "
+                         "shapes)")
     ap.add_argument("--gpu", action="store_true",
                     help="the GPU cases alone (jax arrays and torch CUDA tensors), 5 rounds; they skip "
                          "with a message where no GPU is visible")
@@ -243,7 +282,7 @@ def main(argv=None):
     only = f" and ({args.only})" if args.only else ""
     # Two processes, one per Keras backend; on a GPU the jax providers in the first and the torch
     # ones in the second, so that neither framework's allocator holds memory the other needs.
-    first, second = "not keras-stock-torch", "keras-stock-torch"
+    first, second = "not keras-stock-torch and not torch-backend", "keras-stock-torch or torch-backend"
     if mode == "gpu":
         first = "fastloss-jax or jax-autodiff or optax or keras-stock-jax"
         second = "fastloss-triton or torch or keras-stock-torch or torch-compile or liger"
@@ -251,8 +290,9 @@ def main(argv=None):
         raw = _run_suite(mode, "jax", f"({first})" + only, os.path.join(tmp, "a.json"))
         raw += _run_suite(mode, "torch", f"({second})" + only, os.path.join(tmp, "b.json"))
     rows = _rows(raw)
-    fit_lines = _fit_lines(raw) + _linear_lines(raw)
-    if not rows and not fit_lines:
+    step_rows = _step_rows(raw, rows)
+    fit_lines = _linear_lines(raw)
+    if not rows and not fit_lines and not step_rows:
         raise SystemExit("no benchmark ran")
     machine = socket.gethostname().split(".")[0] or "machine"
     date = datetime.date.today().isoformat()
@@ -260,11 +300,15 @@ def main(argv=None):
     if mode == "gpu":
         hw = f"{_gpu_name()}; host {hw}"
     title = f"fastloss vs stock Keras, {mode} suite, {date}: {hw}"
-    table = (_table(rows) if rows else "") + "".join(f"\n{line}\n" for line in fit_lines)
+    # Training steps first: what users feel. The loss-only table follows.
+    table = ((f"## Training steps, stock loss vs fastloss\n\n{_step_table(step_rows)}\n" if step_rows else "")
+             + (f"## Loss + gradient alone\n\n{_table(rows)}" if rows else "")
+             + "".join(f"\n{line}\n" for line in fit_lines))
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"{machine}-{date}" + ("-quick" if args.quick else "-gpu" if args.gpu else ""))
     with open(stem + ".json", "w") as f:
-        json.dump(dict(date=date, hardware=hw, mode=mode, results=rows, linear_ce=_linear_rows(raw)), f, indent=1)
+        json.dump(dict(date=date, hardware=hw, mode=mode, steps=step_rows, results=rows,
+                       linear_ce=_linear_rows(raw)), f, indent=1)
     with open(stem + ".md", "w") as f:
         f.write(f"# {title}\n\nMedian (and min) of {3 if args.quick else 5} runs of loss + gradient; ratios and floor "
                 f"fractions use the median; floor = bytes moved / `np.copyto` bandwidth measured in the same run, "
@@ -275,6 +319,7 @@ def main(argv=None):
                 f"(torch).\n\n{table}")
     if rows:
         _chart(rows, stem + ".png", title)
+    _step_chart(step_rows, stem + "-steps.png", title)
     print("\n" + table)
     bad = [r for r in rows if not r["correct"]]
     for r in bad:

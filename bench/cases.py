@@ -87,11 +87,46 @@ GPU_CASES = [
     Case(SPARSE, (8192, 128256), "bfloat16", gpu_only=True),
     Case(SPARSE, (4096, 32000), gpu_only=True),
 ]
-QUICK_CASES = SMALL_CASES + [Case(SPARSE, (4096, 32000)), Case(SPARSE, (4096, 32000), variant="weighted"),
-               Case(SPARSE, (4096, 32000), variant="softcap"), Case(SPARSE, (65536, 1000)), Case(MSE, (N24,)),
-               Case(HUBER, (N24,)),
-               Case(SIGMOID, (N24,)), Case(FOCAL, (N24,)), Case(SOFTMAX_FOCAL, (4096, 32000))]
+QUICK_CASES = SMALL_CASES + [
+    Case(SPARSE, (4096, 32000)), Case(SPARSE, (4096, 32000), variant="weighted"),
+    Case(SPARSE, (4096, 32000), variant="softcap"), Case(SPARSE, (65536, 1000)), Case(MSE, (N24,)),
+    Case(HUBER, (N24,)), Case(SIGMOID, (N24,)), Case(FOCAL, (N24,)), Case(SOFTMAX_FOCAL, (4096, 32000))]
 TINY_CASES = [Case(SPARSE, (8, 1000)), Case(MSE, (4096,))]  # harness smoke runs (interpreter, CI)
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """A training step's model: ``features`` -> (Dense(hidden) + ReLU if hidden) -> Dense(classes), a
+    softmax cross-entropy on integer labels, plain SGD. The same step is timed with the stock loss and
+    with fastloss in every framework (bench/test_keras_fit.py, test_torch_step.py, test_optax_step.py)."""
+    batch: int
+    features: int
+    hidden: int | None
+    classes: int
+
+    @property
+    def shape(self):
+        return (self.batch, self.classes)  # the logits' (what rounds() sizes the timing by)
+
+    @property
+    def id(self):
+        body = f"mlp{self.features}-{self.hidden}" if self.hidden else f"dense{self.features}"
+        return f"{body}-{self.classes}-b{self.batch}"
+
+    def data(self):
+        rng = np.random.default_rng(0)
+        return (rng.standard_normal((self.batch, self.features)).astype(np.float32),
+                rng.integers(0, self.classes, self.batch).astype(np.int32))
+
+
+def steps():
+    """The training steps of this run: the shapes most users train (an MNIST-like MLP at batch 32 and
+    256), a 1000-class head and a 32000-class head. CI's smoke run (tiny) takes one small step."""
+    mode = os.environ.get("FASTLOSS_BENCH", "full")
+    if mode == "tiny":
+        return [Step(32, 16, 8, 10)]
+    big = Step(256 if mode == "quick" else 1024, 128, None, 32000)
+    return [Step(32, 784, 128, 10), Step(256, 784, 128, 10), Step(256, 128, None, 1000), big]
 
 
 def rounds(case=None):
