@@ -55,7 +55,16 @@ def _needed(item, harness):
     return item.originalname != "test_forward_only_programs" or harness in ("numba-jax", "pallas-jax")
 
 
+# Tests of half a minute or more (a subprocess compiling for a second CPU, a Keras process, a fresh
+# interpreter compiling a torch step) run first: xdist's two workers then end on short tests
+# instead of one of them waiting out the other's long last test.
+_LONG = ("test_keras_wrappers", "test_kernels_on_a_second_cpu_target",
+         "test_compiled_training_step_fullgraph_in_a_fresh_process", "test_optax_own_tests",
+         "test_numba_distillation_on_a_second_cpu_target", "test_sharded_equals_one_device_without_gathering_the_logits")
+
+
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: getattr(item, "originalname", "") not in _LONG)  # stable: the rest keep their order
     kept, dropped = [], []
     for item in items:
         callspec = getattr(item, "callspec", None)

@@ -401,6 +401,37 @@ def test_single_long_row_uses_all_threads_and_is_correct():
     np.testing.assert_allclose(g, ref[1], rtol=1e-4, atol=1e-10)
 
 
+@pytest.mark.parametrize("loss,shape", [("sparse_softmax_cross_entropy", (32, 10)),
+                                        ("sparse_softmax_cross_entropy", (8, 1000)),
+                                        ("softmax_cross_entropy", (32, 10)), ("mean_squared_error", (300,)),
+                                        ("softmax_focal_loss", (16, 40))])
+def test_small_calls_run_on_the_calling_thread_with_the_same_numbers(monkeypatch, loss, shape):
+    # Below plan.SERIAL_MAX_ELEMENTS a call runs with one worker (no pool wake-up): the same rows
+    # in the same order, so the same bits as the pool's run; the caller's thread count comes back.
+    import numba
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(shape).astype(np.float32)
+    if loss.startswith(("sparse", "softmax_focal")):
+        other = rng.integers(0, shape[-1], shape[:-1])
+    elif loss == "softmax_cross_entropy":
+        other = rng.dirichlet(np.ones(shape[-1]), shape[0]).astype(np.float32)
+    else:
+        other = rng.standard_normal(shape).astype(np.float32)
+    vg = fastloss.value_and_grad(getattr(fastloss, loss))
+    before = numba.get_num_threads()
+    serial = vg(x, other)
+    assert numba.get_num_threads() == before
+    monkeypatch.setattr(plan, "SERIAL_MAX_ELEMENTS", 0)
+    pooled = vg(x, other)
+    np.testing.assert_array_equal(np.asarray(serial[0]), np.asarray(pooled[0]))
+    np.testing.assert_array_equal(serial[1], pooled[1])
+    if loss.startswith("sparse"):  # and after a call that raised (a label out of range)
+        monkeypatch.setattr(plan, "SERIAL_MAX_ELEMENTS", 1 << 15)
+        with pytest.raises(ValueError, match="labels"):
+            vg(x, np.full(shape[:-1], shape[-1]))
+        assert numba.get_num_threads() == before
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16", "float16"])
 @pytest.mark.parametrize("loss,opts", [("huber", dict(delta=0.6)), ("mean_squared_error", {}),
                                        ("sigmoid_cross_entropy", dict(label_smoothing=0.1)),

@@ -140,9 +140,27 @@ class _Out:
         return _torch().from_numpy(values) if self.torch else values
 
 
-def _workers():
+def _workers(n_elements=None):
+    """The workers a kernel call splits its work over: 1 below plan.SERIAL_MAX_ELEMENTS."""
+    if n_elements is not None and n_elements < plan.SERIAL_MAX_ELEMENTS:
+        return 1
     import numba
     return numba.get_num_threads()
+
+
+def _launch(kernel, n_elements, *args):
+    """``kernel(*args)``; below plan.SERIAL_MAX_ELEMENTS on the calling thread alone (Numba's thread
+    count is per calling thread), so the pool's sleeping worker is not woken for a few microseconds
+    of work."""
+    if n_elements >= plan.SERIAL_MAX_ELEMENTS:
+        return kernel(*args)
+    import numba
+    before = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        return kernel(*args)
+    finally:
+        numba.set_num_threads(before)
 
 
 def _total(values):
@@ -178,7 +196,8 @@ def sparse_cross_entropy(x, labels, opts, want_x, want_other, *, grad_dtype=None
     acc = _acc(name)
     n_cls = x.shape[-1]
     xv, stride, n = row_view(x, n_cls)
-    threads = _workers()
+    size = n * n_cls
+    threads = _workers(size)
     y = _kernel_view(labels).reshape(-1)
     if y.dtype != np.int64:
         y = y.astype(np.int64)
@@ -203,11 +222,11 @@ def sparse_cross_entropy(x, labels, opts, want_x, want_other, *, grad_dtype=None
     kopts = sparse_options(acc(opts["temperature"]), acc(opts["label_smoothing"]), acc(opts["z_loss"]), acc(cap), scale)
     g2 = g.reshape(-1, n_cls)
     if path == "tiny":
-        bad = K.sparse_tiny(xv, n_cls, y, loss, lse, g2, kopts, ign, want_x, threads)
+        bad = _launch(K.sparse_tiny, size, xv, n_cls, y, loss, lse, g2, kopts, ign, want_x, threads)
     elif path == "split":
-        bad = K.sparse_split(xv, stride, n_cls, y, loss, lse, g2, kopts, ign, want_x, chunks, threads)
+        bad = _launch(K.sparse_split, size, xv, stride, n_cls, y, loss, lse, g2, kopts, ign, want_x, chunks, threads)
     else:
-        bad = K.SPARSE[path](xv, stride, n_cls, y, loss, lse, g2, kopts, w, ign, want_x, threads)
+        bad = _launch(K.SPARSE[path], size, xv, stride, n_cls, y, loss, lse, g2, kopts, w, ign, want_x, threads)
     if bad and not labels_checked:
         R.check_label_range(y, n_cls, opts["ignore_index"])
     value = _reduce(loss, opts["reduction"], count, acc, out, tuple(x.shape[:-1]))
@@ -259,10 +278,12 @@ def softmax_cross_entropy(x, t, opts, want_x, want_other, *, grad_dtype=None):
     kopts = dense_options(acc(opts["temperature"]), acc(opts["label_smoothing"]),
                           _scale(opts["reduction"], n, acc))
     gx2, gt2 = gx.reshape(-1, n_cls), gt.reshape(-1, n_cls)
+    size = n * n_cls
     if plan.dense_path(n_cls, x_stride, t_stride) == "tiny":
-        K.dense_tiny(xv, tv, n_cls, loss, lse, gx2, gt2, kopts, want_x, want_other, _workers())
+        _launch(K.dense_tiny, size, xv, tv, n_cls, loss, lse, gx2, gt2, kopts, want_x, want_other, _workers(size))
     else:
-        K.dense_blocks(xv, x_stride, tv, t_stride, n_cls, loss, lse, gx2, gt2, kopts, want_x, want_other, _workers())
+        _launch(K.dense_blocks, size, xv, x_stride, tv, t_stride, n_cls, loss, lse, gx2, gt2, kopts, want_x,
+                want_other, _workers(size))
     value = _reduce(loss, opts["reduction"], n, acc, out, tuple(x.shape[:-1]))
     return (value, out.finish(gx_obj, gname) if want_x else None,
             out.finish(gt_obj, gtname) if want_other else None)
@@ -295,8 +316,9 @@ def softmax_focal(x, other, opts, want_x, want_other, *, grad_dtype=None):
     alpha = _NO_WEIGHTS[acc] if opts.get("weight") is None else _class_array(opts["weight"], acc)
     kopts = focal_options(acc(opts["gamma"]), acc(opts["label_smoothing"]), acc(opts["alpha"]),
                           _scale(opts["reduction"], count, acc))
-    bad = K.softmax_focal(xv, x_stride, tv, t_stride, y, n_cls, loss, gx.reshape(-1, n_cls), gt.reshape(-1, n_cls),
-                          kopts, alpha, ign, dense, want_x, want_t, _workers())
+    size = n * n_cls
+    bad = _launch(K.softmax_focal, size, xv, x_stride, tv, t_stride, y, n_cls, loss, gx.reshape(-1, n_cls),
+                  gt.reshape(-1, n_cls), kopts, alpha, ign, dense, want_x, want_t, _workers(size))
     if bad:
         R.check_label_range(y, n_cls, opts["ignore_index"])
     value = _reduce(loss, opts["reduction"], count, acc, out, tuple(x.shape[:-1]))
@@ -319,8 +341,8 @@ def _elementwise(kernel, extra):
         gname, gtname = _grad_names(grad_dtype, name, tname)
         gx_obj, gx = out.empty(tuple(x.shape), gname) if want_x else (None, np.empty(1, xv.dtype))
         gt_obj, gt = out.empty(tuple(t.shape), gtname) if want_other else (None, np.empty(1, tv.dtype))
-        kernel(xv, tv, vals, partial, gx.reshape(-1), gt.reshape(-1), *extra(opts, acc),
-               _scale(opts["reduction"], n, acc), want_vals, want_x, want_other)
+        _launch(kernel, n, xv, tv, vals, partial, gx.reshape(-1), gt.reshape(-1), *extra(opts, acc),
+                _scale(opts["reduction"], n, acc), want_vals, want_x, want_other)
         # "none": the per-element values; otherwise the blocks' partial sums carry the total.
         value = _reduce(vals if want_vals else partial, opts["reduction"], n, acc, out, tuple(x.shape))
         return (value, out.finish(gx_obj, gname) if want_x else None,
@@ -361,8 +383,10 @@ def distillation(s, t, labels, opts, want_s, want_t, *, grad_dtype=None):
     gt_obj, gt = out.empty(tuple(t.shape), gtname) if want_t else (None, _dummy_rows(tv, n_cls))
     kopts = distill_options(acc(opts["temperature"]), acc(opts["alpha"]), acc(opts["beta"]),
                             _scale(opts["reduction"], count, acc))
-    bad = K.distill_rows(sv, s_stride, tv, t_stride, n_cls, y, loss, gs.reshape(-1, n_cls), gt.reshape(-1, n_cls),
-                         kopts, K.DIVERGENCES[opts["divergence"]], ign, has_labels, want_s, want_t, _workers())
+    size = n * n_cls
+    bad = _launch(K.distill_rows, size, sv, s_stride, tv, t_stride, n_cls, y, loss, gs.reshape(-1, n_cls),
+                  gt.reshape(-1, n_cls), kopts, K.DIVERGENCES[opts["divergence"]], ign, has_labels, want_s, want_t,
+                  _workers(size))
     if bad:
         R.check_label_range(y, n_cls, opts["ignore_index"])
     value = _reduce(loss, opts["reduction"], count, acc, out, tuple(s.shape[:-1]))

@@ -17,6 +17,11 @@ SHORT_ROW = 2048
 SPLIT_MIN_CLASSES = 16384
 SPLIT_CHUNK = 4096
 
+# Calls on fewer than SERIAL_MAX_ELEMENTS elements run on the calling thread alone (NumPy and torch
+# CPU input): one thread finishes them (~10 us at up to 0.7 ns per element) before the pool's
+# sleeping worker would have woken (15-40 us when other work runs between the calls, as in a
+# training step; measured on a 2-vCPU EPYC, docs/performance.md).
+SERIAL_MAX_ELEMENTS = 1 << 14
 # Inside jax.jit on CPU (fastloss._jax.ffi): below FFI_MIN_ELEMENTS elements XLA's own fused loops
 # finish before an FFI call and the thread pool's wake-up (~20-30 us) pay for themselves (measured
 # crossover 32K-64K elements for sparse CE, MSE and sigmoid CE on a 2-vCPU EPYC, docs/performance.md).
