@@ -205,15 +205,13 @@ def call(spec, x, other, opts, backend):
     weight = opts.get("weight")
     if weight is not None:
         weight = weight.detach().to(device=x.device, dtype=acc_dtype(x)).contiguous()
-    if not plain_eager(x, other, weight):
-        value, _, _ = _Fused.apply(x, other, spec.name, params, ign, opts["reduction"], backend, want_x, want_other,
-                                   weight)
-        return value
     # Function.apply binds its arguments with inspect.signature on every call (~50 us here), which
     # only matters for keyword arguments and torch.func; plain eager calls go straight to the C entry
     # (after the one other thing apply does outside transforms: unwrap tensors that escaped one).
-    x, other = unwrap_if_dead(x), unwrap_if_dead(other)
-    value, _, _ = _APPLY(x, other, spec.name, params, ign, opts["reduction"], backend, want_x, want_other, weight)
+    apply = _Fused.apply
+    if plain_eager(x, other, weight):
+        apply, x, other = _APPLY, unwrap_if_dead(x), unwrap_if_dead(other)
+    value, _, _ = apply(x, other, spec.name, params, ign, opts["reduction"], backend, want_x, want_other, weight)
     return value
 
 
